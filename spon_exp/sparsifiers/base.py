@@ -1,0 +1,217 @@
+"""The sparsifier interface: forward pre-hooks on the projections of every decoder block.
+
+Lifecycle (as in llm-compressor's modifiers): ``attach(model)`` -> ``calibrate(batches)``
+-> use (switch on/off with ``enabled`` / ``disabled()``; the dense teacher is the same
+model with sparsity off) -> ``detach()``.
+
+A method implements ``sparsify(proj, x, measure)`` for one projection's input and
+``share_key(proj)``: projections of one input site whose keys are equal get the same
+sparsified tensor, so the mask of q/k/v (or gate/up) is computed once, not per consumer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import defaultdict
+from collections.abc import Hashable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from spon_exp.models.adapters import DecoderBlock, Projection, find_decoder_blocks, select_projections
+
+TOKEN_POLICIES = ("all", "last_half", "last_fraction")
+
+
+def check_sparsity(sparsity: float) -> float:
+    if not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) < 1.0:
+        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r} (e.g. sparsity=0.5 for 50 %)")
+    return float(sparsity)
+
+
+class _SharedInput:
+    """A site's sparsified input, kept until every consumer sharing it has used it."""
+
+    __slots__ = ("x", "key", "out", "remaining", "dropped", "seen")
+
+    def __init__(self, x, key, out, remaining, dropped, seen):
+        self.x, self.key, self.out, self.remaining, self.dropped, self.seen = x, key, out, remaining, dropped, seen
+
+
+class Sparsifier:
+    """Base class: hook management, shared-input caching, token policy, sparsity accounting."""
+
+    name = "base"
+
+    def __init__(self, sparsity: float = 0.5, projections: str | list[str] = "all",
+                 token_policy: str = "all", token_fraction: float = 0.5):
+        self.sparsity = check_sparsity(sparsity)
+        if token_policy not in TOKEN_POLICIES:
+            raise ValueError(f"token_policy must be one of {TOKEN_POLICIES}, got {token_policy!r}")
+        if not 0.0 < token_fraction <= 1.0:
+            raise ValueError(f"token_fraction must be in (0, 1], got {token_fraction}")
+        self.projection_set = projections
+        self.token_policy = token_policy
+        self.token_fraction = 0.5 if token_policy == "last_half" else float(token_fraction)
+        self.enabled = True
+        self.blocks: list[DecoderBlock] = []
+        self.projections: list[Projection] = []
+        self._handles: list = []
+        self._shared: dict[tuple[int, str], _SharedInput] = {}
+        self._consumers: dict[tuple[int, str, Hashable], int] = {}
+        self._measuring = False
+        self._dropped: dict[str, float] = defaultdict(float)
+        self._seen: dict[str, float] = defaultdict(float)
+
+    # ----------------------------------------------------------------- lifecycle
+    def attach(self, model: nn.Module) -> Sparsifier:
+        if self._handles:
+            raise RuntimeError(f"{self.name} sparsifier is already attached; detach() it first")
+        self.blocks = find_decoder_blocks(model)
+        self.projections = select_projections(self.blocks, self.projection_set)
+        for proj in self.projections:
+            self._handles.append(proj.module.register_forward_pre_hook(self._make_hook(proj)))
+        self._refresh_consumers()
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._shared.clear()
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Dense mode: every hook passes its input through untouched."""
+        previous, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+    def calibrate(self, model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+        """Fit the method's statistics on calibration token batches. Default: nothing to fit."""
+
+    # ------------------------------------------------------------- method API
+    def share_key(self, proj: Projection) -> Hashable:
+        """Projections on one site with equal keys receive the same sparsified input."""
+        return proj.name  # default: nothing is shared
+
+    def sparsify(self, proj: Projection, x: torch.Tensor, measure: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return the sparsified input and, if ``measure``, the number of dropped entries
+        (the equivalent dense budget saved: zeroed channels for plain masking)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"{self.name} sparsifier has no state, got keys {sorted(state)[:5]}")
+        self._refresh_consumers()
+
+    def describe(self) -> dict:
+        return {"name": self.name, "sparsity": self.sparsity, "token_policy": self.token_policy,
+                "token_fraction": self.token_fraction, "projections": self.projection_set}
+
+    # ------------------------------------------------------------------ hooks
+    def _refresh_consumers(self) -> None:
+        """Count the projections sharing each (layer, site, key): the cache entry is freed
+        once that many consumers have used it, so no activation outlives its forward."""
+        counts: dict = defaultdict(int)
+        for p in self.projections:
+            counts[(p.layer, p.site, self.share_key(p))] += 1
+        self._consumers = dict(counts)
+
+    def sparsified_tokens(self, num_tokens: int) -> int:
+        """How many trailing tokens of a forward are sparsified (a decode token always is)."""
+        if self.token_policy == "all" or num_tokens == 1:
+            return num_tokens
+        return max(1, math.ceil(num_tokens * self.token_fraction))
+
+    def _apply(self, proj: Projection, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.shape[-2] if x.dim() >= 2 else 1
+        n_sparse = self.sparsified_tokens(tokens)
+        if n_sparse == tokens:
+            out, dropped = self.sparsify(proj, x, self._measuring)
+            part = x
+        else:
+            part = x[..., tokens - n_sparse:, :]
+            sparse_part, dropped = self.sparsify(proj, part, self._measuring)
+            out = torch.cat([x[..., : tokens - n_sparse, :], sparse_part], dim=-2)
+        if self._measuring:
+            self._dropped[proj.key] += float(dropped)
+            self._seen[proj.key] += float(part.numel())
+        return out
+
+    def _make_hook(self, proj: Projection):
+        def hook(module, args):
+            if not self.enabled or not args:
+                return None
+            x = args[0]
+            key = self.share_key(proj)
+            site = (proj.layer, proj.site)
+            shared = self._shared.get(site)
+            if shared is not None and shared.x is x and shared.key == key:
+                shared.remaining -= 1
+                if shared.remaining <= 0:
+                    del self._shared[site]
+                if self._measuring:  # every consumer's matrix skips the same columns
+                    self._dropped[proj.key] += shared.dropped
+                    self._seen[proj.key] += shared.seen
+                return (shared.out, *args[1:])
+            before = (self._dropped[proj.key], self._seen[proj.key])
+            out = self._apply(proj, x)
+            consumers = self._consumers.get((proj.layer, proj.site, key), 1)
+            if consumers > 1:
+                self._shared[site] = _SharedInput(x, key, out, consumers - 1, self._dropped[proj.key] - before[0],
+                                                  self._seen[proj.key] - before[1])
+            return (out, *args[1:])
+
+        return hook
+
+    # ------------------------------------------------------------- measuring
+    @contextlib.contextmanager
+    def measuring(self) -> Iterator[None]:
+        """Count dropped input entries of every sparsified projection while inside."""
+        self._dropped.clear()
+        self._seen.clear()
+        self._measuring = True
+        try:
+            yield
+        finally:
+            self._measuring = False
+
+    def measured_sparsity(self) -> dict:
+        """Measured sparsity per projection, per layer and model-wide (parameter-weighted)."""
+        per_proj = {p.key: self._dropped[p.key] / self._seen[p.key] for p in self.projections if self._seen.get(p.key)}
+        if not per_proj:
+            return {"model": None, "per_layer": {}, "per_projection": {}}
+        weights = {p.key: p.num_params for p in self.projections if p.key in per_proj}
+        per_layer: dict[int, list] = defaultdict(lambda: [0.0, 0.0])
+        for p in self.projections:
+            if p.key in per_proj:
+                per_layer[p.layer][0] += per_proj[p.key] * weights[p.key]
+                per_layer[p.layer][1] += weights[p.key]
+        model = sum(per_proj[k] * w for k, w in weights.items()) / sum(weights.values())
+        return {
+            "model": model,
+            "per_layer": {str(layer): s / w for layer, (s, w) in sorted(per_layer.items())},
+            "per_projection": per_proj,
+        }
+
+
+def run_batches(model: nn.Module, batches: Iterable[torch.Tensor], desc: str | None = None) -> None:
+    """Forward token batches through the model without gradients (calibration passes)."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    batches = list(batches)
+    with torch.no_grad():
+        for batch in tqdm(batches, desc=desc, disable=desc is None, leave=False):
+            model(input_ids=batch.to(device), use_cache=False)

@@ -1,0 +1,144 @@
+"""SPON spontaneous neurons: per sparsified projection an input-independent alpha.
+
+``y = W·S(x) + W·Σ_j α_j (+ b)``. α ∈ R^{k×in} lives in the projection's *input* space
+(k = SPON count), is not masked, and after training folds into the bias:
+``b' = b + W·Σα`` (see :mod:`spon_exp.spon.fold`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spon_exp.models.adapters import Projection, select_projections
+from spon_exp.sparsifiers.base import Sparsifier, run_batches
+
+INITS = ("zero", "mean_dropped")
+
+
+def _param_name(key: str) -> str:
+    return key.replace(".", "__")
+
+
+class Spon(nn.Module):
+    """Holds the α parameters and the forward hooks that add ``W·Σα`` to each output."""
+
+    def __init__(self, sparsifier: Sparsifier, count: int = 1, projections: str | list[str] = "all"):
+        super().__init__()
+        if count < 1:
+            raise ValueError(f"SPON count must be >= 1 to build alphas (0 means SPON off), got {count}")
+        if not sparsifier.attached:
+            raise RuntimeError("Attach the sparsifier before building SPON alphas")
+        self.count = count
+        self.projection_set = projections
+        sparsified = {p.key for p in sparsifier.projections}
+        self.projections: list[Projection] = [
+            p for p in select_projections(sparsifier.blocks, projections) if p.key in sparsified
+        ]
+        if not self.projections:
+            raise ValueError(f"SPON projections {projections!r} select none of the sparsified projections")
+        self.alphas = nn.ParameterDict({
+            _param_name(p.key): nn.Parameter(torch.zeros(count, p.module.in_features, device=p.module.weight.device))
+            for p in self.projections
+        })
+        self.enabled = True
+        self.folded = False
+        self._handles = [p.module.register_forward_hook(self._make_hook(p)) for p in self.projections]
+
+    def alpha(self, proj: Projection) -> torch.Tensor:
+        return self.alphas[_param_name(proj.key)]
+
+    def offset(self, proj: Projection) -> torch.Tensor:
+        """``W·Σα`` for one projection, in the weight's dtype."""
+        w = proj.module.weight
+        return F.linear(self.alpha(proj).sum(0).to(w.dtype), w)
+
+    def _make_hook(self, proj: Projection):
+        def hook(module, args, output):
+            if not self.enabled:
+                return None
+            return output + self.offset(proj)
+        return hook
+
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        previous, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.alphas.values())
+
+    # ------------------------------------------------------------- initialisation
+    @torch.no_grad()
+    def init_mean_dropped(self, model: nn.Module, sparsifier: Sparsifier, batches: Iterable[torch.Tensor]) -> None:
+        """Training-free baseline: α₀ = E[x − S(x)], the mean of what the sparsifier drops
+        (split evenly over the k spontaneous neurons)."""
+        sums = {p.key: torch.zeros(p.module.in_features, dtype=torch.float64) for p in self.projections}
+        counts = dict.fromkeys(sums, 0)
+
+        def make(proj):
+            def pre_hook(module, args):
+                x = args[0]
+                n = sparsifier.sparsified_tokens(x.shape[-2])
+                part = x[..., x.shape[-2] - n:, :]
+                sparse, _ = sparsifier.sparsify(proj, part, False)
+                resid = (part - sparse).reshape(-1, part.shape[-1])
+                sums[proj.key] += resid.double().sum(0).cpu()
+                counts[proj.key] += resid.shape[0]
+            return pre_hook
+
+        handles = [p.module.register_forward_pre_hook(make(p), prepend=True) for p in self.projections]
+        try:
+            with self.disabled():
+                run_batches(model, batches, desc="SPON mean-dropped init")
+        finally:
+            for h in handles:
+                h.remove()
+        for p in self.projections:
+            mean = (sums[p.key] / max(counts[p.key], 1)).float()
+            self.alpha(p).copy_((mean / self.count).expand(self.count, -1).to(self.alpha(p).device))
+
+    def initialise(self, init: str, model: nn.Module, sparsifier: Sparsifier, batches) -> None:
+        if init == "zero":
+            for a in self.alphas.values():
+                a.data.zero_()
+        elif init == "mean_dropped":
+            self.init_mean_dropped(model, sparsifier, batches)
+        else:
+            raise ValueError(f"Unknown SPON init {init!r}; choose from {INITS}")
+
+    # ------------------------------------------------------------------ state
+    def alpha_state(self) -> dict[str, torch.Tensor]:
+        return {f"alpha.{p.key}": self.alpha(p).detach().cpu().contiguous() for p in self.projections}
+
+    def load_alpha_state(self, state: dict[str, torch.Tensor]) -> None:
+        for p in self.projections:
+            key = f"alpha.{p.key}"
+            if key not in state:
+                raise ValueError(f"Saved alphas lack {key} (model / projection set mismatch)")
+            if tuple(state[key].shape) != tuple(self.alpha(p).shape):
+                raise ValueError(f"Saved {key} has shape {tuple(state[key].shape)}, expected {tuple(self.alpha(p).shape)}")
+            with torch.no_grad():
+                self.alpha(p).copy_(state[key].to(self.alpha(p).device))
+
+
+@contextlib.contextmanager
+def dense_mode(*controllers) -> Iterator[None]:
+    """Switch off every given sparsifier / SPON (None entries are ignored): the dense teacher."""
+    with contextlib.ExitStack() as stack:
+        for c in controllers:
+            if c is not None:
+                stack.enter_context(c.disabled())
+        yield

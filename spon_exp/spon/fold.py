@@ -1,0 +1,134 @@
+"""Fold trained alphas into biases and export / re-attach the sparse model.
+
+Folding: ``b' = b + W·Σα`` (a bias is created where the layer had none) and the α path
+is removed, so inference costs exactly what the plain sparse model costs.
+
+Export (``save_sparse_state``): ``sparse_state.safetensors`` (sparsifier state + every
+folded bias) and ``sparse_state.json`` (which sparsifier, its settings, which projections);
+``load_sparse_state`` re-attaches both to a freshly loaded model. Where the architecture's
+config can declare biases (Llama-style ``attention_bias`` / ``mlp_bias``),
+``export_checkpoint`` also writes a complete checkpoint that plain
+``AutoModelForCausalLM.from_pretrained`` loads (dense weights + folded biases; attach the
+sparsifier state to run it sparse).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from spon_exp.models.adapters import ATTENTION, MLP, find_decoder_blocks
+from spon_exp.sparsifiers import Sparsifier, build_sparsifier
+from spon_exp.spon.alpha import Spon
+
+STATE_FILE = "sparse_state.safetensors"
+META_FILE = "sparse_state.json"
+
+
+@torch.no_grad()
+def fold_alpha(spon: Spon) -> dict[str, torch.Tensor]:
+    """Fold each α into its projection's bias and remove the α hooks. Returns the biases."""
+    if spon.folded:
+        raise RuntimeError("These alphas are already folded")
+    biases = {}
+    for p in spon.projections:
+        lin = p.module
+        offset = spon.offset(p).detach()
+        if lin.bias is None:
+            lin.bias = nn.Parameter(offset.clone(), requires_grad=False)
+        else:
+            lin.bias.add_(offset.to(lin.bias.dtype))
+        biases[p.key] = lin.bias.detach()
+    spon.remove_hooks()
+    spon.folded = True
+    return biases
+
+
+def _atomic_write_bytes(path: Path, writer) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    writer(tmp)
+    os.replace(tmp, path)
+
+
+def save_sparse_state(directory: str | Path, sparsifier: Sparsifier, biases: dict[str, torch.Tensor] | None = None,
+                      extra_meta: dict | None = None) -> Path:
+    """Write the sparsifier state and folded biases (safetensors + JSON)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"sparsifier.{k}": v.detach().cpu().contiguous() for k, v in sparsifier.state_dict().items()}
+    for key, b in (biases or {}).items():
+        tensors[f"bias.{key}"] = b.detach().cpu().contiguous()
+    meta = {"sparsifier": sparsifier.describe(),
+            "projections": {p.key: p.module_path for p in sparsifier.projections},
+            "folded_biases": sorted((biases or {}).keys()), **(extra_meta or {})}
+    _atomic_write_bytes(directory / STATE_FILE, lambda t: save_file(tensors, str(t)))
+    _atomic_write_bytes(directory / META_FILE, lambda t: t.write_text(json.dumps(meta, indent=2)))
+    return directory
+
+
+def sparsifier_kwargs(description: dict) -> dict:
+    """Constructor arguments of a sparsifier from its ``describe()`` output."""
+    return {k: v for k, v in description.items() if k != "name"}
+
+
+@torch.no_grad()
+def load_sparse_state(model: nn.Module, directory: str | Path) -> Sparsifier:
+    """Attach a saved sparsifier (with its thresholds) and folded biases to ``model``."""
+    directory = Path(directory)
+    if not (directory / STATE_FILE).exists():
+        raise FileNotFoundError(f"No {STATE_FILE} in {directory}; export one with save_sparse_state()")
+    meta = json.loads((directory / META_FILE).read_text())
+    tensors = load_file(str(directory / STATE_FILE))
+    sparsifier = build_sparsifier(meta["sparsifier"]["name"], **sparsifier_kwargs(meta["sparsifier"]))
+    sparsifier.attach(model)
+    sparsifier.load_state_dict({k.removeprefix("sparsifier."): v for k, v in tensors.items() if k.startswith("sparsifier.")})
+    modules = {p.key: p.module for b in sparsifier.blocks for p in b.projections.values()}
+    for name, b in tensors.items():
+        if not name.startswith("bias."):
+            continue
+        lin = modules[name.removeprefix("bias.")]
+        b = b.to(device=lin.weight.device, dtype=lin.weight.dtype)
+        if lin.bias is None:
+            lin.bias = nn.Parameter(b.clone(), requires_grad=False)
+        else:
+            lin.bias.copy_(b)
+    return sparsifier
+
+
+def supports_bias_checkpoint(model: nn.Module) -> bool:
+    return hasattr(model.config, "attention_bias") and hasattr(model.config, "mlp_bias")
+
+
+@torch.no_grad()
+def export_checkpoint(model: nn.Module, tokenizer, directory: str | Path) -> Path | None:
+    """Save a from_pretrained-loadable checkpoint with the folded biases, or None where
+    the architecture's config cannot declare biases on every projection."""
+    if not supports_bias_checkpoint(model):
+        return None
+    directory = Path(directory)
+    blocks = find_decoder_blocks(model)
+    has_attn = any(b.projections[n].module.bias is not None for b in blocks for n in ATTENTION)
+    has_mlp = any(b.projections[n].module.bias is not None for b in blocks for n in MLP)
+    for b in blocks:
+        for names, needed in ((ATTENTION, has_attn), (MLP, has_mlp)):
+            for n in names:
+                lin = b.projections[n].module
+                if needed and lin.bias is None:  # config flags are per group: give the rest zero biases
+                    lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype,
+                                                        device=lin.weight.device), requires_grad=False)
+    model.config.attention_bias = bool(model.config.attention_bias or has_attn)
+    model.config.mlp_bias = bool(model.config.mlp_bias or has_mlp)
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(tmp)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+    return directory

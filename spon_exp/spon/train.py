@@ -1,0 +1,236 @@
+"""Train SPON alphas: model frozen, KL(dense ‖ sparse) over the final logits.
+
+The teacher is the same model with sparsity and SPON switched off, so no second copy of
+the weights exists. Logits are never materialised for the whole batch: the final hidden
+states of teacher and student go through a fused, chunked head + KL whose backward is
+computed chunk by chunk in the forward pass (one chunk of logits alive at a time).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spon_exp.sparsifiers.base import Sparsifier
+from spon_exp.spon.alpha import Spon, dense_mode
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-3
+    steps: int | None = 60  # optimiser steps; None -> use epochs
+    epochs: float | None = None
+    batch_size: int = 1
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float | None = None
+    gradient_checkpointing: bool = False
+    logits_chunk_tokens: int = 1024
+    seed: int = 0
+    checkpoint_every: int = 0  # steps; 0 = no periodic checkpoint
+    log_every: int = 1
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+    resumed_from: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class AlphaTrainingError(FloatingPointError):
+    pass
+
+
+def _head_and_softcap(model: nn.Module):
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return head, cap
+
+
+def _logits(head: nn.Module, h: torch.Tensor, cap: float | None) -> torch.Tensor:
+    z = head(h).float()
+    if cap:
+        z = torch.tanh(z / cap) * cap
+    return z
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """sum_t KL(softmax(head(h_t)) ‖ softmax(head(h_s))) with dL/dh_s computed chunk-wise
+    in the forward pass (the head weight is frozen, so h_s is the only input needing grad)."""
+
+    @staticmethod
+    def forward(ctx, h_student, h_teacher, weight, bias, cap, chunk):
+        total = h_student.new_zeros((), dtype=torch.float32)
+        grad = torch.empty_like(h_student)
+        for start in range(0, h_student.shape[0], chunk):
+            hs, ht = h_student[start:start + chunk], h_teacher[start:start + chunk]
+            zs = F.linear(hs, weight, bias).float()
+            zt = F.linear(ht, weight, bias).float()
+            if cap:
+                ts, tt = torch.tanh(zs / cap), torch.tanh(zt / cap)
+                zs, zt = ts * cap, tt * cap
+            log_ps, log_pt = F.log_softmax(zs, -1), F.log_softmax(zt, -1)
+            pt = log_pt.exp()
+            total += (pt * (log_pt - log_ps)).sum()
+            gz = log_ps.exp_().sub_(pt)  # d KL / d z_student = p_s - p_t
+            if cap:
+                gz.mul_(1 - ts * ts)
+            grad[start:start + chunk] = (gz.to(weight.dtype) @ weight).to(grad.dtype)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None, None, None, None
+
+
+def final_hidden(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Last hidden states before the LM head (the base model's output, final norm applied)."""
+    out = model.get_decoder()(input_ids=input_ids, use_cache=False)
+    return out.last_hidden_state
+
+
+def kl_loss(model: nn.Module, h_student: torch.Tensor, h_teacher: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """Mean over tokens of KL(teacher ‖ student) from final hidden states, chunked."""
+    head, cap = _head_and_softcap(model)
+    hs = h_student.reshape(-1, h_student.shape[-1])
+    ht = h_teacher.reshape(-1, h_teacher.shape[-1])
+    total = _ChunkedKL.apply(hs, ht, head.weight, head.bias, cap, chunk_tokens)
+    return total / hs.shape[0]
+
+
+def _lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.schedule == "linear":
+        return 1.0 - progress
+    raise ValueError(f"Unknown schedule {cfg.schedule!r}; choose from {SCHEDULES}")
+
+
+def total_steps(cfg: TrainConfig, num_sequences: int) -> int:
+    per_epoch = math.ceil(num_sequences / cfg.batch_size)
+    if cfg.steps is not None:
+        return int(cfg.steps)
+    if cfg.epochs is None:
+        raise ValueError("Set spon steps or epochs")
+    return max(1, int(round(cfg.epochs * per_epoch)))
+
+
+def batch_indices(step: int, num_sequences: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Sequences of one step: a seeded permutation per epoch, so a resumed run sees the
+    same batches as an uninterrupted one without restoring any RNG."""
+    per_epoch = math.ceil(num_sequences / batch_size)
+    epoch, within = divmod(step, per_epoch)
+    perm = torch.randperm(num_sequences, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return perm[within * batch_size:(within + 1) * batch_size]
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train_alpha(model: nn.Module, sparsifier: Sparsifier, spon: Spon, sequences: torch.Tensor,
+                cfg: TrainConfig, on_step: Callable[[int, float, float], None] | None = None,
+                checkpoint_path: str | Path | None = None) -> TrainResult:
+    """Train ``spon``'s alphas on token ``sequences`` [N, L]; returns the loss curve.
+
+    With ``checkpoint_path`` the α, optimiser state, step and curve are saved every
+    ``cfg.checkpoint_every`` steps, and a run finding a checkpoint there resumes from it.
+    """
+    from tqdm.auto import tqdm
+
+    if sequences.dim() != 2 or sequences.shape[0] == 0:
+        raise ValueError(f"Training sequences must be a non-empty [N, L] token tensor, got shape {tuple(sequences.shape)}")
+    device = next(model.parameters()).device
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = list(spon.alphas.values())
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    steps = total_steps(cfg, sequences.shape[0])
+    result = TrainResult()
+    start_step = 0
+    ckpt = Path(checkpoint_path) if checkpoint_path else None
+    if ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        spon.load_alpha_state(state["alpha"])
+        optimizer.load_state_dict(state["optimizer"])
+        result.losses, result.lrs = state["losses"], state["lrs"]
+        start_step = result.resumed_from = state["step"]
+        log.info("Resuming SPON training from step %d (%s)", start_step, ckpt)
+
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    was_training = model.training
+    model.train(cfg.gradient_checkpointing)  # HF checkpointing is active only in train mode; no dropout in these models
+    t0 = time.perf_counter()
+    try:
+        bar = tqdm(range(start_step, steps), desc="SPON training", initial=start_step, total=steps)
+        for step in bar:
+            lr = cfg.lr * _lr_factor(cfg, step, steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            ids = sequences[batch_indices(step, sequences.shape[0], cfg.batch_size, cfg.seed)].to(device)
+            with torch.no_grad(), dense_mode(sparsifier, spon):
+                h_teacher = final_hidden(model, ids)
+            h_student = final_hidden(model, ids)
+            loss = kl_loss(model, h_student, h_teacher, cfg.logits_chunk_tokens)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise AlphaTrainingError(
+                    f"SPON training loss became {value} at step {step} (lr {lr:g}); lower spon.lr or use bf16→fp32"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            if not all(torch.isfinite(p).all() for p in params):
+                raise AlphaTrainingError(f"SPON alphas became non-finite at step {step} (lr {lr:g}); lower spon.lr")
+            result.losses.append(value)
+            result.lrs.append(lr)
+            bar.set_postfix(kl=f"{value:.4f}")
+            if on_step is not None and (step % cfg.log_every == 0 or step == steps - 1):
+                on_step(step, value, lr)
+            if ckpt is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
+                _atomic_torch_save({"alpha": spon.alpha_state(), "optimizer": optimizer.state_dict(),
+                                    "step": step + 1, "losses": result.losses, "lrs": result.lrs}, ckpt)
+    finally:
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+        model.train(was_training)
+        for p in params:
+            p.requires_grad_(False)
+    result.steps = steps
+    result.seconds = time.perf_counter() - t0
+    return result
