@@ -3,9 +3,9 @@
 Two protocols:
 - ``chunks`` (default): non-overlapping blocks of ``seq_len`` tokens, every token after
   the first of each block scored;
-- ``sliding``: TEAL's sliding window over the token stream — each window has up to
-  ``context`` tokens of context and scores the following ``window`` tokens; windows
-  advance by ``stride`` (= ``window`` in TEAL: 2048 context + 512 scored, stride 512).
+- ``sliding``: TEAL's sliding window over the token stream — each window scores
+  ``window`` tokens with up to ``context`` earlier tokens as context and the next window
+  starts where it ended (TEAL: 2048 context + 512 scored, stride 512).
 Logits are computed in chunks from the final hidden states (never a full [B, T, V] copy).
 """
 
@@ -29,8 +29,7 @@ class PerplexityProtocol:
     protocol: str = "chunks"
     seq_len: int = 512  # chunks: block length
     context: int = 2048  # sliding: context tokens before the scored window
-    window: int = 512  # sliding: scored tokens per window
-    stride: int = 512  # sliding: advance per window
+    window: int = 512  # sliding: scored tokens per window (= the stride)
     batch_size: int = 4
     logits_chunk_tokens: int = 2048
 
@@ -66,21 +65,20 @@ def perplexity_chunks(model: nn.Module, blocks: torch.Tensor, batch_size: int = 
 
 
 def perplexity_sliding(model: nn.Module, stream: torch.Tensor, context: int = 2048, window: int = 512,
-                       stride: int = 512, chunk: int = 2048, desc: str | None = None) -> float:
+                       chunk: int = 2048, desc: str | None = None) -> float:
+    """Every token of ``stream`` (after the first) scored exactly once, in windows of
+    ``window`` targets, each predicted with up to ``context`` earlier tokens as context."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
     stream = stream.reshape(-1).long()
-    if stream.numel() < window + 1:
-        raise ValueError(f"Token stream of {stream.numel()} tokens is shorter than one scored window ({window}+1)")
+    if stream.numel() < 2:
+        raise ValueError("Token stream needs at least 2 tokens for perplexity")
     total, count = 0.0, 0
-    # windows score tokens [end - window, end); the first window starts at position 1
-    ends = list(range(min(window, stream.numel() - 1) + 1, stream.numel() + 1, stride))
-    for end in tqdm(ends, desc=desc, disable=desc is None, leave=False):
-        begin = max(0, end - window - context)
-        scored = min(window, end - 1 - begin) if begin == 0 else window
-        ids = stream[begin:end].unsqueeze(0).to(device)
-        nll, n = _nll_sum(model, ids, ids.shape[1] - 1 - scored, chunk)
+    for first in tqdm(range(1, stream.numel(), window), desc=desc, disable=desc is None, leave=False):
+        last = min(first + window, stream.numel())  # targets are positions [first, last)
+        begin = max(0, first - 1 - context)
+        nll, n = _nll_sum(model, stream[begin:last].unsqueeze(0).to(device), first - 1 - begin, chunk)
         total, count = total + nll, count + n
     return math.exp(total / count)
 
@@ -90,8 +88,7 @@ def perplexity(model: nn.Module, data: torch.Tensor, protocol: PerplexityProtoco
     ``[N, L]`` blocks for ``chunks``, a 1-D token stream for ``sliding``."""
     if protocol.protocol == "chunks":
         return perplexity_chunks(model, data, protocol.batch_size, protocol.logits_chunk_tokens, desc)
-    return perplexity_sliding(model, data, protocol.context, protocol.window, protocol.stride,
-                              protocol.logits_chunk_tokens, desc)
+    return perplexity_sliding(model, data, protocol.context, protocol.window, protocol.logits_chunk_tokens, desc)
 
 
 def gap_closure(dense: float, sparse: float, spon: float) -> float | None:

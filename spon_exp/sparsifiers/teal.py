@@ -7,6 +7,7 @@ TEAL's histogram of the signed values with ``tau = icdf(0.5 + s/2)`` (assumes sy
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Hashable, Iterable
 
@@ -20,6 +21,10 @@ from spon_exp.sparsifiers.base import Sparsifier, run_batches
 log = logging.getLogger(__name__)
 
 THRESHOLD_MODES = ("exact", "histogram")
+# dense: thresholds from dense activations only (TEAL's reference). sparse: then refine them
+# on the activations the sparse model really sees (upstream sparsity shifts downstream
+# inputs, so dense thresholds over- or undershoot the target deeper in the model).
+CALIBRATION_CONTEXTS = ("dense", "sparse")
 HISTOGRAM_BINS = 10_000  # TEAL's reference: 1st-99th percentile split linearly + 2 tail bins
 
 
@@ -40,7 +45,8 @@ class SiteRecorder:
         for p in projections:
             first_of_site.setdefault((p.layer, p.site), p)
         for site, p in first_of_site.items():
-            self._handles.append(p.module.register_forward_pre_hook(self._hook(site)))
+            # prepend: record the raw input, before any sparsifier hook changes it
+            self._handles.append(p.module.register_forward_pre_hook(self._hook(site), prepend=True))
 
     def _hook(self, site):
         def hook(module, args):
@@ -95,8 +101,13 @@ class TealSparsifier(Sparsifier):
     name = "teal"
 
     def __init__(self, sparsity: float = 0.5, threshold_mode: str = "exact", allocation: str = "uniform",
+                 calibration_context: str = "sparse", refine_passes: int = 2,
                  max_calibration_values: int = 2**22, seed: int = 0, **kwargs):
         super().__init__(sparsity, **kwargs)
+        if calibration_context not in CALIBRATION_CONTEXTS:
+            raise ValueError(f"calibration_context must be one of {CALIBRATION_CONTEXTS}, got {calibration_context!r}")
+        self.calibration_context = calibration_context
+        self.refine_passes = int(refine_passes)
         if threshold_mode not in THRESHOLD_MODES:
             raise ValueError(f"threshold_mode must be one of {THRESHOLD_MODES}, got {threshold_mode!r}")
         if allocation != "uniform":
@@ -108,7 +119,8 @@ class TealSparsifier(Sparsifier):
         self.thresholds: dict[str, float] = {}
 
     def describe(self) -> dict:
-        return {**super().describe(), "threshold_mode": self.threshold_mode, "allocation": self.allocation}
+        return {**super().describe(), "threshold_mode": self.threshold_mode, "allocation": self.allocation,
+                "calibration_context": self.calibration_context, "refine_passes": self.refine_passes}
 
     def share_key(self, proj: Projection) -> Hashable:
         return self.thresholds.get(proj.key)
@@ -123,13 +135,24 @@ class TealSparsifier(Sparsifier):
 
     def calibrate(self, model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
         batches = list(batches)
+        passes = 1 + (self.refine_passes if self.calibration_context == "sparse" else 0)
+        for i in range(passes):
+            recorder = self._record(model, batches, dense=(i == 0), desc=f"TEAL calibration {i + 1}/{passes}")
+            self._fit_thresholds(recorder)
+
+    def _record(self, model: nn.Module, batches: list[torch.Tensor], dense: bool, desc: str) -> SiteRecorder:
         tokens = sum(b.numel() for b in batches)
         recorder = SiteRecorder(self.projections, self.max_calibration_values, tokens, self.seed)
         try:
-            with self.disabled():
-                run_batches(model, batches, desc="TEAL calibration")
+            with contextlib.ExitStack() as stack:
+                if dense:
+                    stack.enter_context(self.disabled())
+                run_batches(model, batches, desc=desc)
         finally:
             recorder.remove()
+        return recorder
+
+    def _fit_thresholds(self, recorder: SiteRecorder) -> None:
         cache: dict = {}
         for p in self.projections:
             key = ((p.layer, p.site), self.target_sparsity(p))

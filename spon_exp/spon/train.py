@@ -158,6 +158,19 @@ def _atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _set_checkpointing(model: nn.Module, on: bool) -> None:
+    # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
 def train_alpha(model: nn.Module, sparsifier: Sparsifier, spon: Spon, sequences: torch.Tensor,
                 cfg: TrainConfig, on_step: Callable[[int, float, float], None] | None = None,
                 checkpoint_path: str | Path | None = None) -> TrainResult:
@@ -190,7 +203,7 @@ def train_alpha(model: nn.Module, sparsifier: Sparsifier, spon: Spon, sequences:
         log.info("Resuming SPON training from step %d (%s)", start_step, ckpt)
 
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _set_checkpointing(model, True)
     was_training = model.training
     model.train(cfg.gradient_checkpointing)  # HF checkpointing is active only in train mode; no dropout in these models
     t0 = time.perf_counter()
@@ -227,7 +240,7 @@ def train_alpha(model: nn.Module, sparsifier: Sparsifier, spon: Spon, sequences:
                                     "step": step + 1, "losses": result.losses, "lrs": result.lrs}, ckpt)
     finally:
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_disable()
+            _set_checkpointing(model, False)
         model.train(was_training)
         for p in params:
             p.requires_grad_(False)
