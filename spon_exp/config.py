@@ -1,0 +1,202 @@
+"""Dataclass schemas of the experiment config, registered in Hydra's ConfigStore.
+
+Every YAML option under ``conf/<group>/`` extends the schema of its group (``defaults:
+[<schema name>]``), so a misspelt key or a wrong type fails when Hydra composes the config.
+Range checks that types cannot express live in :func:`validate` and run before any model
+loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from spon_exp.models.loading import PACKAGED
+
+
+@dataclass
+class ModelConfig:
+    path: str = PACKAGED  # hub id, local folder, .gguf file, packaged:..., tiny-random:<family>
+    name: str = "smollm2-135m"  # short label for tables, W&B and folder names
+    dtype: str = "float32"  # float32 / bfloat16 / float16
+    device: str = "cpu"  # cpu / cuda / cuda:N
+    device_map: Optional[str] = None  # "auto" spreads a model larger than one GPU
+
+
+@dataclass
+class SparsifierConfig:
+    name: str = MISSING
+    projections: str = "all"  # all / attention / mlp / down_proj
+    token_policy: str = "all"  # all / last_half / last_fraction (prefill tokens sparsified)
+    token_fraction: float = 0.5  # for last_fraction
+
+
+@dataclass
+class DenseConfig(SparsifierConfig):
+    name: str = "dense"
+
+
+@dataclass
+class TealConfig(SparsifierConfig):
+    name: str = "teal"
+    threshold_mode: str = "exact"  # exact |x| quantile / histogram (TEAL's icdf(0.5+s/2))
+    allocation: str = "uniform"
+    calibration_context: str = "sparse"  # dense = TEAL reference; sparse = refine on sparse activations
+    refine_passes: int = 2
+    max_calibration_values: int = 4_194_304  # per input site; uniform subsample above
+
+
+@dataclass
+class CalibConfig:
+    corpus: str = "wikipedia"  # packaged name, hub corpus or a .txt/.jsonl path
+    num_sequences: int = 64  # sequences for SPON training
+    seq_len: int = 256
+    threshold_sequences: int = 16  # the first N of them calibrate the sparsifier
+    batch_size: int = 4  # forward batch for calibration passes
+
+
+@dataclass
+class SponConfig:
+    count: int = 1  # spontaneous neurons per projection; 0 = SPON off
+    projections: str = "all"  # all / attention / mlp / down_proj
+    init: str = "zero"  # zero / mean_dropped
+    train: bool = True  # false: keep the init (the training-free baseline)
+    lr: float = 1e-3
+    steps: Optional[int] = 60
+    epochs: Optional[float] = None  # used when steps is null
+    batch_size: int = 1
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # constant / cosine / linear
+    warmup_steps: int = 0
+    max_grad_norm: Optional[float] = None
+    gradient_checkpointing: bool = False
+    logits_chunk_tokens: int = 1024
+    checkpoint_every: int = 20  # steps between resumable training checkpoints (0 = never)
+
+
+@dataclass
+class PplConfig:
+    corpora: list[str] = field(default_factory=lambda: ["wikipedia"])
+    protocol: str = "chunks"  # chunks / sliding
+    seq_len: int = 256  # chunks: block length
+    max_sequences: Optional[int] = 32  # chunks: blocks evaluated (null = all)
+    context: int = 2048  # sliding: context tokens
+    window: int = 512  # sliding: scored tokens per window
+    max_tokens: Optional[int] = None  # sliding: evaluate only the first N tokens of the stream
+    batch_size: int = 4
+
+
+@dataclass
+class ZeroshotConfig:
+    tasks: list[str] = field(default_factory=list)  # empty = no zero-shot evaluation
+    batch_size: int = 16
+    num_fewshot: int = 0
+    limit: Optional[int] = None
+    source: str = "auto"  # auto / hub / offline
+
+
+@dataclass
+class EvalConfig:
+    ppl: PplConfig = field(default_factory=PplConfig)
+    zeroshot: ZeroshotConfig = field(default_factory=ZeroshotConfig)
+    variants: list[str] = field(default_factory=lambda: ["dense", "sparse", "spon"])
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "none"  # none / wandb
+    mode: str = "offline"  # offline / online (wandb)
+    project: str = "spon-exp"
+    entity: Optional[str] = None
+    group: Optional[str] = None  # default: the sweep name or "single"
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PathsConfig:
+    outputs: str = "${hydra:runtime.cwd}/outputs"
+    cache: str = "${paths.outputs}/cache"  # calibration artefacts and trained alphas, by hash
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    sparsifier: Any = MISSING
+    calib: CalibConfig = MISSING
+    spon: SponConfig = MISSING
+    eval: EvalConfig = MISSING
+    logger: LoggerConfig = MISSING
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    sparsity: float = 0.5
+    seed: int = 0
+    sweep_name: str = "single"  # names the group of runs (W&B group, sweep folder)
+    save_export: bool = True  # write the folded sparse state (thresholds + biases) into the run folder
+    save_checkpoint: bool = False  # also a from_pretrained-loadable checkpoint (a full weight copy)
+    skip_if_done: bool = False  # re-launched sweeps: skip a run whose results.json says ok
+    # groups whose content is not part of the schema (hydra/launcher is validated by Hydra)
+    launcher: Any = None
+    experiment: Any = None
+    local: Any = None
+
+
+SCHEMAS = {
+    "model": {"model_schema": ModelConfig},
+    "sparsifier": {"dense_schema": DenseConfig, "teal_schema": TealConfig},
+    "calib": {"calib_schema": CalibConfig},
+    "spon": {"spon_schema": SponConfig},
+    "eval": {"eval_schema": EvalConfig},
+    "logger": {"logger_schema": LoggerConfig},
+}
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for group, schemas in SCHEMAS.items():
+        for name, node in schemas.items():
+            cs.store(group=group, name=name, node=node)
+
+
+class ConfigError(ValueError):
+    """A config value that composes but cannot work; raised before any heavy work."""
+
+
+def validate(cfg) -> None:
+    """Range and existence checks, cheap, before any model or data loads."""
+    from spon_exp.data.corpora import CorpusError, check_corpus
+    from spon_exp.models.loading import check_model_path, resolve_dtype
+    from spon_exp.sparsifiers.base import check_sparsity
+
+    try:
+        check_sparsity(cfg.sparsity)
+        check_model_path(cfg.model.path)
+        resolve_dtype(cfg.model.dtype)
+        for corpus in [cfg.calib.corpus, *cfg.eval.ppl.corpora]:
+            check_corpus(corpus)
+    except (ValueError, FileNotFoundError, CorpusError) as e:
+        raise ConfigError(str(e)) from None
+    checks = [
+        (cfg.spon.count >= 0, f"spon.count must be >= 0 (0 = SPON off), got {cfg.spon.count}"),
+        (cfg.spon.lr > 0, f"spon.lr must be > 0, got {cfg.spon.lr}"),
+        (cfg.spon.steps is not None or cfg.spon.epochs is not None, "set spon.steps or spon.epochs"),
+        (cfg.spon.steps is None or cfg.spon.steps >= 0, f"spon.steps must be >= 0, got {cfg.spon.steps}"),
+        (cfg.calib.num_sequences >= 1, f"calib.num_sequences must be >= 1, got {cfg.calib.num_sequences}"),
+        (cfg.calib.seq_len >= 2, f"calib.seq_len must be >= 2, got {cfg.calib.seq_len}"),
+        (cfg.eval.ppl.seq_len >= 2, f"eval.ppl.seq_len must be >= 2, got {cfg.eval.ppl.seq_len}"),
+        (cfg.eval.ppl.protocol in ("chunks", "sliding"), f"eval.ppl.protocol must be chunks or sliding, got {cfg.eval.ppl.protocol!r}"),
+        (cfg.spon.init in ("zero", "mean_dropped"), f"spon.init must be zero or mean_dropped, got {cfg.spon.init!r}"),
+        (cfg.spon.schedule in ("constant", "cosine", "linear"), f"spon.schedule must be constant, cosine or linear, got {cfg.spon.schedule!r}"),
+        (cfg.logger.backend in ("none", "wandb"), f"logger.backend must be none or wandb, got {cfg.logger.backend!r}"),
+        (set(cfg.eval.variants) <= {"dense", "sparse", "spon"}, f"eval.variants must be among dense/sparse/spon, got {list(cfg.eval.variants)}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if cfg.sparsifier.name != "dense":
+        from spon_exp.sparsifiers import REGISTRY
+
+        if cfg.sparsifier.name not in REGISTRY:
+            raise ConfigError(f"Unknown sparsifier {cfg.sparsifier.name!r}; choose from {sorted(REGISTRY)} or dense")

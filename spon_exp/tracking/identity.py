@@ -1,0 +1,49 @@
+"""Run identity: hashes of the resolved config and of what each cached artefact depends on."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from omegaconf import DictConfig, OmegaConf
+
+# Keys that do not change a run's numbers: where it logs, how it is launched, where files go.
+NON_IDENTITY_KEYS = ("logger", "launcher", "paths", "local", "experiment", "sweep_name", "skip_if_done",
+                     "save_export", "save_checkpoint")
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def plain(cfg: DictConfig) -> dict:
+    """The resolved config as plain containers (without Hydra's own node, if present)."""
+    if "hydra" in cfg:
+        return {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+                for k in cfg if k != "hydra"}
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Names the run: its resolved config minus logging / launcher / path settings."""
+    c = {k: v for k, v in plain(cfg).items() if k not in NON_IDENTITY_KEYS}
+    c.get("spon", {}).pop("checkpoint_every", None)
+    return _digest(c)
+
+
+def sparsifier_key(cfg: DictConfig) -> str:
+    """What calibrated thresholds depend on: weights, method, target, calibration data, seed."""
+    c = plain(cfg)
+    return _digest({
+        "model": {k: c["model"][k] for k in ("path", "dtype")},
+        "sparsifier": c["sparsifier"], "sparsity": c["sparsity"], "seed": c["seed"],
+        "calib": {k: c["calib"][k] for k in ("corpus", "seq_len", "threshold_sequences", "batch_size")},
+    })
+
+
+def alpha_key(cfg: DictConfig) -> str:
+    """What trained alphas depend on: the sparsifier's inputs plus SPON and training data."""
+    c = plain(cfg)
+    spon = {k: v for k, v in c["spon"].items() if k != "checkpoint_every"}
+    return _digest({"sparsifier": sparsifier_key(cfg), "spon": spon,
+                    "calib": {k: c["calib"][k] for k in ("corpus", "seq_len", "num_sequences")}})

@@ -1,0 +1,131 @@
+"""Weights & Biases tracking: one W&B run per spon-exp run, id from the config hash.
+
+Offline by default (``logger=wandb_offline``): the run is written under the run folder's
+``wandb/`` and uploaded later with ``wandb sync <run folder>/wandb/offline-run-*``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def grouping_keys(cfg) -> dict:
+    """Flat keys to group and filter runs by on a dashboard."""
+    return {
+        "model_name": cfg.model.name,
+        "sparsifier_name": cfg.sparsifier.name,
+        "target_sparsity": cfg.sparsity,
+        "spon_count": cfg.spon.count,
+        "calib_corpus": cfg.calib.corpus,
+        "seed": cfg.seed,
+    }
+
+
+def summary_from_results(results: dict) -> dict:
+    out = {}
+    for corpus, values in (results.get("ppl") or {}).items():
+        for variant, v in values.items():
+            out[f"ppl/{corpus}/{variant}"] = v
+    for corpus, v in (results.get("gap_closure") or {}).items():
+        out[f"gap_closure/{corpus}"] = v
+    sparsity = results.get("sparsity") or {}
+    out["sparsity/target"] = sparsity.get("target")
+    out["sparsity/measured"] = sparsity.get("measured")
+    zs = results.get("zeroshot") or {}
+    for variant, tasks in (zs.get("variants") or {}).items():
+        for task, metrics in tasks.items():
+            out[f"zeroshot/{variant}/{task}"] = metrics.get("paper_metric")
+    for variant, v in (zs.get("average") or {}).items():
+        out[f"zeroshot/{variant}/avg"] = v
+    if zs.get("recovery") is not None:
+        out["zeroshot/recovery"] = zs["recovery"]
+    for stage, v in (results.get("timings") or {}).items():
+        out[f"timings/{stage}"] = v
+    out["status"] = results.get("status")
+    return {k: v for k, v in out.items() if v is not None}
+
+
+class Tracker:
+    """No-op unless ``logger.backend == "wandb"``."""
+
+    def __init__(self, cfg, run_id: str, run_dir, config: dict):
+        self.run = None
+        if cfg.logger.backend != "wandb":
+            return
+        import wandb
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self.run = wandb.init(
+            project=cfg.logger.project, entity=cfg.logger.entity, id=run_id, resume="allow",
+            group=cfg.logger.group or cfg.sweep_name, job_type=cfg.sparsifier.name,
+            name=f"{cfg.model.name}-{cfg.sparsifier.name}-s{cfg.sparsity}-spon{cfg.spon.count}-seed{cfg.seed}",
+            tags=list(cfg.logger.tags), dir=str(run_dir), mode=cfg.logger.mode,
+            config={**config, **grouping_keys(cfg)},
+        )
+
+    def log(self, data: dict, step: int | None = None) -> None:
+        if self.run is not None:
+            self.run.log(data, step=step)
+
+    def finish(self, results: dict, ok: bool) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.summary.update(summary_from_results(results))
+        finally:
+            self.run.finish(exit_code=0 if ok else 1)
+            self.run = None
+
+
+def _wandb_records(path):
+    """Records of an offline ``.wandb`` run file (LevelDB log format behind a 7-byte W&B
+    header); recent wandb versions keep the summary only there, not in a JSON file."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = open(path, "rb").read()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path} is not a W&B run file")
+    block, pos, pending = 32768, 7, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        payload = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:
+            break
+        pending = payload if kind in (1, 2) else pending + payload
+        if kind in (1, 4):  # FULL or LAST: one complete record
+            record = pb.Record()
+            record.ParseFromString(pending)
+            yield record
+            pending = b""
+
+
+def read_offline_run(run_file) -> dict:
+    """``{"summary": {...}, "config": {...}}`` of an offline W&B run file."""
+    import json
+
+    summary: dict = {}
+    config: dict = {}
+    for record in _wandb_records(run_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "summary":
+            for item in record.summary.update:
+                summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        elif kind == "config":
+            for item in record.config.update:
+                config[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        elif kind == "run":
+            for item in record.run.config.update:
+                config[item.key] = json.loads(item.value_json)
+            for item in record.run.summary.update:
+                summary[item.key] = json.loads(item.value_json)
+    config = {k: (v.get("value") if isinstance(v, dict) and "value" in v else v) for k, v in config.items()}
+    return {"summary": summary, "config": config}

@@ -1,0 +1,173 @@
+"""The Hydra app: every config composes, the end-to-end run writes a complete run folder."""
+
+from __future__ import annotations
+
+import glob
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf, open_dict
+
+from spon_exp.cli import CONFIG_DIR
+from spon_exp.config import ConfigError, register_configs, validate
+from spon_exp.runner import run
+from spon_exp.tracking.identity import alpha_key, config_hash, sparsifier_key
+from spon_exp.tracking.wandb_logger import read_offline_run, summary_from_results
+
+CONF = Path(CONFIG_DIR)
+GROUPS = ["model", "sparsifier", "calib", "spon", "eval", "logger", "launcher", "experiment"]
+SMALL = ["model=tiny_random", "calib.num_sequences=8", "calib.seq_len=64", "calib.threshold_sequences=4",
+         "spon.steps=3", "spon.lr=0.01", "spon.batch_size=2", "eval.ppl.seq_len=64", "eval.ppl.max_sequences=4"]
+
+
+def compose_cfg(overrides, tmp_path=None):
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):  # what Hydra's app would fill in at launch
+        cfg.hydra.runtime.cwd = str(Path.cwd())
+        cfg.hydra.runtime.output_dir = str(tmp_path or Path.cwd())
+        if tmp_path is not None:
+            cfg.paths.outputs = str(tmp_path / "outputs")
+    HydraConfig.instance().set_config(cfg)  # resolves ${hydra:...} interpolations
+    return cfg
+
+
+def strip_hydra(cfg):
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+@pytest.mark.parametrize("group,option", [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))])
+def test_every_config_file_composes(group, option):
+    cfg = compose_cfg([f"{group}={option}"])
+    OmegaConf.to_container(cfg, resolve=True)
+    first_line = (CONF / group / f"{option}.yaml").read_text().splitlines()
+    comment = [line for line in first_line[:4] if line.startswith("#") and "spon-exp" in line]
+    assert comment, f"{group}/{option}.yaml must start with a comment showing a command that uses it"
+
+
+def test_root_config_starts_with_a_command():
+    assert "spon-exp" in (CONF / "config.yaml").read_text().splitlines()[1]
+
+
+@pytest.mark.parametrize("bad", ["sparsifier=teel", "spon.cont=1", "sparsity=abc", "calib.seq_len=long"])
+def test_typos_and_wrong_types_fail_at_compose_time(bad):
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg([bad])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("sparsity=1.5", "sparsity must be a number in"),
+    ("model.path=/no/such/model", "does not exist"),
+    ("calib.corpus=/no/such.txt", "does not exist"),
+    ("eval.ppl.corpora=[wikipedia,nonsense]", "Unknown corpus 'nonsense'"),
+    ("spon.count=-1", "spon.count must be >= 0"),
+])
+def test_validate_rejects_bad_values(override, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_cfg([override]))
+
+
+def test_hash_ignores_logging_and_keys_follow_dependencies():
+    base = compose_cfg([])
+    assert config_hash(base) == config_hash(compose_cfg(["logger=none"]))
+    assert config_hash(base) != config_hash(compose_cfg(["seed=1"]))
+    evaluation = compose_cfg(["eval.ppl.max_sequences=8"])
+    assert config_hash(base) != config_hash(evaluation)
+    assert sparsifier_key(base) == sparsifier_key(evaluation) and alpha_key(base) == alpha_key(evaluation)
+    lr = compose_cfg(["spon.lr=0.01"])
+    assert sparsifier_key(base) == sparsifier_key(lr) and alpha_key(base) != alpha_key(lr)
+
+
+RESULT_KEYS = {"status", "error", "config_hash", "ppl", "gap_closure", "sparsity", "timings", "cache", "model",
+               "sparsifier", "spon_count", "started_at", "finished_at"}
+
+
+def check_results_schema(results):
+    assert RESULT_KEYS <= results.keys()
+    assert results["status"] == "ok" and results["error"] is None
+    for corpus, values in results["ppl"].items():
+        assert set(values) == {"dense", "sparse", "spon"}
+        assert all(isinstance(v, float) and v > 1 for v in values.values())
+        assert isinstance(results["gap_closure"][corpus], float)
+    assert results["sparsity"]["target"] == 0.5
+    assert abs(results["sparsity"]["measured"] - 0.5) < 0.05
+    assert {"load_model", "calibrate", "train_alpha", "fold", "total"} <= results["timings"].keys()
+
+
+def test_end_to_end_run_folder_and_offline_wandb(tmp_path):
+    cfg = compose_cfg(SMALL + ["logger=wandb_offline", "eval.ppl.corpora=[wikipedia,lambada]"], tmp_path)
+    run_dir = tmp_path / "run"
+    results = run(strip_hydra(cfg), run_dir)
+    on_disk = json.loads((run_dir / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(results, default=str))
+    check_results_schema(on_disk)
+    assert set(on_disk["ppl"]) == {"wikipedia", "lambada"}
+    for name in ("config.yaml", "env.json", "metrics.jsonl", "alpha.safetensors", "export/sparse_state.safetensors"):
+        assert (run_dir / name).exists(), name
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["packages"]["torch"] and "host" in env and "slurm" in env
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "train"] == [0, 1, 2]
+    # the offline W&B run carries the same numbers in its summary
+    run_file = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "*.wandb"))
+    assert len(run_file) == 1 and on_disk["config_hash"] in run_file[0]
+    offline = read_offline_run(run_file[0])
+    for key, value in summary_from_results(on_disk).items():
+        assert offline["summary"][key] == pytest.approx(value) if isinstance(value, float) else offline["summary"][key] == value
+    assert offline["config"]["sparsifier_name"] == "teal" and offline["config"]["spon_count"] == 1
+
+
+def test_second_run_reuses_cached_thresholds_and_alpha(tmp_path):
+    first = run(strip_hydra(compose_cfg(SMALL + ["logger=none"], tmp_path)), tmp_path / "a")
+    second = run(strip_hydra(compose_cfg(SMALL + ["logger=none"], tmp_path)), tmp_path / "b")
+    assert first["cache"]["sparsifier"] == "miss" and first["cache"]["alpha"] == "miss"
+    assert second["cache"]["sparsifier"] == "hit" and second["cache"]["alpha"] == "hit"
+    assert second["ppl"] == first["ppl"] and second["gap_closure"] == first["gap_closure"]
+    # a run differing only in evaluation settings re-uses them too
+    third = run(strip_hydra(compose_cfg(SMALL + ["logger=none", "eval.ppl.max_sequences=2"], tmp_path)), tmp_path / "c")
+    assert third["cache"]["sparsifier"] == "hit" and third["cache"]["alpha"] == "hit"
+    assert third["config_hash"] != first["config_hash"]
+
+
+def test_failed_run_leaves_failed_results_and_never_overwrites_another_run(tmp_path):
+    cfg = strip_hydra(compose_cfg(SMALL + ["logger=none", "sparsity=1.5"], tmp_path))
+    with pytest.raises(ConfigError):
+        run(cfg, tmp_path / "bad")
+    failed = json.loads((tmp_path / "bad" / "results.json").read_text())
+    assert failed["status"] == "failed" and "sparsity must be" in failed["error"]
+    ok = run(strip_hydra(compose_cfg(SMALL + ["logger=none"], tmp_path)), tmp_path / "ok")
+    other = strip_hydra(compose_cfg(SMALL + ["logger=none", "seed=3"], tmp_path))
+    with pytest.raises(FileExistsError, match="different config"):
+        run(other, tmp_path / "ok")
+    assert json.loads((tmp_path / "ok" / "results.json").read_text()) == json.loads(json.dumps(ok, default=str))
+
+
+def test_dense_and_spon_off_variants(tmp_path):
+    dense = run(strip_hydra(compose_cfg(SMALL + ["logger=none", "sparsifier=dense"], tmp_path)), tmp_path / "d")
+    assert set(dense["ppl"]["wikipedia"]) == {"dense"} and dense["gap_closure"] == {}
+    off = run(strip_hydra(compose_cfg(SMALL + ["logger=none", "spon=off"], tmp_path)), tmp_path / "o")
+    assert set(off["ppl"]["wikipedia"]) == {"dense", "sparse"} and "train_alpha" not in off["timings"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("sparsity=1.5", "sparsity must be a number in [0, 1)"),
+    ("model.path=/no/such/model", "does not exist"),
+    ("sparsifier=teel", "Could not find 'sparsifier/teel'"),
+])
+def test_cli_bad_input_exits_nonzero_with_one_clear_line(override, message, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "spon_exp.cli", "experiment=smoke", override,
+                           f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
