@@ -1,0 +1,114 @@
+"""Sweep files, experiment and launcher configs compose; re-launch skips finished runs;
+collect turns run folders into tables that show failed and missing runs."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from spon_exp.cli import CONFIG_DIR
+from spon_exp.collect import main as collect_main
+from spon_exp.collect import read_runs
+from spon_exp.config import register_configs
+
+REPO = Path(CONFIG_DIR).parent
+SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
+
+
+def compose_sweep(name: str, overrides=()):
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "sweeps"), version_base="1.3"):
+        return compose(name, overrides=[f"hydra.searchpath=[file://{CONFIG_DIR}]", *overrides],
+                       return_hydra_config=True)
+
+
+def sweep_combinations(cfg) -> list[list[str]]:
+    params = cfg.hydra.sweeper.params or {}
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
+    axes = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] for o in parsed]
+    return [list(c) for c in itertools.product(*axes)]
+
+
+@pytest.mark.parametrize("sweep", SWEEPS, ids=[p.stem for p in SWEEPS])
+def test_every_sweep_composes_with_every_combination(sweep):
+    first = sweep.read_text().splitlines()[:3]
+    assert any(line.startswith("#") and f"-cn {sweep.stem}" in line for line in first), "header command missing"
+    cfg = compose_sweep(sweep.stem)
+    assert cfg.sweep_name == sweep.stem and cfg.skip_if_done
+    combos = sweep_combinations(cfg)
+    assert len(combos) >= 2
+    for combo in combos:
+        compose_sweep(sweep.stem, combo)
+
+
+def test_every_sweep_has_a_cpu_variant():
+    names = {p.stem for p in SWEEPS}
+    for name in names - {n for n in names if n.endswith("_cpu")}:
+        assert f"{name}_cpu" in names
+        cpu = compose_sweep(f"{name}_cpu")
+        assert cpu.model.path.startswith("packaged:") and cpu.model.device == "cpu"
+
+
+@pytest.mark.parametrize("launcher", sorted(p.stem for p in (REPO / "conf" / "launcher").glob("*.yaml")))
+def test_launchers_compose_with_their_hydra_launcher(launcher):
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[f"launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.startswith("hydra_plugins.spon_exp_launchers.")
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "spon_exp.cli", *args], capture_output=True, text=True,
+                          timeout=600, cwd=cwd)
+
+
+def test_relaunched_sweep_skips_finished_runs_and_reruns_failed(tmp_path):
+    args = ["--multirun", "experiment=smoke", "sparsity=0.4,0.6", f"paths.outputs={tmp_path}", "sweep_name=t"]
+    first = run_cli(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    sweep = tmp_path / "sweeps" / "t"
+    done = {p.parent.name: p.read_text() for p in sweep.glob("*/results.json")}
+    assert set(done) == {"sparsity=0.4", "sparsity=0.6"}
+    assert all(json.loads(t)["status"] == "ok" for t in done.values())
+    # mark one run failed: a re-launch must redo exactly that one
+    failed = sweep / "sparsity=0.6" / "results.json"
+    failed.write_text(json.dumps({**json.loads(done["sparsity=0.6"]), "status": "failed"}))
+    second = run_cli(*args, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-2000:]
+    log = second.stdout + second.stderr
+    assert "Skipping 1 of 2 runs" in log and "#0 : experiment=smoke sparsity=0.6" in log
+    assert (sweep / "sparsity=0.4" / "results.json").read_text() == done["sparsity=0.4"]
+    assert json.loads(failed.read_text())["status"] == "ok"
+    third = run_cli(*args, cwd=tmp_path)
+    assert "Skipping 2 of 2 runs" in third.stdout + third.stderr
+    assert "Launching" not in third.stdout + third.stderr
+
+
+def test_collect_marks_failed_and_missing_runs(tmp_path, capsys):
+    args = ["--multirun", "experiment=smoke", "sparsity=0.4,0.5,1.5", f"paths.outputs={tmp_path}", "sweep_name=c"]
+    proc = run_cli(*args, cwd=tmp_path)  # sparsity=1.5 fails its validation
+    assert proc.returncode != 0
+    sweep = tmp_path / "sweeps" / "c"
+    (sweep / "sparsity=0.5" / "results.json").unlink()  # a run lost on the way
+    rows = {r["source"].rsplit("/", 1)[-1]: r for r in read_runs(tmp_path / "sweeps")}
+    assert rows["sparsity=0.4"]["status"] == "ok"
+    assert rows["sparsity=1.5"]["status"] == "failed" and "sparsity must be" in rows["sparsity=1.5"]["error"]
+    assert rows["sparsity=0.5"]["status"] == "missing" and rows["sparsity=0.5"]["model"] == "tiny-random-llama"
+    out = tmp_path / "tables"
+    assert collect_main([str(tmp_path / "sweeps"), "--out", str(out)]) == 0
+    table = (out / "ppl_wikipedia.md").read_text()
+    assert "FAILED" in table and "MISSING" in table
+    header, row = table.splitlines()[0], table.splitlines()[2]
+    assert "| 0.4 | 0.5 | 1.5 |" in header and row.count("/") >= 2
+    assert "failed" in (out / "runs.csv").read_text()
+    assert (out / "ppl_vs_sparsity_wikipedia.png").stat().st_size > 1000
