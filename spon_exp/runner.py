@@ -94,6 +94,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         "sparsity": {"target": cfg.sparsity, "measured": None},
         "ppl": {}, "gap_closure": {}, "timings": timer.timings, "cache": {},
     }
+    (run_dir / "error.txt").unlink(missing_ok=True)  # from an earlier, interrupted attempt
     write_json_atomic(run_dir / RESULTS, results)
     write_json_atomic(run_dir / ENV, environment())
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

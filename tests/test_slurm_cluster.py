@@ -84,3 +84,87 @@ def test_submitit_failure_is_failedjoberror(slurm_cluster, tmp_path):
     job = _wait(_executor(tmp_path / "fail").submit(boom))
     with pytest.raises(FailedJobError, match="spon-exp boom"):
         job.result()
+
+
+# ---------------------------------------------------------------- spon-exp sweeps on SLURM
+SLURM_SWEEP = ["--multirun", "hydra/launcher=submitit_slurm", "experiment=smoke", "hydra.launcher.cpus_per_task=1",
+               "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=10"]
+
+
+def _spon_exp(*args, cwd, background=False):
+    import sys
+
+    cmd = [sys.executable, "-m", "spon_exp.cli", *args]
+    if background:
+        return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def _job_dirs(sweep: Path) -> set[str]:
+    return {p.name for p in (sweep / ".submitit").iterdir()} if (sweep / ".submitit").exists() else set()
+
+
+def test_sweep_through_submitit_slurm_and_relaunch_submits_nothing(slurm_cluster, tmp_path):
+    import json
+
+    args = [*SLURM_SWEEP, "sparsity=0.4,0.6", f"paths.outputs={tmp_path}", "sweep_name=slurm2"]
+    first = _spon_exp(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    sweep = tmp_path / "sweeps" / "slurm2"
+    results = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/results.json")}
+    assert set(results) == {"sparsity=0.4", "sparsity=0.6"}
+    for name, r in results.items():
+        assert r["status"] == "ok" and r["sparsity"]["target"] == float(name.split("=")[1])
+        assert r["ppl"]["wikipedia"]["spon"] > 1
+        env = json.loads((sweep / name / "env.json").read_text())
+        assert env["slurm"]["SLURM_JOB_ID"]  # it really ran as a SLURM job
+    jobs = _job_dirs(sweep)
+    second = _spon_exp(*args, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Skipping 2 of 2 runs" in second.stdout + second.stderr
+    assert _job_dirs(sweep) == jobs  # nothing was submitted
+
+
+def _running_job_ids() -> list[str]:
+    out = subprocess.run(["squeue", "-h", "-o", "%i %T"], capture_output=True, text=True).stdout.split("\n")
+    return [line.split()[0] for line in out if line.strip()]
+
+
+def test_preempted_training_job_is_requeued_and_resumes_to_the_same_alpha(slurm_cluster, tmp_path):
+    from safetensors.torch import load_file
+
+    common = [*SLURM_SWEEP, "spon.steps=40", "spon.checkpoint_every=2", "sweep_name=resume"]
+    reference = _spon_exp(*common, f"paths.outputs={tmp_path / 'reference'}", cwd=tmp_path, background=True)
+    interrupted = _spon_exp(*common, f"paths.outputs={tmp_path / 'interrupted'}", cwd=tmp_path, background=True)
+    ckpts = tmp_path / "interrupted" / "cache" / "alpha"
+    deadline = time.monotonic() + 300
+    while not list(ckpts.glob("*/train.ckpt")):
+        assert time.monotonic() < deadline, "no training checkpoint appeared"
+        assert interrupted.poll() is None, interrupted.stdout.read()[-3000:]
+        time.sleep(0.5)
+    submitit_dir = tmp_path / "interrupted" / "sweeps" / "resume" / ".submitit"
+    job_id = next(p.name.split("_")[0] for p in submitit_dir.iterdir() if p.is_dir() and p.name[0].isdigit())
+    # what SLURM does on preemption: signal the job; submitit checkpoints and requeues it
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    deadline = time.monotonic() + 120
+    while True:  # a requeued job waits for a begin time; start it now rather than in ~2 min
+        state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"], capture_output=True, text=True).stdout
+        if "PENDING" in state:
+            subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], check=False)
+            break
+        assert time.monotonic() < deadline, f"job {job_id} was not requeued (state {state!r})"
+        time.sleep(0.5)
+    for proc in (reference, interrupted):
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-3000:]
+    runs = {name: next((tmp_path / name / "sweeps" / "resume").glob("*/results.json")).parent
+            for name in ("reference", "interrupted")}
+    import json
+
+    resumed = json.loads((runs["interrupted"] / "results.json").read_text())
+    assert resumed["status"] == "ok" and resumed["spon"]["resumed_from"] > 0
+    assert not (runs["interrupted"] / "error.txt").exists()
+    a, b = load_file(str(runs["reference"] / "alpha.safetensors")), load_file(str(runs["interrupted"] / "alpha.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).abs().max() <= 1e-6, k
