@@ -1,0 +1,49 @@
+"""The sparse decode path gives the masked-dense model's logits (batch 1) and falls back
+to the dense product for larger batches."""
+
+import pytest
+import torch
+from torch import nn
+
+from spon_exp.kernels.decode import SparseDecodeLinear, disable_sparse_decode, enable_sparse_decode
+from spon_exp.sparsifiers import build_sparsifier
+from spon_exp.spon import Spon, fold_alpha
+from tests.helpers import random_ids, tiny
+
+
+@pytest.fixture()
+def sparse_model():
+    lm = tiny("llama")
+    sp = build_sparsifier("teal", sparsity=0.6).attach(lm.model)
+    sp.calibrate(lm.model, [random_ids(4, 32)])
+    spon = Spon(sp, 1)
+    with torch.no_grad():
+        for a in spon.alphas.values():
+            a.normal_(std=0.05)
+    fold_alpha(spon)
+    return lm.model, sp
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 1), (1, 9), (2, 5)])
+def test_same_logits_as_masked_dense(sparse_model, shape):
+    model, sp = sparse_model
+    ids = random_ids(*shape, seed=3)
+    with torch.no_grad():
+        masked = model(ids).logits
+        assert enable_sparse_decode(sp) == len(sp.projections)
+        assert all(type(p.module) is SparseDecodeLinear for p in sp.projections)
+        fast = model(ids).logits
+    assert torch.allclose(fast, masked, rtol=1e-5, atol=1e-5)
+    disable_sparse_decode(sp)
+    assert all(type(p.module) is nn.Linear and not hasattr(p.module, "weight_t") for p in sp.projections)
+
+
+def test_greedy_decoding_emits_the_masked_dense_tokens(sparse_model):
+    model, sp = sparse_model
+    prompt = random_ids(1, 6, seed=5)
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        reference = model.generate(prompt, **kwargs)
+        enable_sparse_decode(sp)
+        fast = model.generate(prompt, **kwargs)
+    assert torch.equal(fast, reference)
