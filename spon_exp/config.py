@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from spon_exp.models.loading import PACKAGED
 
@@ -43,10 +43,43 @@ class DenseConfig(SparsifierConfig):
 class TealConfig(SparsifierConfig):
     name: str = "teal"
     threshold_mode: str = "exact"  # exact |x| quantile / histogram (TEAL's icdf(0.5+s/2))
-    allocation: str = "uniform"
+    allocation: str = "uniform"  # uniform / greedy (TEAL's block-wise search)
     calibration_context: str = "sparse"  # dense = TEAL reference; sparse = refine on sparse activations
     refine_passes: int = 2
+    greedy_step: float = 0.05  # greedy: each step raises one projection by greedy_step / w_p
+    greedy_last_fraction: float = 0.25  # greedy: block error over the last fraction of tokens
+    greedy_sequences: Optional[int] = None  # greedy: calibration sequences searched on (null = all)
+    greedy_max_sparsity: Optional[float] = None  # greedy: extend the lookup to this (null = the target)
     max_calibration_values: int = 4_194_304  # per input site; uniform subsample above
+
+
+@dataclass
+class WinaConfig(SparsifierConfig):
+    name: str = "wina"
+    mode: str = "topk"  # topk (per token, k = int(in*(1-s)), reference) / threshold (calibrated)
+    # projections scoring |x_i|*||W[:,i]||: reference k_proj + gate_proj; "all"; "none"; or a list
+    norm_projections: Any = field(default_factory=lambda: ["k_proj", "gate_proj"])
+    dense_first_fraction: float = 0.0  # leading prefill tokens kept dense (reference: 0.01)
+    calibration_context: str = "sparse"  # threshold mode: dense / sparse (refined)
+    refine_passes: int = 2
+    max_calibration_values: int = 4_194_304
+
+
+@dataclass
+class RSparseConfig(SparsifierConfig):
+    name: str = "rsparse"
+    sparse_share: float = 0.95  # rho: budget share of kept channels; 1 = plain sparsity, no rank path
+    calibration_context: str = "sparse"  # dense / sparse (refine thresholds on sparse activations)
+    refine_passes: int = 2
+    max_calibration_values: int = 4_194_304
+
+
+@dataclass
+class LarosaConfig(SparsifierConfig):
+    name: str = "larosa"
+    split: str = "reference"  # reference (0.8s rotated / 1.2s o,down) / balanced (same ratio, hits s) / even
+    damping: float = 0.01  # added to the covariance diagonal, times its mean
+    rotation_dtype: str = "float32"  # float32 / float64 (the reference rotates in float64)
 
 
 @dataclass
@@ -144,7 +177,8 @@ class Config:
 
 SCHEMAS = {
     "model": {"model_schema": ModelConfig},
-    "sparsifier": {"dense_schema": DenseConfig, "teal_schema": TealConfig},
+    "sparsifier": {"dense_schema": DenseConfig, "teal_schema": TealConfig, "wina_schema": WinaConfig,
+                   "rsparse_schema": RSparseConfig, "larosa_schema": LarosaConfig},
     "calib": {"calib_schema": CalibConfig},
     "spon": {"spon_schema": SponConfig},
     "eval": {"eval_schema": EvalConfig},
@@ -195,8 +229,20 @@ def validate(cfg) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if cfg.eval.zeroshot.tasks:  # unknown task names fail here, before the model loads
+        from spon_exp.evaluation.zeroshot import resolve_tasks
+
+        try:
+            resolve_tasks(list(cfg.eval.zeroshot.tasks), source=cfg.eval.zeroshot.source)
+        except (ValueError, RuntimeError) as e:
+            raise ConfigError(str(e)) from None
     if cfg.sparsifier.name != "dense":
-        from spon_exp.sparsifiers import REGISTRY
+        from spon_exp.sparsifiers import REGISTRY, build_sparsifier
 
         if cfg.sparsifier.name not in REGISTRY:
             raise ConfigError(f"Unknown sparsifier {cfg.sparsifier.name!r}; choose from {sorted(REGISTRY)} or dense")
+        options = {k: v for k, v in OmegaConf.to_container(cfg.sparsifier, resolve=True).items() if k != "name"}
+        try:  # constructing checks every option's range; no model is touched
+            build_sparsifier(cfg.sparsifier.name, sparsity=cfg.sparsity, **options)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"sparsifier={cfg.sparsifier.name}: {e}") from None

@@ -132,12 +132,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, results: dict, timer: Timer, met
     from spon_exp.spon import Spon, TrainConfig, dense_mode, export_checkpoint, fold_alpha, save_sparse_state, train_alpha
     from spon_exp.spon.fold import STATE_FILE, read_sparse_state
 
-    zeroshot_tasks = list(cfg.eval.zeroshot.tasks)
-    if zeroshot_tasks:  # unknown task names fail here, before the model loads
-        from spon_exp.evaluation.zeroshot import resolve_tasks
-
-        resolve_tasks(zeroshot_tasks, source=cfg.eval.zeroshot.source)
-
+    zeroshot_tasks = list(cfg.eval.zeroshot.tasks)  # validated in validate(), before the model loads
     torch.manual_seed(cfg.seed)
     cache = Path(cfg.paths.cache)
     with timer.stage("load_model"):
@@ -285,7 +280,8 @@ def _zeroshot_summary(per_variant: dict) -> dict:
         out["limit"] = r.get("limit")
     avg = out["average"]
     if {"dense", "sparse", "spon"} <= avg.keys():
-        out["recovery"] = zeroshot_recovery(avg["dense"], avg["sparse"], avg["spon"])
+        recovery = zeroshot_recovery(avg["dense"], avg["sparse"], avg["spon"])
+        out["recovery"] = recovery if math.isfinite(recovery) else None  # undefined when sparse == dense
     return out
 
 

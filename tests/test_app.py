@@ -72,6 +72,7 @@ def test_typos_and_wrong_types_fail_at_compose_time(bad):
     ("calib.corpus=/no/such.txt", "does not exist"),
     ("eval.ppl.corpora=[wikipedia,nonsense]", "Unknown corpus 'nonsense'"),
     ("spon.count=-1", "spon.count must be >= 0"),
+    ("eval.zeroshot.tasks=[pica]", "piqa"),
 ])
 def test_validate_rejects_bad_values(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -106,13 +107,17 @@ def check_results_schema(results):
 
 
 def test_end_to_end_run_folder_and_offline_wandb(tmp_path):
-    cfg = compose_cfg(SMALL + ["logger=wandb_offline", "eval.ppl.corpora=[wikipedia,lambada]"], tmp_path)
+    cfg = compose_cfg(SMALL + ["logger=wandb_offline", "eval.ppl.corpora=[wikipedia,lambada]",
+                               "eval.zeroshot.tasks=[piqa]", "eval.zeroshot.limit=2"], tmp_path)
     run_dir = tmp_path / "run"
     results = run(strip_hydra(cfg), run_dir)
     on_disk = json.loads((run_dir / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results, default=str))
     check_results_schema(on_disk)
     assert set(on_disk["ppl"]) == {"wikipedia", "lambada"}
+    zs = on_disk["zeroshot"]
+    assert set(zs["variants"]) == {"dense", "sparse", "spon"} and zs["source"] == {"piqa": "offline"}
+    assert all(0 <= zs["average"][v] <= 1 for v in zs["variants"]) and zs["lm_eval_version"]
     for name in ("config.yaml", "env.json", "metrics.jsonl", "alpha.safetensors", "export/sparse_state.safetensors"):
         assert (run_dir / name).exists(), name
     env = json.loads((run_dir / "env.json").read_text())
@@ -126,6 +131,7 @@ def test_end_to_end_run_folder_and_offline_wandb(tmp_path):
     for key, value in summary_from_results(on_disk).items():
         assert offline["summary"][key] == pytest.approx(value) if isinstance(value, float) else offline["summary"][key] == value
     assert offline["config"]["sparsifier_name"] == "teal" and offline["config"]["spon_count"] == 1
+    assert "zeroshot/spon/piqa" in offline["summary"] and "zeroshot/dense/avg" in offline["summary"]
 
 
 def test_second_run_reuses_cached_thresholds_and_alpha(tmp_path):
