@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from spon_exp.kernels.sparse_matvec import (
-    SPLIT_K_MAX_OUT_PER_THREAD,
+    SPLIT_K_MAX_OUT,
     autotune,
     choose_mode,
     kernel_available,
@@ -13,7 +13,7 @@ from spon_exp.kernels.sparse_matvec import (
 )
 
 __all__ = [
-    "SPLIT_K_MAX_OUT_PER_THREAD",
+    "SPLIT_K_MAX_OUT",
     "autotune",
     "choose_mode",
     "kernel_available",

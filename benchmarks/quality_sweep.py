@@ -1,0 +1,64 @@
+"""SPON quality on the packaged model: perplexity dense / sparse / +SPON and gap closure
+per sparsifier and sparsity, on the evaluation split (disjoint from calibration).
+
+A thin driver around the project's own machinery: it launches the sweep
+``sweeps/quality_cpu.yaml`` for the chosen methods (finished runs are skipped, so the
+methods can be run one invocation at a time, each well under 15 minutes on 2 cores), then
+builds the tables and plots with ``spon-exp-collect`` and writes a JSON summary.
+
+    python benchmarks/quality_sweep.py --methods teal --sparsities 0.25 0.5 0.6 0.7
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from spon_exp.collect import read_runs, write_plots, write_tables
+
+REPO = Path(__file__).resolve().parents[1]
+TARGETS = {0.5: 0.60, 0.6: 0.80}  # gap-closure targets (issue: quality sweep)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="+", default=["teal"], help="teal wina rsparse larosa")
+    parser.add_argument("--sparsities", nargs="+", type=float, default=[0.25, 0.5, 0.6, 0.7])
+    parser.add_argument("--outputs", default=str(REPO / "outputs"))
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality"))
+    parser.add_argument("overrides", nargs="*", help="extra spon-exp overrides, e.g. spon.steps=200")
+    args = parser.parse_args()
+    sweep_dir = Path(args.outputs) / "sweeps" / "quality_cpu"
+    cmd = [sys.executable, "-m", "spon_exp.cli", "--multirun", "-cd", str(REPO / "sweeps"), "-cn", "quality_cpu",
+           f"sparsifier={','.join(args.methods)}", f"sparsity={','.join(str(s) for s in args.sparsities)}",
+           f"paths.outputs={args.outputs}", *args.overrides]
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, check=False, cwd=REPO)
+
+    rows = [r for r in read_runs(sweep_dir) if r["sparsifier"] in args.methods]
+    out = Path(args.out)
+    written = write_tables(rows, out)
+    plots = write_plots(rows, out)
+    print(written["ppl_wikipedia"].read_text() if "ppl_wikipedia" in written else "no finished runs")
+    summary = []
+    for r in sorted(rows, key=lambda r: (r["sparsifier"], r["sparsity"] or 0)):
+        p = r["ppl"].get("wikipedia", {})
+        g = r["gap_closure"].get("wikipedia")
+        target = TARGETS.get(r["sparsity"])
+        summary.append({"sparsifier": r["sparsifier"], "sparsity": r["sparsity"], "status": r["status"],
+                        "measured_sparsity": r["measured_sparsity"], **p, "gap_closure": g,
+                        "target": target, "meets_target": None if target is None or g is None else g >= target})
+    for s in summary:
+        if s["target"] is not None and s["gap_closure"] is not None:
+            verdict = "meets" if s["meets_target"] else "MISSES"
+            print(f"{s['sparsifier']} {s['sparsity']:.0%}: gap closure {s['gap_closure']:.1%} {verdict} target "
+                  f"{s['target']:.0%}")
+    (out / "quality.json").write_text(json.dumps(summary, indent=2))
+    print("written:", ", ".join(str(p) for p in [*written.values(), *plots, out / "quality.json"]))
+
+
+if __name__ == "__main__":
+    main()
