@@ -31,6 +31,11 @@ GRIDS = {
         ("zero", dict(lr=1e-3, steps=150, batch_size=4, schedule="cosine", warmup_steps=10), "all"),
         ("zero", dict(lr=3e-4, steps=150, batch_size=4, schedule="cosine", warmup_steps=10), "all"),
     ],
+    "round2": [
+        ("zero", dict(lr=3e-4, steps=300, batch_size=1), "all"),
+        ("zero", dict(lr=5e-4, steps=200, batch_size=1, schedule="cosine", warmup_steps=10), "all"),
+        ("zero", dict(lr=3e-4, steps=150, batch_size=1), "down_proj"),
+    ],
 }
 
 

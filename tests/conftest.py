@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# Tests run tiny models, where a second OpenMP thread only adds synchronisation (and on a
+# shared 2-core machine, oversubscription): one thread per process, subprocesses included.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # --- slurm_cluster: a real local SLURM cluster (slurm/start_local_cluster.sh) ---
 import os
 import shutil

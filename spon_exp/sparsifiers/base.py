@@ -39,7 +39,22 @@ class _SharedInput:
         self.x, self.key, self.out, self.remaining, self.dropped, self.seen = x, key, out, remaining, dropped, seen
 
 
-class Sparsifier:
+class Switchable:
+    """Hooks that can be switched off without detaching them (``enabled`` / ``disabled()``)."""
+
+    enabled: bool = True
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Inside, every hook passes its tensor through untouched (the dense model)."""
+        previous, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+
+class Sparsifier(Switchable):
     """Base class: hook management, shared-input caching, token policy, sparsity accounting."""
 
     name = "base"
@@ -84,15 +99,6 @@ class Sparsifier:
     @property
     def attached(self) -> bool:
         return bool(self._handles)
-
-    @contextlib.contextmanager
-    def disabled(self) -> Iterator[None]:
-        """Dense mode: every hook passes its input through untouched."""
-        previous, self.enabled = self.enabled, False
-        try:
-            yield
-        finally:
-            self.enabled = previous
 
     def calibrate(self, model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
         """Fit the method's statistics on calibration token batches. Default: nothing to fit."""

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spon_exp.models.adapters import Projection, select_projections
-from spon_exp.sparsifiers.base import Sparsifier, run_batches
+from spon_exp.sparsifiers.base import Sparsifier, Switchable, run_batches
 
 INITS = ("zero", "mean_dropped")
 
@@ -24,7 +24,7 @@ def _param_name(key: str) -> str:
     return key.replace(".", "__")
 
 
-class Spon(nn.Module):
+class Spon(nn.Module, Switchable):
     """Holds the α parameters and the forward hooks that add ``W·Σα`` to each output."""
 
     def __init__(self, sparsifier: Sparsifier, count: int = 1, projections: str | list[str] = "all"):
@@ -68,14 +68,6 @@ class Spon(nn.Module):
         for h in self._handles:
             h.remove()
         self._handles.clear()
-
-    @contextlib.contextmanager
-    def disabled(self) -> Iterator[None]:
-        previous, self.enabled = self.enabled, False
-        try:
-            yield
-        finally:
-            self.enabled = previous
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.alphas.values())
