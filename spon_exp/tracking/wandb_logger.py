@@ -108,13 +108,22 @@ def _wandb_records(path):
             pending = b""
 
 
-def read_offline_run(run_file) -> dict:
-    """``{"summary": {...}, "config": {...}}`` of an offline W&B run file."""
-    import json
+def read_offline_run(run_file, wait_s: float = 30.0) -> dict:
+    """``{"summary": {...}, "config": {...}}`` of an offline W&B run file.
 
+    wandb's service process may still be writing the file when ``finish()`` has returned:
+    wait (up to ``wait_s``) until the run's ``exit`` record is on disk."""
+    import json
+    import time
+
+    deadline = time.monotonic() + wait_s
+    records = list(_wandb_records(run_file))
+    while not any(r.WhichOneof("record_type") == "exit" for r in records) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        records = list(_wandb_records(run_file))
     summary: dict = {}
     config: dict = {}
-    for record in _wandb_records(run_file):
+    for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "summary":
             for item in record.summary.update:
