@@ -98,7 +98,7 @@ def _wandb_records(path):
         _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
         payload = data[pos + 7:pos + 7 + length]
         pos += 7 + length
-        if kind == 0 and length == 0:
+        if (kind == 0 and length == 0) or len(payload) < length:  # end, or a record still being written
             break
         pending = payload if kind in (1, 2) else pending + payload
         if kind in (1, 4):  # FULL or LAST: one complete record
