@@ -1,0 +1,167 @@
+"""LaRoSA (ICML 2025, arXiv 2507.01299): top-k in a rotated basis.
+
+Per layer and rotated input site (``qkv_input``, ``gate_up_input``) a rotation ``Q``: the
+eigenvectors of the *uncentred* covariance ``Σ xᵀx`` of the dense calibration inputs, with
+``0.01·mean(diag)`` added to the diagonal, ``eigh`` in float64 (as alibaba/EfficientAI
+``larosa/``). The consumers of a rotated site read ``x' = topk(x Q) Qᵀ`` (per token, keep
+the ``int(in·(1−s))`` largest rotated coordinates); the o_proj and down_proj inputs are
+top-k'd unrotated. q/k/v (and gate/up) share one sparsified input.
+
+Sparsity per site (``split``):
+- ``reference``: ``0.8·s`` on the rotated sites, ``1.2·s`` on o/down (the reference code);
+  the measured parameter-weighted sparsity is then below ``s`` (≈0.92·s on Llama-2-7B).
+- ``balanced``: the same 2:3 ratio, scaled per layer so that the parameter-weighted
+  sparsity equals ``s`` (for comparisons at equal measured sparsity).
+- ``even``: ``s`` everywhere.
+
+Accounting: the dropped count is the number of zeroed *rotated* coordinates (the entries a
+deployment that folds ``Q`` into the weights, ``W' = W Q``, skips).
+
+Deviations from the reference: the rotation is applied in ``rotation_dtype`` (float32 by
+default; the reference rotates in float64 at run time, ``float64`` is available). Folding
+``Q`` into the weights is not implemented: this is the hook path only, which gives the
+same outputs (up to rounding) and keeps SPON's α in the original input space.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable
+
+import torch
+from torch import nn
+
+from spon_exp.models.adapters import Projection
+from spon_exp.sparsifiers.base import Sparsifier, run_batches
+from spon_exp.sparsifiers.wina import keep_count, topk_mask
+
+ROTATED_SITES = ("qkv_input", "gate_up_input")
+SPLITS = ("reference", "balanced", "even")
+REFERENCE_SPLIT = (0.8, 1.2)  # (rotated sites, o/down inputs)
+ROTATION_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def rotation_from_covariance(covariance: torch.Tensor, damping: float = 0.01) -> torch.Tensor:
+    """Eigenvectors (columns) of ``Σxᵀx + damping·mean(diag)·I``, computed in float64."""
+    h = covariance.to(torch.float64).clone()
+    h.diagonal().add_(damping * h.diagonal().mean())
+    return torch.linalg.eigh(h).eigenvectors
+
+
+def site_sparsities(sparsity: float, split: str, rotated_params: int, other_params: int) -> tuple[float, float]:
+    """Sparsity of (rotated sites, o/down inputs) for a layer with those parameter counts."""
+    if split == "even":
+        return sparsity, sparsity
+    low, high = REFERENCE_SPLIT
+    scale = 1.0
+    if split == "balanced":
+        scale = (rotated_params + other_params) / (low * rotated_params + high * other_params)
+    return min(1.0, low * scale * sparsity), min(1.0, high * scale * sparsity)
+
+
+class LarosaSparsifier(Sparsifier):
+    name = "larosa"
+
+    def __init__(self, sparsity: float = 0.5, split: str = "reference", damping: float = 0.01,
+                 rotation_dtype: str = "float32", **kwargs):
+        super().__init__(sparsity, **kwargs)
+        if split not in SPLITS:
+            raise ValueError(f"LaRoSA split must be one of {SPLITS}, got {split!r}")
+        if damping < 0:
+            raise ValueError(f"damping must be >= 0, got {damping}")
+        if rotation_dtype not in ROTATION_DTYPES:
+            raise ValueError(f"rotation_dtype must be one of {sorted(ROTATION_DTYPES)}, got {rotation_dtype!r}")
+        self.split = split
+        self.damping = float(damping)
+        self.rotation_dtype = rotation_dtype
+        self.rotations: dict[tuple[int, str], torch.Tensor] = {}
+        self._layer_sparsities: dict[int, tuple[float, float]] = {}
+
+    def describe(self) -> dict:
+        return {**super().describe(), "split": self.split, "damping": self.damping,
+                "rotation_dtype": self.rotation_dtype}
+
+    def is_rotated(self, proj: Projection) -> bool:
+        return proj.site in ROTATED_SITES
+
+    def share_key(self, proj: Projection) -> Hashable:
+        return "rotated" if self.is_rotated(proj) else proj.name
+
+    def attach(self, model: nn.Module) -> LarosaSparsifier:
+        self._layer_sparsities = {}
+        return super().attach(model)
+
+    def site_sparsity(self, proj: Projection) -> float:
+        pair = self._layer_sparsities.get(proj.layer)
+        if pair is None:
+            layer = [p for p in self.projections if p.layer == proj.layer]
+            rotated = sum(p.num_params for p in layer if self.is_rotated(p))
+            other = sum(p.num_params for p in layer if not self.is_rotated(p))
+            pair = self._layer_sparsities[proj.layer] = site_sparsities(self.sparsity, self.split, rotated, other)
+        return pair[0] if self.is_rotated(proj) else pair[1]
+
+    # ----------------------------------------------------------- calibration
+    def calibrate(self, model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+        """Rotations from the dense inputs of every rotated site (one pass)."""
+        sums: dict[tuple[int, str], torch.Tensor] = {}
+        handles = []
+        first: dict[tuple[int, str], Projection] = {}
+        for p in self.projections:
+            if self.is_rotated(p):
+                first.setdefault((p.layer, p.site), p)
+
+        def make(site):
+            def hook(module, args):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+                h = x.T @ x
+                sums[site] = h if site not in sums else sums[site] + h
+            return hook
+
+        for site, p in first.items():
+            handles.append(p.module.register_forward_pre_hook(make(site), prepend=True))
+        try:
+            with self.disabled():
+                run_batches(model, batches, desc="LaRoSA covariance")
+        finally:
+            for h in handles:
+                h.remove()
+        dtype = ROTATION_DTYPES[self.rotation_dtype]
+        self.rotations = {site: rotation_from_covariance(h, self.damping).to(dtype) for site, h in sums.items()}
+
+    # -------------------------------------------------------------- masking
+    def sparsify(self, proj, x, measure):
+        keep = keep_count(x.shape[-1], self.site_sparsity(proj))
+        if self.is_rotated(proj):
+            q = self.rotations.get((proj.layer, proj.site))
+            if q is None:
+                raise RuntimeError(f"LaRoSA rotation for layer {proj.layer} {proj.site} is missing: "
+                                   f"call calibrate() or load_state_dict() first")
+            q = q.to(x.device)
+            rotated = x.to(q.dtype) @ q
+            mask = topk_mask(rotated.abs(), keep)
+            out = ((rotated * mask.to(q.dtype)) @ q.T).to(x.dtype)
+        else:
+            mask = topk_mask(x.detach().abs(), keep)
+            out = x * mask.to(x.dtype)
+        dropped = (~mask).sum() if measure else None
+        return out, dropped
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"rotation.{layer}.{site}": q.detach().cpu().contiguous() for (layer, site), q in self.rotations.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        rotations = {}
+        for k, v in state.items():
+            if not k.startswith("rotation."):
+                raise ValueError(f"Unexpected LaRoSA state key {k!r}")
+            layer, site = k.removeprefix("rotation.").split(".", 1)
+            rotations[(int(layer), site)] = v.to(ROTATION_DTYPES[self.rotation_dtype])
+        needed = {(p.layer, p.site) for p in self.projections if self.is_rotated(p)}
+        missing = sorted(needed - set(rotations))
+        if missing:
+            raise ValueError(f"Saved LaRoSA rotations lack {missing[:5]} (model/projection mismatch)")
+        for p in self.projections:
+            site = (p.layer, p.site)
+            if site in rotations:
+                rotations[site] = rotations[site].to(p.module.weight.device)
+        self.rotations = rotations
+        self._refresh_consumers()

@@ -1,0 +1,182 @@
+"""R-Sparse (ICLR 2025, arXiv 2504.19449): sparse channels plus a low-rank path.
+
+``y = W(x ⊙ m) + U_r S_r V_rᵀ (x ⊙ (1 − m))``: the channels the mask drops are not lost but
+go through a rank-``r`` approximation of ``W`` (one SVD per matrix, cached). The mask keeps
+channels whose score ``|x_i|·‖W[:, i]‖₂`` exceeds a calibrated threshold ``tau`` (one per
+projection; exact quantile on calibration scores, refined on sparse activations as TEAL).
+
+Budget at sparsity ``s`` with sparse share ``ρ`` (``sparse_share``, default 0.95): the
+dense cost ``in·out·(1−s)`` is split into ``ρ`` for kept channels and ``1−ρ`` for the rank
+path, ``r = ⌊in·out·(1−s)·(1−ρ) / (in+out)⌋`` (s=0.5, ρ=0.95, 4096² → r=51). Because ``r``
+is rounded down, the kept-channel share is set to spend the rest exactly:
+``keep = (1−s) − r·(in+out)/(in·out)`` (≈ ``(1−s)·ρ``). ``ρ = 1`` is plain sparsity (r = 0).
+
+Hooks: the pre-hook returns ``x ⊙ m`` like every method (so SPON's ``W·Σα`` stays in the
+original input space and folds into ``b' = b + W·Σα``); a forward hook adds the low-rank
+term computed from the original input, ``x − x ⊙ m``.
+
+Sparsity accounting: the rank path spends ``r·(in+out)/out`` input-equivalents per token,
+so a token counts ``in − kept − r·(in+out)/out`` dropped entries (the budget it saves).
+
+The reference evaluation sparsifies only the last 10 % of the tokens:
+``token_policy=last_fraction token_fraction=0.1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spon_exp.models.adapters import Projection
+from spon_exp.sparsifiers.base import Sparsifier
+from spon_exp.sparsifiers.teal import calibration_passes, exact_threshold, record_inputs
+from spon_exp.sparsifiers.wina import ColumnNorms
+
+
+def rsparse_rank(in_features: int, out_features: int, sparsity: float, sparse_share: float) -> int:
+    """Rank of the low-rank path: ``(in·out·(1−s) − in·(1−s)·ρ·out) / (in+out)``, rounded down."""
+    budget = in_features * out_features * (1.0 - sparsity) * (1.0 - sparse_share)
+    rank = int(budget / (in_features + out_features) + 1e-9)
+    return max(0, min(rank, in_features, out_features))
+
+
+def rsparse_keep_fraction(in_features: int, out_features: int, sparsity: float, rank: int) -> float:
+    """Fraction of input channels kept so that channels + rank path spend ``in·out·(1−s)``."""
+    return max(0.0, (1.0 - sparsity) - rank * (in_features + out_features) / (in_features * out_features))
+
+
+def low_rank_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(V_rᵀ, U_r S_r)`` of ``W = U S Vᵀ`` (float32): ``W ≈ (U_r S_r) V_rᵀ``."""
+    u, s, vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
+    return vh[:rank].contiguous(), (u[:, :rank] * s[:rank]).contiguous()
+
+
+class RSparseSparsifier(Sparsifier):
+    name = "rsparse"
+
+    def __init__(self, sparsity: float = 0.5, sparse_share: float = 0.95, calibration_context: str = "sparse",
+                 refine_passes: int = 2, max_calibration_values: int = 2**22, seed: int = 0, **kwargs):
+        super().__init__(sparsity, **kwargs)
+        if not 0.0 < sparse_share <= 1.0:
+            raise ValueError(f"sparse_share must be in (0, 1] (1 = plain sparsity, no low-rank path), got {sparse_share}")
+        calibration_passes(calibration_context, refine_passes)  # validates both
+        self.sparse_share = float(sparse_share)
+        self.calibration_context = calibration_context
+        self.refine_passes = int(refine_passes)
+        self.max_calibration_values = max_calibration_values
+        self.seed = seed
+        self.thresholds: dict[str, float] = {}
+        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.column_norms = ColumnNorms()
+        self._inputs: dict[str, torch.Tensor] = {}  # original input, pre-hook -> forward hook
+
+    def describe(self) -> dict:
+        return {**super().describe(), "sparse_share": self.sparse_share,
+                "calibration_context": self.calibration_context, "refine_passes": self.refine_passes}
+
+    # ----------------------------------------------------------------- budget
+    def rank(self, proj: Projection) -> int:
+        lin = proj.module
+        return rsparse_rank(lin.in_features, lin.out_features, self.sparsity, self.sparse_share)
+
+    def keep_fraction(self, proj: Projection) -> float:
+        lin = proj.module
+        return rsparse_keep_fraction(lin.in_features, lin.out_features, self.sparsity, self.rank(proj))
+
+    def share_key(self, proj: Projection) -> Hashable:
+        return proj.name  # column norms differ per matrix: every projection has its own mask
+
+    def score(self, proj: Projection, x: torch.Tensor) -> torch.Tensor:
+        return x.detach().float().abs() * self.column_norms(proj).to(x.device)
+
+    # ------------------------------------------------------------------ hooks
+    def attach(self, model: nn.Module) -> RSparseSparsifier:
+        self.column_norms.clear()
+        super().attach(model)
+        for proj in self.projections:
+            self._handles.append(proj.module.register_forward_pre_hook(self._stash_hook(proj), prepend=True))
+            self._handles.append(proj.module.register_forward_hook(self._low_rank_hook(proj)))
+        return self
+
+    def detach(self) -> None:
+        super().detach()
+        self._inputs.clear()
+
+    def _stash_hook(self, proj: Projection):
+        def hook(module, args):
+            if self.enabled and args and proj.key in self.factors and self.factors[proj.key][0].shape[0] > 0:
+                self._inputs[proj.key] = args[0]
+            return None
+        return hook
+
+    def _low_rank_hook(self, proj: Projection):
+        def hook(module, args, output):
+            x = self._inputs.pop(proj.key, None)
+            if x is None or not self.enabled:
+                return None
+            down, up = self.factors[proj.key]
+            dropped_part = x - args[0]  # x ⊙ (1 − m); zero on tokens the token policy keeps dense
+            low = F.linear(F.linear(dropped_part, down.to(x.dtype)), up.to(x.dtype))
+            return output + low
+        return hook
+
+    # ------------------------------------------------------------ calibration
+    def compute_factors(self) -> None:
+        """SVD of every sparsified matrix (once; kept in the state)."""
+        for p in self.projections:
+            rank = self.rank(p)
+            if p.key not in self.factors or self.factors[p.key][0].shape[0] != rank:
+                self.factors[p.key] = low_rank_factors(p.module.weight, rank)
+
+    def calibrate(self, model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+        batches = list(batches)
+        self.compute_factors()
+        passes = calibration_passes(self.calibration_context, self.refine_passes)
+        for i in range(passes):
+            recorder = record_inputs(self, model, batches, dense=(i == 0), desc=f"R-Sparse calibration {i + 1}/{passes}",
+                                     max_values=self.max_calibration_values, seed=self.seed,
+                                     score=self.score, group=lambda p: p.key)
+            for p in self.projections:
+                self.thresholds[p.key] = exact_threshold(recorder.site_values(p.key), 1.0 - self.keep_fraction(p))
+            self._refresh_consumers()
+
+    # ---------------------------------------------------------------- masking
+    def sparsify(self, proj, x, measure):
+        tau = self.thresholds.get(proj.key)
+        if tau is None or proj.key not in self.factors:
+            raise RuntimeError(f"R-Sparse state for {proj.key} is missing: call calibrate() or load_state_dict() first")
+        mask = self.score(proj, x) > tau
+        out = x * mask.to(x.dtype)
+        dropped = None
+        if measure:
+            lin = proj.module
+            tokens = x.numel() // x.shape[-1]
+            rank_cost = self.factors[proj.key][0].shape[0] * (lin.in_features + lin.out_features) / lin.out_features
+            dropped = (~mask).sum().double() - rank_cost * tokens
+        return out, dropped
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"threshold.{k}": torch.tensor(v, dtype=torch.float64) for k, v in self.thresholds.items()}
+        for k, (down, up) in self.factors.items():
+            state[f"factor_down.{k}"] = down.detach().cpu().contiguous()
+            state[f"factor_up.{k}"] = up.detach().cpu().contiguous()
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.thresholds = {k.removeprefix("threshold."): float(v) for k, v in state.items() if k.startswith("threshold.")}
+        self.factors = {}
+        for p in self.projections:
+            down, up = state.get(f"factor_down.{p.key}"), state.get(f"factor_up.{p.key}")
+            if p.key not in self.thresholds or down is None or up is None:
+                raise ValueError(f"Saved R-Sparse state lacks {p.key} (model/projection mismatch)")
+            if down.shape[0] != self.rank(p) or down.shape[1] != p.module.in_features or up.shape[0] != p.module.out_features:
+                raise ValueError(f"Saved R-Sparse factors of {p.key} have shapes {tuple(down.shape)}/{tuple(up.shape)}, "
+                                 f"expected rank {self.rank(p)} for sparsity {self.sparsity} and sparse_share {self.sparse_share}")
+            device = p.module.weight.device
+            self.factors[p.key] = (down.float().to(device), up.float().to(device))
+        self.column_norms.clear()
+        self._refresh_consumers()

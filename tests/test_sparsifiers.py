@@ -1,0 +1,321 @@
+"""TEAL greedy allocation, WINA, R-Sparse and LaRoSA: hand-computed masks and outputs,
+measured sparsity on calibration data, SPON fold equivalence and saved-state round trips."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from spon_exp.models.adapters import find_decoder_blocks
+from spon_exp.sparsifiers import build_sparsifier
+from spon_exp.sparsifiers.larosa import rotation_from_covariance, site_sparsities
+from spon_exp.sparsifiers.rsparse import low_rank_factors, rsparse_keep_fraction, rsparse_rank
+from spon_exp.sparsifiers.teal import (BlockInputs, SiteRecorder, block_output_error, exact_threshold,
+                                       greedy_trajectory, relative_sizes)
+from spon_exp.spon import Spon, TrainConfig, fold_alpha, load_sparse_state, save_sparse_state, train_alpha
+from tests.helpers import random_ids, tiny
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: threads only add overhead (and contend on shared CPUs)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# ----------------------------------------------------------------------------- helpers
+def toy_model(hidden: int, kv: int | None = None, intermediate: int | None = None) -> nn.Module:
+    """One decoder-shaped block of bias-free linears (no forward: call projections directly)."""
+    kv, intermediate = kv or hidden, intermediate or hidden
+    attn, mlp = nn.Module(), nn.Module()
+    attn.q_proj, attn.k_proj, attn.v_proj = nn.Linear(hidden, hidden, False), nn.Linear(hidden, kv, False), nn.Linear(hidden, kv, False)
+    attn.o_proj = nn.Linear(hidden, hidden, False)
+    mlp.gate_proj, mlp.up_proj = nn.Linear(hidden, intermediate, False), nn.Linear(hidden, intermediate, False)
+    mlp.down_proj = nn.Linear(intermediate, hidden, False)
+    block = nn.Module()
+    block.self_attn, block.mlp = attn, mlp
+    model = nn.Module()
+    model.layers = nn.ModuleList([block])
+    return model
+
+
+def set_weight(linear: nn.Linear, rows) -> None:
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor(rows, dtype=torch.float32))
+
+
+def calibrated(name, family="llama", sparsity=0.5, **kwargs):
+    lm = tiny(family)
+    sp = build_sparsifier(name, sparsity=sparsity, **kwargs).attach(lm.model)
+    ids = random_ids(8, 32)
+    sp.calibrate(lm.model, ids.split(4))
+    return lm, sp, ids
+
+
+def measured(model, sp, ids) -> dict:
+    with torch.no_grad(), sp.measuring():
+        model(ids)
+    return sp.measured_sparsity()
+
+
+# ------------------------------------------------------------------------ TEAL greedy
+def test_greedy_trajectory_hand_computed():
+    # A (w=1, step 0.1) and B (w=2, step 0.05); error 10·sA² + 20·sB²; weighted (sA + 2 sB) / 3.
+    rows = greedy_trajectory([1.0, 2.0], 0.1, 0.1, lambda s: 10 * s[0] ** 2 + 20 * s[1] ** 2)
+    # step 1: A -> 0.1 costs 0.1, B -> 0.05 costs 0.05: B.  step 2: A (0.1, 0.05) 0.15 vs
+    # B (0, 0.1) 0.2: A.  step 3: A (0.2, 0.05) 0.45 vs B (0.1, 0.1) 0.3: B. Weighted 0.1: stop.
+    expected = [(1 / 30, 0.05, [0.0, 0.05]), (2 / 30, 0.15, [0.1, 0.05]), (0.1, 0.3, [0.1, 0.1])]
+    assert len(rows) == 3
+    for (f, e, s), (ef, ee, es) in zip(rows, expected):
+        assert f == pytest.approx(ef) and e == pytest.approx(ee) and s == pytest.approx(es)
+    # continuing from the last state extends the same path
+    more = greedy_trajectory([1.0, 2.0], 0.1, 0.15, lambda s: 10 * s[0] ** 2 + 20 * s[1] ** 2, start=rows[-1][2])
+    assert more[0][2] == pytest.approx([0.1, 0.15])  # A: 0.2 -> 0.4+0.2=0.6 vs B: 0.15 -> 0.1+0.45=0.55
+
+
+def test_relative_sizes_come_from_module_shapes():
+    blocks = find_decoder_blocks(tiny().model)  # hidden 64, 2 of 4 kv heads, intermediate 128
+    names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert relative_sizes(blocks[0], names) == [1.0, 0.5, 0.5, 1.0, 2.0, 2.0, 2.0]
+
+
+def test_greedy_beats_uniform_block_error_and_meets_target():
+    sparsity = 0.5
+    lm, sp, ids = calibrated("teal", sparsity=sparsity, allocation="greedy", greedy_sequences=4,
+                             greedy_step=0.1, calibration_context="dense")
+    assert abs(measured(lm.model, sp, ids)["model"] - sparsity) <= 0.01
+    # independent check: block inputs and dense site values, uniform thresholds at the same
+    # weighted sparsity, block error of both allocations on the same tokens
+    capture = BlockInputs(sp.blocks, 4)
+    recorder = SiteRecorder(sp.projections, 2**22, ids.numel())
+    with torch.no_grad(), sp.disabled():  # the calibration batches: capture keeps the first 4 sequences
+        for batch in ids.split(4):
+            lm.model(batch)
+    capture.remove()
+    recorder.remove()
+    greedy_thresholds = dict(sp.thresholds)
+    for block in sp.blocks:
+        with sp.disabled():
+            targets = capture.outputs(block)
+        greedy_error = block_output_error(capture.outputs(block), targets, 0.25)
+        block_sparsity = float(sp.greedy_row(block.index)[0])
+        assert abs(block_sparsity - sparsity) <= 0.01
+        for p in block.projections.values():
+            sp.thresholds[p.key] = exact_threshold(recorder.site_values((p.layer, p.site)), block_sparsity)
+        sp._refresh_consumers()
+        uniform_error = block_output_error(capture.outputs(block), targets, 0.25)
+        sp.thresholds.update(greedy_thresholds)
+        sp._refresh_consumers()
+        assert greedy_error <= uniform_error
+        report = sp.greedy_report[block.index]
+        assert report["greedy_error"] == pytest.approx(greedy_error, rel=1e-4)
+        assert report["uniform_error"] == pytest.approx(uniform_error, rel=1e-4)
+
+
+def test_greedy_lookup_is_reused_across_targets_and_saved(monkeypatch):
+    lm, sp, ids = calibrated("teal", sparsity=0.25, allocation="greedy", greedy_sequences=2, greedy_step=0.1,
+                             refine_passes=0)
+    lookup = {k: v.clone() for k, v in sp.greedy_lookup.items()}
+    import spon_exp.sparsifiers.teal as teal
+
+    calls = []
+    original = teal.greedy_trajectory
+    monkeypatch.setattr(teal, "greedy_trajectory", lambda *a, **k: (calls.append(1), original(*a, **k))[1])
+    sp.sparsity = 0.15  # covered by the lookup: no new search
+    sp.calibrate(lm.model, ids.split(4))
+    assert not calls and all(torch.equal(sp.greedy_lookup[k], v) for k, v in lookup.items())
+    sp.sparsity = 0.35  # beyond it: the search continues from where it stopped
+    sp.calibrate(lm.model, ids.split(4))
+    assert len(calls) == len(sp.blocks)
+    for k, v in lookup.items():
+        assert torch.equal(sp.greedy_lookup[k][: len(v)], v) and float(sp.greedy_lookup[k][-1, 0]) >= 0.35 - 1e-9
+    fresh = build_sparsifier("teal", **{k: v for k, v in sp.describe().items() if k != "name"}).attach(tiny().model)
+    fresh.load_state_dict(sp.state_dict())
+    assert fresh.thresholds == sp.thresholds
+    assert all(torch.equal(fresh.greedy_lookup[k], v) for k, v in sp.greedy_lookup.items())
+    assert fresh.target_sparsity(fresh.projections[0]) == sp.target_sparsity(sp.projections[0])
+
+
+# ------------------------------------------------------------------------------- WINA
+def wina_toy(**kwargs):
+    model = toy_model(4, kv=2)
+    attn = model.layers[0].self_attn
+    set_weight(attn.q_proj, [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    set_weight(attn.k_proj, [[4, 0, 0, 0.1], [0, 0.5, 1, 0]])  # column norms 4, 0.5, 1, 0.1
+    sp = build_sparsifier("wina", sparsity=0.5, projections=["q_proj", "k_proj"], **kwargs).attach(model)
+    return attn, sp
+
+
+def test_wina_hand_computed_topk():
+    attn, sp = wina_toy()  # reference: column norm on k_proj only
+    x = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
+    # q: |x| = 1, 2, 0.5, 3 -> keep 2 of 4: channels 3 and 1
+    assert torch.equal(attn.q_proj(x), torch.tensor([[0.0, -2.0, 0.0, 3.0]]))
+    # k: |x|·‖W[:,i]‖ = 4, 1, 0.5, 0.3 -> keep channels 0 and 1: W_k [1, -2, 0, 0] = [4, -1]
+    assert torch.allclose(attn.k_proj(x), torch.tensor([[4.0, -1.0]]))
+    with sp.measuring():
+        attn.q_proj(x)
+    assert sp._dropped["0.q_proj"] == 2
+    assert sp.column_norms(sp.projections[1]) is sp.column_norms(sp.projections[1])  # cached
+
+
+def test_wina_hand_computed_threshold_and_all_norms():
+    attn, sp = wina_toy(mode="threshold", norm_projections="all")
+    sp.thresholds = {"0.q_proj": 1.5, "0.k_proj": 0.4}
+    sp._refresh_consumers()
+    x = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
+    # q (unit column norms): scores 1, 2, 0.5, 3 > 1.5 -> channels 1, 3
+    assert torch.equal(attn.q_proj(x), torch.tensor([[0.0, -2.0, 0.0, 3.0]]))
+    # k: scores 4, 1, 0.5, 0.3 > 0.4 -> channels 0, 1, 2: W_k [1, -2, 0.5, 0] = [4, -0.5]
+    assert torch.allclose(attn.k_proj(x), torch.tensor([[4.0, -0.5]]))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("mode", ["topk", "threshold"])
+def test_wina_measured_sparsity_meets_target(family, mode):
+    lm, sp, ids = calibrated("wina", family, 0.5, mode=mode)
+    assert abs(measured(lm.model, sp, ids)["model"] - 0.5) <= 0.01
+
+
+def test_wina_masks_shared_only_between_norm_free_projections():
+    lm, sp, ids = calibrated("wina")
+    calls = []
+    original = sp.sparsify
+    sp.sparsify = lambda proj, x, measure: (calls.append(proj.name), original(proj, x, measure))[1]
+    with torch.no_grad():
+        lm.model(ids[:1])
+    # q/v share |x|; k (norm) its own; o; gate (norm) and up separately; down
+    assert len(calls) == 6 * lm.model.config.num_hidden_layers and "v_proj" not in calls
+
+
+def test_wina_reference_prefill_keeps_first_tokens_dense():
+    sp = build_sparsifier("wina", sparsity=0.5, dense_first_fraction=0.01)
+    assert sp.sparsified_tokens(256) == 253 and sp.sparsified_tokens(32) == 31 and sp.sparsified_tokens(1) == 1
+
+
+# ---------------------------------------------------------------------------- R-Sparse
+def test_rsparse_budget():
+    assert rsparse_rank(4096, 4096, 0.5, 0.95) == 51
+    assert rsparse_rank(4096, 4096, 0.5, 1.0) == 0
+    keep = rsparse_keep_fraction(4096, 4096, 0.5, 51)
+    assert keep == pytest.approx(0.5 - 51 * 8192 / 4096**2) and keep == pytest.approx(0.5 * 0.95, abs=1e-3)
+
+
+def test_rsparse_hand_computed_sparse_plus_low_rank():
+    model = toy_model(4, kv=3)
+    attn = model.layers[0].self_attn
+    set_weight(attn.k_proj, [[4, 0, 0, 0], [0, 2, 0, 0], [0, 0, 1, 0]])  # SVD: S = 4, 2, 1 on e1, e2, e3
+    # s = 0.25, rho = 0.1: r = floor(4·3·0.75·0.9 / 7) = 1
+    sp = build_sparsifier("rsparse", sparsity=0.25, sparse_share=0.1, projections=["k_proj"]).attach(model)
+    proj = sp.projections[0]
+    assert sp.rank(proj) == 1
+    down, up = low_rank_factors(attn.k_proj.weight, 1)
+    sp.load_state_dict({"threshold.0.k_proj": torch.tensor(1.0), "factor_down.0.k_proj": down, "factor_up.0.k_proj": up})
+    x = torch.tensor([[0.1, 1.0, 0.2, 5.0]])
+    # scores |x|·‖W[:,i]‖ = 0.4, 2, 0.2, 0 -> only channel 1 kept: W(x⊙m) = [0, 2, 0]
+    # dropped part [0.1, 0, 0.2, 5] through the rank-1 path 4·e1·e1ᵀ: [0.4, 0, 0]
+    with sp.measuring():
+        y = attn.k_proj(x)
+    assert torch.allclose(y, torch.tensor([[0.4, 2.0, 0.0]]), atol=1e-6)
+    with sp.disabled():
+        assert torch.allclose(attn.k_proj(x), torch.tensor([[0.4, 2.0, 0.2]]), atol=1e-6)
+    # 3 channels zeroed, minus the rank path's r·(in+out)/out = 7/3 input-equivalents
+    assert sp._dropped["0.k_proj"] == pytest.approx(3 - 7 / 3)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("share", [0.95, 0.8])
+def test_rsparse_measured_sparsity_meets_target(family, share):
+    lm, sp, ids = calibrated("rsparse", family, 0.5, sparse_share=share)
+    if share == 0.8:
+        assert all(sp.rank(p) > 0 for p in sp.projections)
+    assert abs(measured(lm.model, sp, ids)["model"] - 0.5) <= 0.01
+    with torch.no_grad(), sp.disabled():
+        teacher = lm.model(ids).logits
+    sp.detach()
+    with torch.no_grad():
+        assert torch.equal(teacher, lm.model(ids).logits)
+
+
+# ----------------------------------------------------------------------------- LaRoSA
+def test_larosa_hand_computed_rotated_topk():
+    model = toy_model(2)
+    attn = model.layers[0].self_attn
+    set_weight(attn.q_proj, [[1, 0], [0, 1]])
+    set_weight(attn.k_proj, [[1, 1], [1, -1]])
+    set_weight(attn.o_proj, [[1, 0], [0, 1]])
+    sp = build_sparsifier("larosa", sparsity=0.5, split="even", projections=["q_proj", "k_proj", "o_proj"]).attach(model)
+    c = 1 / math.sqrt(2)
+    sp.load_state_dict({"rotation.0.qkv_input": torch.tensor([[c, -c], [c, c]])})
+    x = torch.tensor([[1.0, 0.8]])
+    # xQ = [1.8c, -0.2c]; keep 1 of 2 -> [1.8c, 0]; back: 1.8c·[c, c] = [0.9, 0.9]
+    with sp.measuring():
+        assert torch.allclose(attn.q_proj(x), torch.tensor([[0.9, 0.9]]), atol=1e-6)
+        assert torch.allclose(attn.k_proj(x), torch.tensor([[1.8, 0.0]]), atol=1e-6)  # same sparsified input
+    assert sp._dropped["0.q_proj"] == 1 and sp._dropped["0.k_proj"] == 1
+    # o_proj input is top-k'd unrotated: [0.3, -2] -> [0, -2]
+    assert torch.allclose(attn.o_proj(torch.tensor([[0.3, -2.0]])), torch.tensor([[0.0, -2.0]]))
+
+
+def test_larosa_rotation_is_the_covariance_eigenbasis():
+    x = torch.randn(500, 6, generator=torch.Generator().manual_seed(0)) * torch.tensor([5.0, 1, 1, 0.5, 0.2, 3])
+    h = x.double().T @ x.double()
+    q = rotation_from_covariance(h, 0.01)
+    assert torch.allclose(q.T @ q, torch.eye(6, dtype=torch.float64), atol=1e-10)
+    d = q.T @ h @ q
+    assert torch.allclose(d - torch.diag(d.diagonal()), torch.zeros(6, 6, dtype=torch.float64), atol=1e-8)
+
+
+def test_larosa_splits():
+    assert site_sparsities(0.5, "reference", 3, 1) == pytest.approx((0.4, 0.6))
+    assert site_sparsities(0.5, "even", 3, 1) == (0.5, 0.5)
+    rotated, other = site_sparsities(0.5, "balanced", 3, 1)
+    assert rotated / other == pytest.approx(0.8 / 1.2) and (3 * rotated + other) / 4 == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_larosa_measured_sparsity(family):
+    lm, sp, ids = calibrated("larosa", family, 0.5, split="even")
+    assert abs(measured(lm.model, sp, ids)["model"] - 0.5) <= 0.01
+    # reference split: sparsity 0.4 on q/k/v/gate/up keeps int(64·0.6) = 38 of 64;
+    # 0.6 on o/down keeps int(64·0.4) = 25 of 64 (o) and int(128·0.4) = 51 of 128 (down)
+    sp.split = "reference"
+    sp._layer_sparsities.clear()
+    per = measured(lm.model, sp, ids)["per_projection"]
+    assert per["0.q_proj"] == pytest.approx(26 / 64) and per["0.o_proj"] == pytest.approx(39 / 64)
+    assert per["0.down_proj"] == pytest.approx(77 / 128)
+
+
+# ------------------------------------------------------------------ SPON fold + export
+METHODS = {
+    "teal_greedy": ("teal", {"allocation": "greedy", "greedy_sequences": 2, "greedy_step": 0.1, "refine_passes": 1}),
+    "wina": ("wina", {}),
+    "wina_threshold": ("wina", {"mode": "threshold", "norm_projections": "all"}),
+    "rsparse": ("rsparse", {"sparse_share": 0.8}),
+    "larosa": ("larosa", {}),
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_spon_folds_exactly_and_export_round_trips(method, tmp_path):
+    name, kwargs = METHODS[method]
+    lm, sp, ids = calibrated(name, **kwargs)
+    spon = Spon(sp, 1)
+    train_alpha(lm.model, sp, spon, ids, TrainConfig(lr=3e-2, steps=4, batch_size=4))
+    with torch.no_grad():
+        before = lm.model(ids).logits
+        with spon.disabled():
+            sparse_only = lm.model(ids).logits
+        biases = fold_alpha(spon)
+        after = lm.model(ids).logits
+    assert not torch.allclose(before, sparse_only, atol=1e-4)  # alpha really did something
+    assert (before - after).abs().max() <= 1e-4
+    save_sparse_state(tmp_path, sp, biases)
+    fresh = tiny()  # same seed -> same random weights
+    loaded = load_sparse_state(fresh.model, tmp_path)
+    assert loaded.describe() == sp.describe()
+    with torch.no_grad():
+        assert torch.allclose(fresh.model(ids).logits, after, atol=1e-6)
