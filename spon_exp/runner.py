@@ -255,6 +255,7 @@ def _train(cfg, model, sparsifier, spon, calib, alpha_dir, metrics, tracker, Tra
     tcfg = TrainConfig(lr=s.lr, steps=s.steps, epochs=s.epochs, batch_size=s.batch_size, weight_decay=s.weight_decay,
                        schedule=s.schedule, warmup_steps=s.warmup_steps, max_grad_norm=s.max_grad_norm,
                        gradient_checkpointing=s.gradient_checkpointing, logits_chunk_tokens=s.logits_chunk_tokens,
+                       cache_teacher=s.cache_teacher,
                        seed=cfg.seed, checkpoint_every=s.checkpoint_every)
 
     def on_step(step: int, loss: float, lr: float) -> None:

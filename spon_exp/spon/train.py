@@ -41,6 +41,10 @@ class TrainConfig:
     max_grad_norm: float | None = None
     gradient_checkpointing: bool = False
     logits_chunk_tokens: int = 1024
+    # Keep the teacher's final hidden states of every training sequence (computed once, dense):
+    # saves one forward per step for N x L x hidden floats (64 x 256 x 576: 38 MB). Off for
+    # corpora too large to hold; the teacher is then recomputed every step.
+    cache_teacher: bool = True
     seed: int = 0
     checkpoint_every: int = 0  # steps; 0 = no periodic checkpoint
     log_every: int = 1
@@ -202,6 +206,12 @@ def train_alpha(model: nn.Module, sparsifier: Sparsifier, spon: Spon, sequences:
         start_step = result.resumed_from = state["step"]
         log.info("Resuming SPON training from step %d (%s)", start_step, ckpt)
 
+    teacher_cache = None
+    if cfg.cache_teacher:
+        with torch.no_grad(), dense_mode(sparsifier, spon):
+            teacher_cache = torch.cat([final_hidden(model, chunk.to(device))
+                                       for chunk in tqdm(sequences.split(max(cfg.batch_size, 4)),
+                                                         desc="teacher hidden states", leave=False)])
     if cfg.gradient_checkpointing:
         _set_checkpointing(model, True)
     was_training = model.training
@@ -213,9 +223,13 @@ def train_alpha(model: nn.Module, sparsifier: Sparsifier, spon: Spon, sequences:
             lr = cfg.lr * _lr_factor(cfg, step, steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            ids = sequences[batch_indices(step, sequences.shape[0], cfg.batch_size, cfg.seed)].to(device)
-            with torch.no_grad(), dense_mode(sparsifier, spon):
-                h_teacher = final_hidden(model, ids)
+            idx = batch_indices(step, sequences.shape[0], cfg.batch_size, cfg.seed)
+            ids = sequences[idx].to(device)
+            if teacher_cache is not None:
+                h_teacher = teacher_cache[idx.to(teacher_cache.device)]
+            else:
+                with torch.no_grad(), dense_mode(sparsifier, spon):
+                    h_teacher = final_hidden(model, ids)
             h_student = final_hidden(model, ids)
             loss = kl_loss(model, h_student, h_teacher, cfg.logits_chunk_tokens)
             value = float(loss.detach())
