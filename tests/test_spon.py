@@ -99,11 +99,12 @@ def test_epochs_set_the_step_count():
     assert result.steps == 6  # 8 sequences / batch 2 = 4 steps per epoch
 
 
-def test_gradient_checkpointing_gives_the_same_alpha():
+@pytest.mark.parametrize("option", ["gradient_checkpointing", "cache_teacher"])
+def test_memory_and_speed_options_give_the_same_alpha(option):
     alphas = []
-    for ckpt in (False, True):
+    for on in (False, True):
         lm, sp, spon, ids = setup()
-        train_alpha(lm.model, sp, spon, ids, TrainConfig(lr=1e-2, steps=3, batch_size=2, gradient_checkpointing=ckpt))
+        train_alpha(lm.model, sp, spon, ids, TrainConfig(lr=1e-2, steps=3, batch_size=2, **{option: on}))
         alphas.append(torch.cat([a.detach().flatten() for a in spon.alphas.values()]))
     assert torch.allclose(alphas[0], alphas[1], atol=1e-6)
 
@@ -222,12 +223,3 @@ def test_spon_requires_attached_sparsifier():
     sp = build_sparsifier("teal", sparsity=0.5).attach(lm.model)
     with pytest.raises(ValueError, match="SPON count must be >= 1"):
         Spon(sp, 0)
-
-
-def test_cached_teacher_gives_the_same_alpha_as_recomputing_it():
-    alphas = []
-    for cache in (False, True):
-        lm, sp, spon, ids = setup()
-        train_alpha(lm.model, sp, spon, ids, TrainConfig(lr=1e-2, steps=4, batch_size=2, cache_teacher=cache))
-        alphas.append(torch.cat([a.detach().flatten() for a in spon.alphas.values()]))
-    assert torch.allclose(alphas[0], alphas[1], atol=1e-6)
