@@ -129,7 +129,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, results: dict, timer: Timer, met
     from spon_exp.evaluation.perplexity import PerplexityProtocol, gap_closure, perplexity
     from spon_exp.models.loading import load_model
     from spon_exp.sparsifiers import build_sparsifier
-    from spon_exp.spon import Spon, TrainConfig, dense_mode, export_checkpoint, fold_alpha, save_sparse_state, train_alpha
+    from spon_exp.spon import Spon, dense_mode, export_checkpoint, fold_alpha, save_sparse_state
     from spon_exp.spon.fold import STATE_FILE, read_sparse_state
 
     zeroshot_tasks = list(cfg.eval.zeroshot.tasks)  # validated in validate(), before the model loads
@@ -214,8 +214,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, results: dict, timer: Timer, met
                 train_info = read_json(alpha_dir / "train.json") or {}
             else:
                 results["cache"]["alpha"] = "miss"
-                train_info = _train(cfg, model, sparsifier, spon, calib, alpha_dir, metrics, tracker, TrainConfig,
-                                    train_alpha)
+                train_info = _train(cfg, model, sparsifier, spon, calib, alpha_dir, metrics, tracker)
                 save_file(spon.alpha_state(), str(alpha_dir / (ALPHA_FILE + ".tmp")))
                 (alpha_dir / (ALPHA_FILE + ".tmp")).replace(alpha_dir / ALPHA_FILE)
                 write_json_atomic(alpha_dir / "train.json", train_info)
@@ -247,7 +246,9 @@ def _run_stages(cfg: DictConfig, run_dir: Path, results: dict, timer: Timer, met
         log.warning("Non-finite perplexity for %s", bad)
 
 
-def _train(cfg, model, sparsifier, spon, calib, alpha_dir, metrics, tracker, TrainConfig, train_alpha) -> dict:
+def _train(cfg, model, sparsifier, spon, calib, alpha_dir, metrics, tracker) -> dict:
+    from spon_exp.spon import TrainConfig, train_alpha
+
     spon.initialise(cfg.spon.init, model, sparsifier, calib[: cfg.calib.threshold_sequences].split(cfg.calib.batch_size))
     if not cfg.spon.train or cfg.spon.steps == 0:
         return {"trained": False, "init": cfg.spon.init}
