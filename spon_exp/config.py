@@ -110,7 +110,7 @@ class SponConfig:
     max_grad_norm: Optional[float] = None
     gradient_checkpointing: bool = False
     logits_chunk_tokens: int = 1024
-    cache_teacher: bool = True  # keep the dense teacher's final hidden states of all sequences
+    cache_teacher: bool = True  # keep each sequence's dense teacher final hidden states once computed
     checkpoint_every: int = 20  # steps between resumable training checkpoints (0 = never)
 
 

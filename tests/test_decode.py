@@ -47,3 +47,32 @@ def test_greedy_decoding_emits_the_masked_dense_tokens(sparse_model):
         enable_sparse_decode(sp)
         fast = model.generate(prompt, **kwargs)
     assert torch.equal(fast, reference)
+
+
+def test_ordered_mode_decodes_bit_identically_to_ordered_masked_dense(sparse_model):
+    # the rows-grouped fast kernel matches masked dense to rounding only; the ordered pair is exact
+    model, sp = sparse_model
+    prompt = random_ids(1, 6, seed=7)
+    kwargs = dict(max_new_tokens=16, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    runs = {}
+    with torch.no_grad():
+        for mode in ("ordered_dense", "ordered"):
+            enable_sparse_decode(sp, mode=mode)
+            assert all(p.module.decode_mode == mode for p in sp.projections)
+            runs[mode] = model.generate(prompt, **kwargs)
+    disable_sparse_decode(sp)
+    assert torch.equal(runs["ordered"].sequences, runs["ordered_dense"].sequences)
+    for a, b in zip(runs["ordered"].logits, runs["ordered_dense"].logits):
+        assert torch.equal(a, b)
+    with torch.no_grad():  # batch > 1 falls back to the dense product in every mode
+        ids = random_ids(3, 4, seed=8)
+        masked = model(ids).logits
+        enable_sparse_decode(sp, mode="ordered")
+        assert torch.allclose(model(ids).logits, masked, rtol=1e-5, atol=1e-5)
+    disable_sparse_decode(sp)
+
+
+def test_unknown_decode_mode_is_rejected(sparse_model):
+    _, sp = sparse_model
+    with pytest.raises(ValueError, match="ordered_dense"):
+        enable_sparse_decode(sp, mode="turbo")

@@ -77,6 +77,28 @@ def test_thread_counts(mode, num_threads):
     torch.testing.assert_close(y, F.linear(x, w, b), rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("shape", [(37, 53), (301, 997), (997, 301), (64, 4096)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("num_threads", [1, 2, 3])
+def test_ordered_mode_is_bit_identical_to_ordered_dense(shape, sparsity, num_threads):
+    # skipping the zero inputs changes nothing at all in the ordered kernel, whatever the threads
+    fin, fout = shape
+    w, wt, x, b = _problem(fin, fout, sparsity, seed=2)
+    x[x != 0] *= torch.logspace(-3, 3, int((x != 0).sum()))  # wide dynamic range: rounding matters
+    sparse = sparse_matvec(x, wt, b, mode="ordered", num_threads=num_threads)
+    dense = sparse_matvec(x, wt, b, mode="ordered_dense", num_threads=1)
+    assert torch.equal(sparse, dense)
+    torch.testing.assert_close(sparse, F.linear(x, w, b), rtol=RTOL, atol=1e-3 * float(x.abs().max()))
+
+
+def test_unknown_mode_raises():
+    _, wt, x, b = _problem(8, 8, 0.5)
+    if not kernel_available():
+        pytest.skip("no kernel: modes are only read by the compiled path")
+    with pytest.raises(ValueError, match="ordered_dense"):
+        sparse_matvec(x, wt, b, mode="fastest")
+
+
 def test_full_sparsity_is_bias_exactly():
     _, wt, x, b = _problem(300, 700, 1.0)
     assert torch.equal(sparse_matvec(x, wt, b), b)

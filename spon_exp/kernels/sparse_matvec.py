@@ -72,6 +72,9 @@ __all__ = [
 SPLIT_K_MAX_OUT = 65536
 
 _MODES = {"output": 0, "split_k": 1}
+#: Ordered modes (value: skip zero inputs?). ``"ordered"`` skips the zeros, ``"ordered_dense"``
+#: multiplies every input in the same order: the bit-exact masked-dense reference.
+_ORDERED = {"ordered": 1, "ordered_dense": 0}
 
 _C_SOURCE = r"""
 #include <stdint.h>
@@ -236,6 +239,71 @@ int64_t spon_sparse_matvec_f32(const float* x, const float* Wt, const float* bia
   free(val);
   return nk;
 }
+
+/* Ordered matvec: every output is accumulated over the inputs in increasing index order,
+   one fused multiply-add per input, acc = fma(x_i, Wt[i, j], acc), in a private tile that
+   is written to y (plus bias) once at the end. With skip_zeros = 1 the zero inputs are
+   skipped; with 0 they are multiplied in. fma(0, w, acc) == acc for every finite w, so the
+   two results are bit-identical: this is the masked-dense product computed in one fixed
+   order, and skipping the zeros provably changes nothing. Threads split the outputs only
+   (no split-K), so the order never depends on the thread count. */
+#define SPON_TILE 256
+#define SPON_ORDERED_BODY                                                      \
+  float acc[SPON_TILE];                                                        \
+  const int64_t w = o1 - o0;                                                   \
+  for (int64_t j = 0; j < w; ++j) acc[j] = 0.0f;                               \
+  for (int64_t k = 0; k < nk; ++k) {                                           \
+    const float* __restrict__ wr = W + idx[k] * ldw + o0;                      \
+    const float a = val[k];                                                    \
+    for (int64_t j = 0; j < w; ++j) acc[j] = __builtin_fmaf(a, wr[j], acc[j]); \
+  }                                                                            \
+  for (int64_t j = 0; j < w; ++j) y[o0 + j] = bias ? acc[j] + bias[o0 + j] : acc[j];
+
+#ifdef SPON_HAVE_X86
+__attribute__((target("avx2,fma"))) static void ordered_tile_avx2(
+    float* __restrict__ y, const float* __restrict__ W, int64_t ldw,
+    const int64_t* __restrict__ idx, const float* __restrict__ val, int64_t nk,
+    const float* __restrict__ bias, int64_t o0, int64_t o1) {
+  SPON_ORDERED_BODY
+}
+#endif
+
+static void ordered_tile_generic(
+    float* __restrict__ y, const float* __restrict__ W, int64_t ldw,
+    const int64_t* __restrict__ idx, const float* __restrict__ val, int64_t nk,
+    const float* __restrict__ bias, int64_t o0, int64_t o1) {
+  SPON_ORDERED_BODY
+}
+
+int64_t spon_ordered_matvec_f32(const float* x, const float* Wt, const float* bias,
+                                float* y, int64_t in, int64_t out, int skip_zeros,
+                                int nthreads) {
+  if (spon_isa < 0) spon_set_isa(-1);
+  int64_t* idx = (int64_t*)malloc(sizeof(int64_t) * (size_t)(in > 0 ? in : 1));
+  float* val = (float*)malloc(sizeof(float) * (size_t)(in > 0 ? in : 1));
+  if (!idx || !val) { free(idx); free(val); return -1; }
+  int64_t nk = 0;
+  for (int64_t i = 0; i < in; ++i) {
+    const float v = x[i];
+    if (!skip_zeros || v != 0.0f) { idx[nk] = i; val[nk] = v; ++nk; }
+  }
+  const int64_t ntiles = (out + SPON_TILE - 1) / SPON_TILE;
+  int nt = nthreads > 0 ? nthreads : 1;
+  if (nk * out < ((int64_t)1 << 16)) nt = 1;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nt)
+#endif
+  for (int64_t t = 0; t < ntiles; ++t) {
+    const int64_t o0 = t * SPON_TILE, o1 = o0 + SPON_TILE < out ? o0 + SPON_TILE : out;
+#ifdef SPON_HAVE_X86
+    if (spon_isa == 1) { ordered_tile_avx2(y, Wt, out, idx, val, nk, bias, o0, o1); continue; }
+#endif
+    ordered_tile_generic(y, Wt, out, idx, val, nk, bias, o0, o1);
+  }
+  free(idx);
+  free(val);
+  return nk;
+}
 """
 
 _BASE_FLAGS = ["-O3", "-std=gnu11", "-ffp-contract=fast", "-fPIC", "-shared", "-fno-math-errno"]
@@ -341,6 +409,8 @@ def _load() -> ctypes.CDLL | None:
             fn = lib.spon_sparse_matvec_f32
             fn.restype = ctypes.c_int64
             fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int] * 2
+            lib.spon_ordered_matvec_f32.restype = ctypes.c_int64
+            lib.spon_ordered_matvec_f32.argtypes = fn.argtypes
             lib.spon_get_isa.restype = ctypes.c_int
             lib.spon_openmp.restype = ctypes.c_int
             lib.spon_set_isa.argtypes = [ctypes.c_int]
@@ -422,7 +492,12 @@ def sparse_matvec(
         x: ``[in]`` or ``[1, in]`` (any shape with ``in`` elements); exact zeros are skipped.
         weight_t: ``W.T`` stored contiguous, shape ``[in, out]``.
         bias: optional ``[out]``.
-        mode: ``"auto"``, ``"output"`` (output split) or ``"split_k"``.
+        mode: ``"auto"``, ``"output"`` (output split), ``"split_k"``, or the ordered pair:
+            ``"ordered"`` accumulates each output over the kept inputs in index order (one FMA
+            each) and ``"ordered_dense"`` does the same over every input, zeros included;
+            the two are bit-identical, so ``"ordered_dense"`` is the exact masked-dense
+            reference of ``"ordered"`` (``"output"`` / ``"split_k"`` group rows for speed and
+            agree with dense to float rounding only).
         num_threads: threads to use (default ``torch.get_num_threads()``).
 
     Returns:
@@ -446,21 +521,21 @@ def sparse_matvec(
     nt = int(num_threads or torch.get_num_threads())
     if mode == "auto":
         mode = choose_mode(in_features, out_features, nt)
-    if mode not in _MODES:
-        raise ValueError(f"mode must be 'auto', 'output' or 'split_k', got {mode!r}")
+    if mode not in _MODES and mode not in _ORDERED:
+        raise ValueError(f"mode must be one of auto, {', '.join([*_MODES, *_ORDERED])}; got {mode!r}")
     b = bias.reshape(out_features).contiguous() if bias is not None else None
     y = torch.empty(out_features, dtype=torch.float32)
-    nk = lib.spon_sparse_matvec_f32(
-        xv.data_ptr(), weight_t.data_ptr(), b.data_ptr() if b is not None else None,
-        y.data_ptr(), in_features, out_features, _MODES[mode], nt,
-    )
+    fn, flag = ((lib.spon_ordered_matvec_f32, _ORDERED[mode]) if mode in _ORDERED
+                else (lib.spon_sparse_matvec_f32, _MODES[mode]))
+    nk = fn(xv.data_ptr(), weight_t.data_ptr(), b.data_ptr() if b is not None else None,
+            y.data_ptr(), in_features, out_features, flag, nt)
     if nk < 0:
         raise MemoryError("sparse_matvec: allocation failed in the kernel")
     return y.reshape(out_shape)
 
 
 def sparse_linear(
-    x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None, mode: str = "auto"
 ) -> torch.Tensor:
     """Decode-time linear layer with a transposed weight: ``x @ weight_t + bias``.
 
@@ -475,7 +550,7 @@ def sparse_linear(
             f"x has {x.shape[-1]} features, weight_t expects {weight_t.shape[0]}"
         )
     if x.numel() == weight_t.shape[0]:
-        return sparse_matvec(x, weight_t, bias)
+        return sparse_matvec(x, weight_t, bias, mode=mode)
     return F.linear(x, weight_t.t(), bias)
 
 

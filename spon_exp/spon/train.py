@@ -41,9 +41,9 @@ class TrainConfig:
     max_grad_norm: float | None = None
     gradient_checkpointing: bool = False
     logits_chunk_tokens: int = 1024
-    # Keep the teacher's final hidden states of every training sequence (computed once, dense):
-    # saves one forward per step for N x L x hidden floats (64 x 256 x 576: 38 MB). Off for
-    # corpora too large to hold; the teacher is then recomputed every step.
+    # Keep the teacher's final hidden states of each training sequence (computed, dense, the first
+    # time the sequence is drawn): a revisit costs no teacher forward, for N x L x hidden floats
+    # (64 x 256 x 576: 38 MB). Off for corpora too large to hold: the teacher then runs every step.
     cache_teacher: bool = True
     seed: int = 0
     checkpoint_every: int = 0  # steps; 0 = no periodic checkpoint
@@ -156,6 +156,36 @@ def batch_indices(step: int, num_sequences: int, batch_size: int, seed: int) -> 
     return perm[within * batch_size:(within + 1) * batch_size]
 
 
+class _TeacherCache:
+    """The dense teacher's final hidden states, computed the first time a sequence is drawn
+    and kept (``keep=True``) for later epochs: a sequence never drawn costs nothing, one drawn
+    e times costs one teacher forward instead of e."""
+
+    def __init__(self, model: nn.Module, sparsifier: Sparsifier, spon: Spon, sequences: torch.Tensor,
+                 device: torch.device, keep: bool):
+        self.model, self.sparsifier, self.spon, self.sequences, self.device = model, sparsifier, spon, sequences, device
+        self.keep = keep
+        self.states: torch.Tensor | None = None  # [N, L, hidden], allocated at the first step
+        self.filled = torch.zeros(sequences.shape[0], dtype=torch.bool)
+
+    @torch.no_grad()
+    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
+        with dense_mode(self.sparsifier, self.spon):
+            return final_hidden(self.model, ids)
+
+    def hidden(self, idx: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if not self.keep:
+            return self._forward(ids)
+        missing = idx[~self.filled[idx]]
+        if len(missing):
+            h = self._forward(self.sequences[missing].to(self.device))
+            if self.states is None:
+                self.states = h.new_empty((self.sequences.shape[0], *h.shape[1:]))
+            self.states[missing.to(h.device)] = h
+            self.filled[missing] = True
+        return self.states[idx.to(self.states.device)]
+
+
 def _atomic_torch_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -206,12 +236,7 @@ def train_alpha(model: nn.Module, sparsifier: Sparsifier, spon: Spon, sequences:
         start_step = result.resumed_from = state["step"]
         log.info("Resuming SPON training from step %d (%s)", start_step, ckpt)
 
-    teacher_cache = None
-    if cfg.cache_teacher:
-        with torch.no_grad(), dense_mode(sparsifier, spon):
-            teacher_cache = torch.cat([final_hidden(model, chunk.to(device))
-                                       for chunk in tqdm(sequences.split(max(cfg.batch_size, 4)),
-                                                         desc="teacher hidden states", leave=False)])
+    teacher = _TeacherCache(model, sparsifier, spon, sequences, device, cfg.cache_teacher)
     if cfg.gradient_checkpointing:
         _set_checkpointing(model, True)
     was_training = model.training
@@ -225,11 +250,7 @@ def train_alpha(model: nn.Module, sparsifier: Sparsifier, spon: Spon, sequences:
                 group["lr"] = lr
             idx = batch_indices(step, sequences.shape[0], cfg.batch_size, cfg.seed)
             ids = sequences[idx].to(device)
-            if teacher_cache is not None:
-                h_teacher = teacher_cache[idx.to(teacher_cache.device)]
-            else:
-                with torch.no_grad(), dense_mode(sparsifier, spon):
-                    h_teacher = final_hidden(model, ids)
+            h_teacher = teacher.hidden(idx, ids)
             h_student = final_hidden(model, ids)
             loss = kl_loss(model, h_student, h_teacher, cfg.logits_chunk_tokens)
             value = float(loss.detach())
