@@ -7,12 +7,18 @@ methods can be run one invocation at a time, each well under 15 minutes on 2 cor
 builds the tables and plots with ``spon-exp-collect`` and writes a JSON summary.
 
     python benchmarks/quality_sweep.py --methods teal --sparsities 0.25 0.5 0.6 0.7
+    python benchmarks/quality_sweep.py --methods teal wina rsparse larosa --jobs 2
+
+``--jobs N`` splits the methods between N concurrent sweeps of one thread each: on a 2-core
+CPU two single-thread training processes do ~1.4x the work of one two-thread process
+(measured 4.2 s vs 3.05 s per training step of 256 tokens).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,16 +33,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=["teal"], help="teal wina rsparse larosa")
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.25, 0.5, 0.6, 0.7])
+    parser.add_argument("--jobs", type=int, default=1, help="concurrent single-thread sweeps (methods split)")
     parser.add_argument("--outputs", default=str(REPO / "outputs"))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality"))
     parser.add_argument("overrides", nargs="*", help="extra spon-exp overrides, e.g. spon.steps=200")
     args = parser.parse_args()
     sweep_dir = Path(args.outputs) / "sweeps" / "quality_cpu"
-    cmd = [sys.executable, "-m", "spon_exp.cli", "--multirun", "-cd", str(REPO / "sweeps"), "-cn", "quality_cpu",
-           f"sparsifier={','.join(args.methods)}", f"sparsity={','.join(str(s) for s in args.sparsities)}",
-           f"paths.outputs={args.outputs}", *args.overrides]
-    print(" ".join(cmd), flush=True)
-    subprocess.run(cmd, check=False, cwd=REPO)
+    groups = [args.methods[i::args.jobs] for i in range(min(args.jobs, len(args.methods)))]
+    env = dict(os.environ, **({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if len(groups) > 1 else {}))
+    procs = []
+    for i, methods in enumerate(groups):
+        cmd = [sys.executable, "-m", "spon_exp.cli", "--multirun", "-cd", str(REPO / "sweeps"), "-cn", "quality_cpu",
+               f"sparsifier={','.join(methods)}", f"sparsity={','.join(str(s) for s in args.sparsities)}",
+               f"paths.outputs={args.outputs}", *args.overrides]
+        print(" ".join(cmd), flush=True)
+        if len(groups) == 1:
+            subprocess.run(cmd, check=False, cwd=REPO)
+            continue
+        log_path = sweep_dir / f"driver_{'_'.join(methods)}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"  log: {log_path}", flush=True)
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log_path, "a"), stderr=subprocess.STDOUT))
+    for proc in procs:
+        proc.wait()
 
     rows = [r for r in read_runs(sweep_dir) if r["sparsifier"] in args.methods]
     out = Path(args.out)

@@ -15,7 +15,10 @@ CAP_SYS_NICE) gives numbers close to an idle machine; the JSON records the load 
 and the scheduling policy.
 
     python benchmarks/sparse_matvec.py                      # Llama-3-8B MLP shapes
-    python benchmarks/sparse_matvec.py --modes auto,output,split_k --repeats 100
+    python benchmarks/sparse_matvec.py --modes auto,output,split_k,ordered --repeats 100
+
+``ordered`` is the kernel whose result is bit-identical to the masked-dense product taken
+in the same order (``ordered_dense``): what exact-token sparse decoding uses.
 
 Writes the results as JSON (default ``benchmarks/results/sparse_matvec.json``).
 """
@@ -84,8 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=60)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--modes", default="auto",
-                   help="sparse variants to time: any of auto,output,split_k")
+    p.add_argument("--modes", default="auto,ordered",
+                   help="sparse variants to time: any of auto,output,split_k,ordered,ordered_dense")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/sparse_matvec.json")
     args = p.parse_args(argv)
