@@ -87,20 +87,30 @@ class _ChunkedKL(torch.autograd.Function):
     def forward(ctx, h_student, h_teacher, weight, bias, cap, chunk):
         total = h_student.new_zeros((), dtype=torch.float32)
         grad = torch.empty_like(h_student)
+        # at most three [chunk, vocab] float32 buffers alive at once (four with soft-capping)
         for start in range(0, h_student.shape[0], chunk):
             hs, ht = h_student[start:start + chunk], h_teacher[start:start + chunk]
             zs = F.linear(hs, weight, bias).float()
+            ts = None
+            if cap:
+                ts = torch.tanh(zs / cap)
+                zs = ts * cap
+            log_ps = F.log_softmax(zs, -1)
+            del zs
             zt = F.linear(ht, weight, bias).float()
             if cap:
-                ts, tt = torch.tanh(zs / cap), torch.tanh(zt / cap)
-                zs, zt = ts * cap, tt * cap
-            log_ps, log_pt = F.log_softmax(zs, -1), F.log_softmax(zt, -1)
+                zt = torch.tanh(zt / cap) * cap
+            log_pt = F.log_softmax(zt, -1)
+            del zt
             pt = log_pt.exp()
-            total += (pt * (log_pt - log_ps)).sum()
+            total += torch.dot(pt.view(-1), log_pt.sub_(log_ps).view(-1))  # sum p_t (log p_t - log p_s)
+            del log_pt
             gz = log_ps.exp_().sub_(pt)  # d KL / d z_student = p_s - p_t
-            if cap:
+            del pt
+            if ts is not None:
                 gz.mul_(1 - ts * ts)
             grad[start:start + chunk] = (gz.to(weight.dtype) @ weight).to(grad.dtype)
+            del gz, ts
         ctx.save_for_backward(grad)
         return total
 
