@@ -41,10 +41,22 @@ def _row(results: dict, source: str) -> dict:
         "sparsity": sparsity.get("target"),
         "measured_sparsity": sparsity.get("measured"),
         "ppl": results.get("ppl") or {},
-        "gap_closure": results.get("gap_closure") or {},
+        "gap_closure": _gap_closures(results),
         "zeroshot_avg": zs.get("average") or {},
         "zeroshot_recovery": zs.get("recovery"),
     }
+
+
+def _gap_closures(results: dict) -> dict:
+    """Gap closure per corpus, recomputed from the stored perplexities (so every run is read
+    with the current definition), else as stored."""
+    from spon_exp.evaluation.perplexity import gap_closure
+
+    out = dict(results.get("gap_closure") or {})
+    for corpus, p in (results.get("ppl") or {}).items():
+        if isinstance(p, dict) and {"dense", "sparse", "spon"} <= p.keys():
+            out[corpus] = gap_closure(p["dense"], p["sparse"], p["spon"])
+    return out
 
 
 def _sweep_expected(sweep_dir: Path) -> tuple[list[str], dict]:

@@ -110,3 +110,6 @@ def test_report_and_gap_closure():
     assert report["sparse"] == pytest.approx(naive_ppl(lm.model, ids), rel=1e-5)
     assert gap_closure(10.0, 20.0, 15.0) == pytest.approx(0.5)
     assert gap_closure(10.0, 10.0, 10.0) is None
+    assert gap_closure(23.42, 23.38, 23.93) is None  # sparse better than dense: nothing to close
+    assert gap_closure(23.42, 23.5, 23.45) is None  # within 1 % of dense: noise, not a gap
+    assert gap_closure(10.0, 10.2, 10.1) == pytest.approx(0.5)

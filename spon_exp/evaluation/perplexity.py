@@ -91,9 +91,17 @@ def perplexity(model: nn.Module, data: torch.Tensor, protocol: PerplexityProtoco
     return perplexity_sliding(model, data, protocol.context, protocol.window, protocol.logits_chunk_tokens, desc)
 
 
+#: Below this relative gap between sparse and dense perplexity the gap closure is undefined
+#: (None): a ratio over a gap of a few hundredths of a point is noise, not recovery.
+MIN_RELATIVE_GAP = 0.01
+
+
 def gap_closure(dense: float, sparse: float, spon: float) -> float | None:
-    """(sparse − spon) / (sparse − dense): 1 = SPON recovers all of the loss, 0 = none."""
-    if sparse is None or spon is None or dense is None or math.isclose(sparse, dense):
+    """(sparse − spon) / (sparse − dense): 1 = SPON recovers all of the loss, 0 = none.
+
+    None when a value is missing or the sparse model is not worse than dense by more than
+    :data:`MIN_RELATIVE_GAP` (1 %): there is no gap to close."""
+    if sparse is None or spon is None or dense is None or sparse - dense <= MIN_RELATIVE_GAP * dense:
         return None
     return (sparse - spon) / (sparse - dense)
 
