@@ -159,12 +159,11 @@ int spon_get_isa(void) {
   return spon_isa;
 }
 
-/* y[out] = W^T-stored matvec: y = sum_{i: x_i != 0} x_i * Wt[i, :] (+ bias).
-   Wt is [in, out] row-major contiguous. mode 0 = output split, 1 = split-K.
-   Returns the number of kept (nonzero) inputs, or -1 on allocation failure. */
-int64_t spon_sparse_matvec_f32(const float* x, const float* Wt, const float* bias,
-                               float* y, int64_t in, int64_t out, int mode,
-                               int nthreads) {
+/* The inputs to multiply in (all, or only the nonzero ones when skip_zeros): their indices and
+   values in increasing index order, in freshly allocated arrays. Returns how many, or -1 on
+   allocation failure. Also settles the ISA on first use. */
+static int64_t gather_inputs(const float* x, int64_t in, int skip_zeros, int64_t** idx_out,
+                             float** val_out) {
   if (spon_isa < 0) spon_set_isa(-1);
   int64_t* idx = (int64_t*)malloc(sizeof(int64_t) * (size_t)(in > 0 ? in : 1));
   float* val = (float*)malloc(sizeof(float) * (size_t)(in > 0 ? in : 1));
@@ -172,8 +171,23 @@ int64_t spon_sparse_matvec_f32(const float* x, const float* Wt, const float* bia
   int64_t nk = 0;
   for (int64_t i = 0; i < in; ++i) {
     const float v = x[i];
-    if (v != 0.0f) { idx[nk] = i; val[nk] = v; ++nk; }
+    if (!skip_zeros || v != 0.0f) { idx[nk] = i; val[nk] = v; ++nk; }
   }
+  *idx_out = idx;
+  *val_out = val;
+  return nk;
+}
+
+/* y[out] = W^T-stored matvec: y = sum_{i: x_i != 0} x_i * Wt[i, :] (+ bias).
+   Wt is [in, out] row-major contiguous. mode 0 = output split, 1 = split-K.
+   Returns the number of kept (nonzero) inputs, or -1 on allocation failure. */
+int64_t spon_sparse_matvec_f32(const float* x, const float* Wt, const float* bias,
+                               float* y, int64_t in, int64_t out, int mode,
+                               int nthreads) {
+  int64_t* idx;
+  float* val;
+  const int64_t nk = gather_inputs(x, in, 1, &idx, &val);
+  if (nk < 0) return -1;
   if (bias) memcpy(y, bias, sizeof(float) * (size_t)out);
   else memset(y, 0, sizeof(float) * (size_t)out);
   if (nk == 0 || out == 0) { free(idx); free(val); return nk; }
@@ -278,15 +292,10 @@ static void ordered_tile_generic(
 int64_t spon_ordered_matvec_f32(const float* x, const float* Wt, const float* bias,
                                 float* y, int64_t in, int64_t out, int skip_zeros,
                                 int nthreads) {
-  if (spon_isa < 0) spon_set_isa(-1);
-  int64_t* idx = (int64_t*)malloc(sizeof(int64_t) * (size_t)(in > 0 ? in : 1));
-  float* val = (float*)malloc(sizeof(float) * (size_t)(in > 0 ? in : 1));
-  if (!idx || !val) { free(idx); free(val); return -1; }
-  int64_t nk = 0;
-  for (int64_t i = 0; i < in; ++i) {
-    const float v = x[i];
-    if (!skip_zeros || v != 0.0f) { idx[nk] = i; val[nk] = v; ++nk; }
-  }
+  int64_t* idx;
+  float* val;
+  const int64_t nk = gather_inputs(x, in, skip_zeros, &idx, &val);
+  if (nk < 0) return -1;
   const int64_t ntiles = (out + SPON_TILE - 1) / SPON_TILE;
   int nt = nthreads > 0 ? nthreads : 1;
   if (nk * out < ((int64_t)1 << 16)) nt = 1;
