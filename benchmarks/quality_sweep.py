@@ -34,12 +34,13 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["teal"], help="teal wina rsparse larosa")
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.25, 0.5, 0.6, 0.7])
     parser.add_argument("--jobs", type=int, default=1, help="concurrent single-thread sweeps (methods split)")
+    parser.add_argument("--collect-only", action="store_true", help="only rebuild the tables and plot from the runs")
     parser.add_argument("--outputs", default=str(REPO / "outputs"))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality"))
     parser.add_argument("overrides", nargs="*", help="extra spon-exp overrides, e.g. spon.steps=200")
     args = parser.parse_args()
     sweep_dir = Path(args.outputs) / "sweeps" / "quality_cpu"
-    groups = [args.methods[i::args.jobs] for i in range(min(args.jobs, len(args.methods)))]
+    groups = [] if args.collect_only else [args.methods[i::args.jobs] for i in range(min(args.jobs, len(args.methods)))]
     env = dict(os.environ, **({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if len(groups) > 1 else {}))
     procs = []
     for i, methods in enumerate(groups):

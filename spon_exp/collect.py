@@ -76,9 +76,11 @@ def _sweep_expected(sweep_dir: Path) -> tuple[list[str], dict]:
     except Exception:  # noqa: BLE001 - an unreadable sweep file only loses the "missing" rows
         return [], {}
     parser = OverridesParser.create()
-    overrides = parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + task)
+    # a command-line override of a key the sweep file also sweeps replaces it (as in Hydra)
+    by_key = {o.get_key_element(): o for o in parser.parse_overrides([f"{k}={v}" for k, v in params.items()])}
+    by_key.update({o.get_key_element(): o for o in parser.parse_overrides(task)})
     axes = []
-    for o in overrides:
+    for o in by_key.values():
         if o.is_sweep_override():
             axes.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
         else:

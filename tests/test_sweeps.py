@@ -112,3 +112,21 @@ def test_collect_marks_failed_and_missing_runs(tmp_path, capsys):
     assert "| 0.4 | 0.5 | 1.5 |" in header and row.count("/") >= 2
     assert "failed" in (out / "runs.csv").read_text()
     assert (out / "ppl_vs_sparsity_wikipedia.png").stat().st_size > 1000
+
+
+def test_expected_runs_when_the_command_line_overrides_a_swept_key(tmp_path):
+    # sweep file sweeps sparsity=0.25,0.5; the command line narrows it: only two runs are expected
+    from omegaconf import OmegaConf
+
+    from spon_exp.collect import _sweep_expected
+
+    cfg = {"model": {"name": "m"}, "sparsifier": {"name": "teal"}, "calib": {"corpus": "wikipedia"},
+           "spon": {"count": 1}, "sparsity": 0.5,
+           "hydra": {"sweeper": {"params": {"sparsity": "0.25,0.5"}},
+                     "overrides": {"task": ["sparsifier=teal,wina", "sparsity=0.6", "paths.outputs=/x"]},
+                     "job": {"config": {"override_dirname": {"kv_sep": "=", "item_sep": ",",
+                                                             "exclude_keys": ["paths.outputs"]}}}}}
+    OmegaConf.save(OmegaConf.create(cfg), tmp_path / "multirun.yaml")
+    expected, base = _sweep_expected(tmp_path)
+    assert sorted(expected) == ["sparsifier=teal,sparsity=0.6", "sparsifier=wina,sparsity=0.6"]
+    assert base["model"] == "m"
