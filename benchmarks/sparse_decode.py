@@ -3,8 +3,9 @@
 Measured side by side in one run (same prompt, same number of tokens, repeats interleaved):
   - dense:          no hooks, plain nn.Linear
   - masked:         TEAL hooks zero inputs, nn.Linear (MKL) still multiplies every column
-  - sparse:         TEAL hooks + the fastest kernel (rows grouped, split-K between threads)
-  - ordered:        TEAL hooks + the ordered kernel (each output summed over kept inputs in order)
+  - sparse:         TEAL hooks + the "auto" kernel (rows grouped, split-K between threads)
+  - ordered:        TEAL hooks + the ordered kernel (each output summed over kept inputs in
+                    order; the default of enable_sparse_decode)
   - ordered_dense:  the same ordered sum over every input, zeros included (masked dense)
 
 Token identity: ``ordered`` must emit exactly the tokens (and logits, bit for bit) of
@@ -68,7 +69,7 @@ def main() -> None:
     results = {"machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
                "kernel": kernel_info(), "new_tokens": args.new_tokens, "runs": []}
     decode()  # warm-up
-    print(f"{'sparsity':>8}" + "".join(f"{v + ' tok/s':>19}" for v in variants)
+    print(f"{'sparsity':>8}" + "".join(f"{v + ' tok/s':>21}" for v in variants)
           + f"{'sparse/dense':>14}{'ordered/dense':>15}{'ordered==ref':>14}{'sparse vs masked':>18}")
     for s in args.sparsity:
         sp = build_sparsifier("teal", sparsity=s).attach(model)
@@ -94,7 +95,7 @@ def main() -> None:
                "sparse_vs_masked_first_different_token": part,
                "identical_tokens_to_masked": part is None}
         results["runs"].append(row)
-        print(f"{s:>8.2f}" + "".join(f"{med[v]:>19.2f}" for v in variants)
+        print(f"{s:>8.2f}" + "".join(f"{med[v]:>21.2f}" for v in variants)
               + f"{row['sparse_over_dense']:>14.2f}{row['ordered_over_dense']:>15.2f}{str(same):>14}"
               + f"{'same' if part is None else f'parts at {part}':>18}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -22,27 +22,28 @@ from spon_exp.kernels.sparse_matvec import sparse_linear
 from spon_exp.sparsifiers.base import Sparsifier
 
 
-MODES = ("auto", "ordered", "ordered_dense")
+MODES = ("ordered", "auto", "ordered_dense")
 
 
 class SparseDecodeLinear(nn.Linear):
     """An ``nn.Linear`` that also holds ``weight_t = weight.T`` and skips zero inputs at batch 1."""
 
     weight_t: torch.Tensor
-    decode_mode: str = "auto"
+    decode_mode: str = "ordered"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sparse_linear(x, self.weight_t, self.bias, mode=self.decode_mode)
 
 
-def enable_sparse_decode(sparsifier: Sparsifier, mode: str = "auto") -> int:
+def enable_sparse_decode(sparsifier: Sparsifier, mode: str = "ordered") -> int:
     """Switch the sparsifier's projections to the sparse decode path; returns how many.
 
-    ``mode``: ``"auto"`` is the fastest kernel (rows grouped, split-K between threads: equal
-    to masked dense up to float rounding); ``"ordered"`` accumulates every output over the
-    kept inputs in index order, and ``"ordered_dense"`` computes the masked-dense product in
-    that same order without skipping anything: the two give bit-identical logits, so greedy
-    decoding with ``"ordered"`` emits exactly the masked-dense reference's tokens.
+    ``mode``: ``"ordered"`` (default) accumulates every output over the kept inputs in index
+    order, and ``"ordered_dense"`` computes the masked-dense product in that same order
+    without skipping anything: the two give bit-identical logits, so greedy decoding with
+    ``"ordered"`` emits exactly the masked-dense reference's tokens (and on a 2-core CPU it
+    is as fast as ``"auto"``, benchmarks/sparse_matvec.py). ``"auto"`` picks split-K or
+    output split by shape and groups rows; it equals masked dense to float rounding only.
     """
     if mode not in MODES:
         raise ValueError(f"sparse decode mode must be one of {', '.join(MODES)}; got {mode!r}")

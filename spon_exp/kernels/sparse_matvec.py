@@ -255,26 +255,36 @@ int64_t spon_sparse_matvec_f32(const float* x, const float* Wt, const float* bia
 }
 
 /* Ordered matvec: every output is accumulated over the inputs in increasing index order,
-   one fused multiply-add per input, acc = fma(x_i, Wt[i, j], acc), in a private tile that
-   is written to y (plus bias) once at the end. With skip_zeros = 1 the zero inputs are
-   skipped; with 0 they are multiplied in. fma(0, w, acc) == acc for every finite w, so the
-   two results are bit-identical: this is the masked-dense product computed in one fixed
-   order, and skipping the zeros provably changes nothing. Threads split the outputs only
-   (no split-K), so the order never depends on the thread count. */
-#define SPON_TILE 256
+   one fused multiply-add per input, y_j = fma(x_i, Wt[i, j], y_j), starting from 0, with the
+   bias added at the end. Four rows per pass as a chain of FMAs (one load/store of y per four
+   rows, the order unchanged). With skip_zeros = 1 the zero inputs are skipped; with 0 they
+   are multiplied in. fma(0, w, y) == y for every finite w, so the two results are
+   bit-identical: this is the masked-dense product computed in one fixed order, and skipping
+   the zeros provably changes nothing. Threads split the outputs only (no split-K), so the
+   order never depends on the thread count. */
 #define SPON_ORDERED_BODY                                                      \
-  float acc[SPON_TILE];                                                        \
-  const int64_t w = o1 - o0;                                                   \
-  for (int64_t j = 0; j < w; ++j) acc[j] = 0.0f;                               \
-  for (int64_t k = 0; k < nk; ++k) {                                           \
-    const float* __restrict__ wr = W + idx[k] * ldw + o0;                      \
-    const float a = val[k];                                                    \
-    for (int64_t j = 0; j < w; ++j) acc[j] = __builtin_fmaf(a, wr[j], acc[j]); \
+  for (int64_t j = o0; j < o1; ++j) y[j] = 0.0f;                               \
+  int64_t k = 0;                                                               \
+  for (; k + 4 <= nk; k += 4) {                                                \
+    const float* __restrict__ w0 = W + idx[k] * ldw;                           \
+    const float* __restrict__ w1 = W + idx[k + 1] * ldw;                       \
+    const float* __restrict__ w2 = W + idx[k + 2] * ldw;                       \
+    const float* __restrict__ w3 = W + idx[k + 3] * ldw;                       \
+    const float a0 = val[k], a1 = val[k + 1], a2 = val[k + 2], a3 = val[k + 3]; \
+    for (int64_t j = o0; j < o1; ++j)                                          \
+      y[j] = __builtin_fmaf(a3, w3[j], __builtin_fmaf(a2, w2[j],              \
+             __builtin_fmaf(a1, w1[j], __builtin_fmaf(a0, w0[j], y[j]))));     \
   }                                                                            \
-  for (int64_t j = 0; j < w; ++j) y[o0 + j] = bias ? acc[j] + bias[o0 + j] : acc[j];
+  for (; k < nk; ++k) {                                                        \
+    const float* __restrict__ w0 = W + idx[k] * ldw;                           \
+    const float a0 = val[k];                                                   \
+    for (int64_t j = o0; j < o1; ++j) y[j] = __builtin_fmaf(a0, w0[j], y[j]);  \
+  }                                                                            \
+  if (bias)                                                                    \
+    for (int64_t j = o0; j < o1; ++j) y[j] += bias[j];
 
 #ifdef SPON_HAVE_X86
-__attribute__((target("avx2,fma"))) static void ordered_tile_avx2(
+__attribute__((target("avx2,fma"))) static void ordered_rows_avx2(
     float* __restrict__ y, const float* __restrict__ W, int64_t ldw,
     const int64_t* __restrict__ idx, const float* __restrict__ val, int64_t nk,
     const float* __restrict__ bias, int64_t o0, int64_t o1) {
@@ -282,7 +292,7 @@ __attribute__((target("avx2,fma"))) static void ordered_tile_avx2(
 }
 #endif
 
-static void ordered_tile_generic(
+static void ordered_rows_generic(
     float* __restrict__ y, const float* __restrict__ W, int64_t ldw,
     const int64_t* __restrict__ idx, const float* __restrict__ val, int64_t nk,
     const float* __restrict__ bias, int64_t o0, int64_t o1) {
@@ -296,18 +306,23 @@ int64_t spon_ordered_matvec_f32(const float* x, const float* Wt, const float* bi
   float* val;
   const int64_t nk = gather_inputs(x, in, skip_zeros, &idx, &val);
   if (nk < 0) return -1;
-  const int64_t ntiles = (out + SPON_TILE - 1) / SPON_TILE;
-  int nt = nthreads > 0 ? nthreads : 1;
+  int64_t nt = nthreads > 0 ? nthreads : 1;
+#ifndef _OPENMP
+  nt = 1;
+#endif
   if (nk * out < ((int64_t)1 << 16)) nt = 1;
+  int64_t chunk = (out + nt - 1) / nt;
+  chunk = (chunk + 15) / 16 * 16; /* 64-byte slices */
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(nt)
+#pragma omp parallel for schedule(static) num_threads((int)nt)
 #endif
-  for (int64_t t = 0; t < ntiles; ++t) {
-    const int64_t o0 = t * SPON_TILE, o1 = o0 + SPON_TILE < out ? o0 + SPON_TILE : out;
+  for (int64_t t = 0; t < nt; ++t) {
+    const int64_t o0 = t * chunk, o1 = o0 + chunk < out ? o0 + chunk : out;
+    if (o0 >= o1) continue;
 #ifdef SPON_HAVE_X86
-    if (spon_isa == 1) { ordered_tile_avx2(y, Wt, out, idx, val, nk, bias, o0, o1); continue; }
+    if (spon_isa == 1) { ordered_rows_avx2(y, Wt, out, idx, val, nk, bias, o0, o1); continue; }
 #endif
-    ordered_tile_generic(y, Wt, out, idx, val, nk, bias, o0, o1);
+    ordered_rows_generic(y, Wt, out, idx, val, nk, bias, o0, o1);
   }
   free(idx);
   free(val);
