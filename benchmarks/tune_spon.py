@@ -42,11 +42,6 @@ GRIDS = {
         ("zero", dict(lr=1e-3, steps=150, batch_size=1, schedule="cosine", warmup_steps=10), "all"),
         ("zero", dict(lr=5e-4, steps=150, batch_size=1, schedule="cosine", warmup_steps=10), "all"),
     ],
-    # round 4 (--num-sequences 256): half the steps, for the CPU quality sweep's budget
-    "round4": [
-        ("zero", dict(lr=1e-3, steps=75, batch_size=1, schedule="cosine", warmup_steps=5), "all"),
-        ("zero", dict(lr=2e-3, steps=75, batch_size=1, schedule="cosine", warmup_steps=5), "all"),
-    ],
 }
 
 
