@@ -100,8 +100,8 @@ class SponConfig:
     init: str = "zero"  # zero / mean_dropped
     train: bool = True  # false: keep the init (the training-free baseline)
     # Defaults chosen by measurement (benchmarks/tune_spon.py, benchmarks/results/spon_tuning.jsonl):
-    # packaged model, TEAL 50 %: lr 3e-4 x 150 steps closed 58 % of the gap, lr 1e-4 x 60 steps 50 %,
-    # mean_dropped init + the same training 48 %, mean_dropped without training -13 %.
+    # packaged model, TEAL 50 %: lr 3e-4 x 150 steps closed 58-59.5 % of the gap, lr 1e-3 cosine 52 %,
+    # lr 1e-4 x 60 steps 50 %, 300 steps 53 %, mean_dropped init + training 48 %, untrained -13 %.
     lr: float = 3e-4
     steps: Optional[int] = 150
     epochs: Optional[float] = None  # used when steps is null
