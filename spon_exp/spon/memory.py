@@ -11,7 +11,7 @@ Training holds, besides the runtime itself:
   parameters excluded), and modelled as ``tokens x layers x 4 B x (a·H + b·I + c)``;
 * the chunked head + KL: three ``[chunk, vocab]`` float32 buffers (``logits_chunk_tokens``
   tokens per chunk), never the full ``[tokens, vocab]`` logits;
-* the teacher's final hidden states of the sequences drawn so far (``cache_teacher``):
+* the teacher's final hidden states, one slot per training sequence (``cache_teacher``):
   ``sequences x seq_len x H x 4 B``, and the ``[tokens, H]`` gradient of the student's.
 
 :func:`estimate_training_memory` adds these up for any model size; the coefficients
