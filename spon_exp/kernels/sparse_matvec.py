@@ -91,10 +91,11 @@ _C_SOURCE = r"""
 #include <omp.h>
 #endif
 
-/* y[o0:o1] += sum_k val[k] * W[idx[k], o0:o1]; rows of W have length ldw.
-   Four kept rows per pass: one load/store of y per four rows of W. The j loop has
-   independent iterations, so -O3 vectorises it without any fast-math flag. */
-#define SPON_AXPY_BODY                                                         \
+/* Walk the kept rows k of W (length ldw) over outputs o0..o1, four rows per pass (one
+   load/store of y per four rows of W), then the remaining rows one by one. UPDATE4 and
+   UPDATE1 give the new y[j] from the rows' weights w0..w3[j] and inputs a0..a3. The j loop
+   has independent iterations, so -O3 vectorises it without any fast-math flag. */
+#define SPON_ROWS_LOOP(UPDATE4, UPDATE1)                                       \
   int64_t k = 0;                                                               \
   for (; k + 4 <= nk; k += 4) {                                                \
     const float* __restrict__ w0 = W + idx[k] * ldw;                           \
@@ -102,14 +103,18 @@ _C_SOURCE = r"""
     const float* __restrict__ w2 = W + idx[k + 2] * ldw;                       \
     const float* __restrict__ w3 = W + idx[k + 3] * ldw;                       \
     const float a0 = val[k], a1 = val[k + 1], a2 = val[k + 2], a3 = val[k + 3]; \
-    for (int64_t j = o0; j < o1; ++j)                                          \
-      y[j] += (a0 * w0[j] + a1 * w1[j]) + (a2 * w2[j] + a3 * w3[j]);          \
+    for (int64_t j = o0; j < o1; ++j) y[j] = UPDATE4;                          \
   }                                                                            \
   for (; k < nk; ++k) {                                                        \
     const float* __restrict__ w0 = W + idx[k] * ldw;                           \
     const float a0 = val[k];                                                   \
-    for (int64_t j = o0; j < o1; ++j) y[j] += a0 * w0[j];                      \
+    for (int64_t j = o0; j < o1; ++j) y[j] = UPDATE1;                          \
   }
+
+/* y[o0:o1] += sum_k val[k] * W[idx[k], o0:o1], four products summed pairwise per pass. */
+#define SPON_AXPY_BODY                                                         \
+  SPON_ROWS_LOOP(y[j] + ((a0 * w0[j] + a1 * w1[j]) + (a2 * w2[j] + a3 * w3[j])), \
+                 y[j] + a0 * w0[j])
 
 #if defined(__x86_64__) || defined(__i386__)
 #define SPON_HAVE_X86 1
@@ -271,22 +276,9 @@ int64_t spon_sparse_matvec_f32(const float* x, const float* Wt, const float* bia
    order never depends on the thread count. */
 #define SPON_ORDERED_BODY                                                      \
   for (int64_t j = o0; j < o1; ++j) y[j] = 0.0f;                               \
-  int64_t k = 0;                                                               \
-  for (; k + 4 <= nk; k += 4) {                                                \
-    const float* __restrict__ w0 = W + idx[k] * ldw;                           \
-    const float* __restrict__ w1 = W + idx[k + 1] * ldw;                       \
-    const float* __restrict__ w2 = W + idx[k + 2] * ldw;                       \
-    const float* __restrict__ w3 = W + idx[k + 3] * ldw;                       \
-    const float a0 = val[k], a1 = val[k + 1], a2 = val[k + 2], a3 = val[k + 3]; \
-    for (int64_t j = o0; j < o1; ++j)                                          \
-      y[j] = __builtin_fmaf(a3, w3[j], __builtin_fmaf(a2, w2[j],              \
-             __builtin_fmaf(a1, w1[j], __builtin_fmaf(a0, w0[j], y[j]))));     \
-  }                                                                            \
-  for (; k < nk; ++k) {                                                        \
-    const float* __restrict__ w0 = W + idx[k] * ldw;                           \
-    const float a0 = val[k];                                                   \
-    for (int64_t j = o0; j < o1; ++j) y[j] = __builtin_fmaf(a0, w0[j], y[j]);  \
-  }                                                                            \
+  SPON_ROWS_LOOP(__builtin_fmaf(a3, w3[j], __builtin_fmaf(a2, w2[j],           \
+                   __builtin_fmaf(a1, w1[j], __builtin_fmaf(a0, w0[j], y[j])))), \
+                 __builtin_fmaf(a0, w0[j], y[j]))                              \
   if (bias)                                                                    \
     for (int64_t j = o0; j < o1; ++j) y[j] += bias[j];
 
