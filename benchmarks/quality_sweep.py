@@ -3,8 +3,9 @@ per sparsifier and sparsity, on the evaluation split (disjoint from calibration)
 
 A thin driver around the project's own machinery: it launches the sweep
 ``sweeps/quality_cpu.yaml`` for the chosen methods (finished runs are skipped, so the
-methods can be run one invocation at a time, each well under 15 minutes on 2 cores), then
-builds the tables and plots with ``spon-exp-collect`` and writes a JSON summary.
+methods can be run one invocation at a time: one method's four runs took ~23 minutes on
+2 cores, all sixteen ~60 minutes with ``--jobs 2``), then builds the tables and plots with
+``spon-exp-collect`` and writes a JSON summary.
 
     python benchmarks/quality_sweep.py --methods teal --sparsities 0.25 0.5 0.6 0.7
     python benchmarks/quality_sweep.py --methods teal wina rsparse larosa --jobs 2
@@ -54,7 +55,8 @@ def main() -> None:
         log_path = sweep_dir / f"driver_{'_'.join(methods)}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         print(f"  log: {log_path}", flush=True)
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log_path, "a"), stderr=subprocess.STDOUT))
+        with open(log_path, "a") as log:  # the child keeps its own copy of the descriptor
+            procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
     for proc in procs:
         proc.wait()
 
