@@ -14,7 +14,7 @@ from spon_exp.sparsifiers.rsparse import low_rank_factors, rsparse_keep_fraction
 from spon_exp.sparsifiers.teal import (BlockInputs, SiteRecorder, block_output_error, exact_threshold,
                                        greedy_trajectory, relative_sizes)
 from spon_exp.spon import Spon, TrainConfig, fold_alpha, load_sparse_state, save_sparse_state, train_alpha
-from tests.helpers import random_ids, tiny
+from tests.helpers import FAMILIES, random_ids, tiny
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -113,6 +113,32 @@ def test_greedy_beats_uniform_block_error_and_meets_target():
         report = sp.greedy_report[block.index]
         assert report["greedy_error"] == pytest.approx(greedy_error, rel=1e-4)
         assert report["uniform_error"] == pytest.approx(uniform_error, rel=1e-4)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_block_replay_equals_the_forward_bit_for_bit(family, use_cache):
+    """The greedy search's replay of a captured block call computes exactly what the normal
+    forward computed, however often it is replayed (a KV cache kept in the captured kwargs,
+    e.g. transformers 5.24's ``cache=``, would make later replays attend to earlier ones)."""
+    lm = tiny(family)
+    blocks = find_decoder_blocks(lm.model)
+    capture = BlockInputs(blocks)
+    forward_outputs = {}
+
+    def keep_output(module, args, output, index):
+        forward_outputs[index] = (output[0] if isinstance(output, (tuple, list)) else output).clone()
+
+    handles = [b.module.register_forward_hook(lambda m, a, o, i=b.index: keep_output(m, a, o, i)) for b in blocks]
+    with torch.no_grad():
+        lm.model(random_ids(4, 32), use_cache=use_cache)
+    for h in handles:
+        h.remove()
+    capture.remove()
+    for block in blocks:
+        for _ in range(3):
+            (replayed,) = capture.outputs(block)
+            assert torch.equal(replayed, forward_outputs[block.index]), (family, block.index)
 
 
 def test_greedy_lookup_is_reused_across_targets_and_saved(monkeypatch):

@@ -204,6 +204,22 @@ def greedy_trajectory(weights: list[float], step: float, target: float,
     return rows
 
 
+#: Names under which transformers has passed a decoder block its KV cache (5.24 renamed
+#: ``past_key_values`` to ``cache``). A kept cache would make every replay attend to, and
+#: extend, the keys of earlier calls, so replays would not compute what the forward did.
+CACHE_KWARGS = ("past_key_values", "past_key_value", "cache", "layer_past")
+
+
+def _is_cache(name: str, value) -> bool:
+    if name in CACHE_KWARGS:
+        return True
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(value, Cache)
+
+
 class BlockInputs:
     """The arguments each decoder block receives during forwards (hidden states, rotary
     embeddings, masks), kept for the first ``max_sequences`` sequences so a block can be
@@ -221,7 +237,7 @@ class BlockInputs:
             if self.max_sequences is not None and self.sequences[index] >= self.max_sequences:
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
-            kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+            kwargs = {k: v for k, v in kwargs.items() if not _is_cache(k, v)}
             if "use_cache" in kwargs:
                 kwargs["use_cache"] = False
             self.calls[index].append((tuple(a.detach() if torch.is_tensor(a) else a for a in args), kwargs))

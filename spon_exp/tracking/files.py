@@ -69,8 +69,11 @@ def environment() -> dict:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[pkg] = None
+    from spon_exp.tracking.lock import lock_status
+
     env = {
         "packages": versions,
+        "lock": lock_status(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "host": socket.gethostname(),
