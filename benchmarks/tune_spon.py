@@ -89,7 +89,7 @@ def main() -> None:
         print(json.dumps(record), flush=True)
         with open(args.out, "a") as f:
             f.write(json.dumps(record) + "\n")
-        spon.remove_hooks()
+        spon.detach()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@ Reads every ``results.json`` under a folder (and optionally the runs of a W&B pr
 and for each Hydra sweep folder (one with ``multirun.yaml``) also lists the runs the sweep
 asked for that never wrote a result, so missing and failed runs show as such.
 
+Values with a 95 % interval in the run's results show as ``30.58 ± 0.90`` (± the half-width;
+the interval may be asymmetric, so the CSVs carry its exact ends as ``*_ci_low`` /
+``*_ci_high`` columns); runs written before intervals existed show the plain number.
+
     spon-exp-collect outputs/sweeps/sparsity_curve_cpu --out outputs/tables/sparsity_curve_cpu
 """
 
@@ -18,9 +22,12 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from spon_exp.tracking.wandb_logger import interval
+
 log = logging.getLogger(__name__)
 
 ROW_KEYS = ("model", "sparsifier", "calib_corpus", "spon_count")
+VARIANTS = ("dense", "sparse", "spon")
 
 
 # ----------------------------------------------------------------------- reading
@@ -41,9 +48,15 @@ def _row(results: dict, source: str) -> dict:
         "sparsity": sparsity.get("target"),
         "measured_sparsity": sparsity.get("measured"),
         "ppl": results.get("ppl") or {},
+        "ppl_ci": results.get("ppl_ci") or {},
         "gap_closure": _gap_closures(results),
+        "gap_closure_ci": results.get("gap_closure_ci") or {},
         "zeroshot_avg": zs.get("average") or {},
+        "zeroshot_avg_ci": zs.get("average_ci") or {},
         "zeroshot_recovery": zs.get("recovery"),
+        "zeroshot_recovery_ci": zs.get("recovery_ci"),
+        "fold_max_abs_logit_diff": (results.get("fold") or {}).get("max_abs_logit_diff"),
+        "sensitivity_relative_spread": (results.get("sensitivity") or {}).get("relative_spread"),
     }
 
 
@@ -151,44 +164,69 @@ def read_wandb(project: str) -> list[dict]:
     """Rows from the runs of a W&B project (``entity/project``), via the public API."""
     import wandb
 
+    from spon_exp.tracking.wandb_logger import results_from_summary
+
     rows = []
     for run in wandb.Api().runs(project):
-        summary, config = dict(run.summary), dict(run.config)
-        results = {
-            "status": summary.get("status", run.state), "config_hash": run.id,
-            "model": {"name": config.get("model_name")}, "sparsifier": config.get("sparsifier_name"),
-            "calib_corpus": config.get("calib_corpus"), "spon_count": config.get("spon_count"),
-            "seed": config.get("seed"),
-            "sparsity": {"target": config.get("target_sparsity"), "measured": summary.get("sparsity/measured")},
-            "ppl": defaultdict(dict), "gap_closure": {}, "zeroshot": {"average": {}},
-        }
-        for key, value in summary.items():
-            parts = key.split("/")
-            if parts[0] == "ppl" and len(parts) == 3:
-                results["ppl"][parts[1]][parts[2]] = value
-            elif parts[0] == "gap_closure" and len(parts) == 2:
-                results["gap_closure"][parts[1]] = value
-            elif parts[0] == "zeroshot" and len(parts) == 3 and parts[2] == "avg":
-                results["zeroshot"]["average"][parts[1]] = value
-        results["ppl"] = dict(results["ppl"])
+        results = results_from_summary(dict(run.summary), dict(run.config), state=run.state, run_id=run.id)
         rows.append(_row(results, f"wandb:{project}/{run.id}"))
     return rows
 
 
 # ----------------------------------------------------------------------- tables
+def _missing(x) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
 def _fmt(x, digits=2) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
+    if _missing(x):
         return "-"
     return f"{x:.{digits}f}"
+
+
+def _pm(x, ci, digits=2) -> str:
+    """``30.58 ± 0.90``: the value and the half-width ``(hi - lo) / 2`` of its interval, or
+    the plain value when the run has no interval (older runs)."""
+    pair = interval(ci)
+    if _missing(x) or pair is None:
+        return _fmt(x, digits)
+    return f"{x:.{digits}f} ± {(pair[1] - pair[0]) / 2:.{digits}f}"
+
+
+def _pct(x, ci) -> str:
+    """A fraction in percent, ``55.9 % ± 4.1`` with an interval; without one the plain
+    ``56 %`` these tables always showed (so tables of older runs do not change)."""
+    pair = interval(ci)
+    if _missing(x):
+        return "-"
+    if pair is None:
+        return f"{x * 100:.0f} %"
+    return f"{x * 100:.1f} % ± {(pair[1] - pair[0]) * 50:.1f}"
+
+
+def _g(x) -> str:
+    return "-" if _missing(x) else f"{x:.3g}"
+
+
+def _ci_columns(*names: str) -> list[str]:
+    return [c for n in names for c in (n, f"{n}_ci_low", f"{n}_ci_high")]
+
+
+def _exact(x, ci) -> list:
+    """Values of :func:`_ci_columns`: the numbers as stored (blank where absent), not the
+    rounded text of the Markdown table."""
+    if _missing(x):
+        return [None, None, None]
+    return [x, *(interval(ci) or (None, None))]
 
 
 def _cell(row: dict, corpus: str) -> str:
     if row["status"] != "ok":
         return row["status"].upper()
-    p = row["ppl"].get(corpus, {})
-    parts = [_fmt(p.get(v)) for v in ("dense", "sparse", "spon") if v in p]
+    p, ci = row["ppl"].get(corpus, {}), row["ppl_ci"].get(corpus) or {}
+    parts = [_pm(p.get(v), ci.get(v)) for v in VARIANTS if v in p]
     g = row["gap_closure"].get(corpus)
-    return " / ".join(parts) + (f" ({g * 100:.0f} %)" if g is not None else "")
+    return " / ".join(parts) + (f" ({_pct(g, row['gap_closure_ci'].get(corpus))})" if g is not None else "")
 
 
 def _key(row: dict) -> tuple:
@@ -215,22 +253,59 @@ def ppl_tables(rows: list[dict]) -> dict[str, list[list[str]]]:
     return tables
 
 
+def ppl_csv_tables(rows: list[dict]) -> dict[str, list[list]]:
+    """The CSV twin of :func:`ppl_tables`: one row per run (not a pivot: a pivot cell cannot
+    hold three values and six interval ends as columns), exact numbers, gap closure as a
+    fraction, blank where a run has no value or no interval."""
+    corpora = sorted({c for r in rows for c in r["ppl"]}) or ["(none)"]
+    header = [*ROW_KEYS, "sparsity", "seed", "status", *_ci_columns(*VARIANTS, "gap_closure"), "source"]
+    tables = {}
+    for corpus in corpora:
+        body = []
+        for r in sorted(rows, key=lambda r: (_key(r), r["sparsity"] or 0, str(r["seed"]))):
+            if r["status"] == "ok" and corpus not in r["ppl"]:
+                continue
+            p, ci = r["ppl"].get(corpus, {}), r["ppl_ci"].get(corpus) or {}
+            values = [x for v in VARIANTS for x in _exact(p.get(v), ci.get(v))]
+            values += _exact(r["gap_closure"].get(corpus), r["gap_closure_ci"].get(corpus))
+            body.append([*_key(r), r["sparsity"], r["seed"], r["status"], *values, r["source"]])
+        tables[f"ppl_{corpus}"] = [header, *body]
+    return tables
+
+
+def _zeroshot_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in sorted(rows, key=lambda r: (_key(r), r["sparsity"] or 0))
+            if r["zeroshot_avg"] or r["status"] != "ok"]
+
+
 def zeroshot_table(rows: list[dict]) -> list[list[str]]:
     header = [*ROW_KEYS, "sparsity", "dense", "sparse", "+SPON", "recovery", "status"]
     body = []
-    for r in sorted(rows, key=lambda r: (_key(r), r["sparsity"] or 0)):
-        if not r["zeroshot_avg"] and r["status"] == "ok":
-            continue
-        z = r["zeroshot_avg"]
-        rec = r["zeroshot_recovery"]
-        body.append([*_key(r), _fmt(r["sparsity"]), _fmt(z.get("dense"), 4), _fmt(z.get("sparse"), 4),
-                     _fmt(z.get("spon"), 4), f"{rec * 100:.0f} %" if rec is not None else "-", r["status"]])
+    for r in _zeroshot_rows(rows):
+        z, ci = r["zeroshot_avg"], r["zeroshot_avg_ci"]
+        body.append([*_key(r), _fmt(r["sparsity"]), *[_pm(z.get(v), ci.get(v), 4) for v in VARIANTS],
+                     _pct(r["zeroshot_recovery"], r["zeroshot_recovery_ci"]), r["status"]])
+    return [header, *body]
+
+
+def zeroshot_csv_table(rows: list[dict]) -> list[list]:
+    """The CSV twin of :func:`zeroshot_table`: exact averages, recovery as a fraction, each
+    with its interval ends."""
+    header = [*ROW_KEYS, "sparsity", *_ci_columns(*VARIANTS, "recovery"), "status"]
+    body = []
+    for r in _zeroshot_rows(rows):
+        z, ci = r["zeroshot_avg"], r["zeroshot_avg_ci"]
+        values = [x for v in VARIANTS for x in _exact(z.get(v), ci.get(v))]
+        values += _exact(r["zeroshot_recovery"], r["zeroshot_recovery_ci"])
+        body.append([*_key(r), r["sparsity"], *values, r["status"]])
     return [header, *body]
 
 
 def runs_table(rows: list[dict]) -> list[list[str]]:
-    header = ["status", *ROW_KEYS, "seed", "sparsity", "measured", "config_hash", "error", "source"]
+    header = ["status", *ROW_KEYS, "seed", "sparsity", "measured", "fold_max_abs_logit_diff",
+              "sensitivity_relative_spread", "config_hash", "error", "source"]
     return [header, *[[r["status"], *_key(r), str(r["seed"]), _fmt(r["sparsity"]), _fmt(r["measured_sparsity"], 3),
+                       _g(r["fold_max_abs_logit_diff"]), _g(r["sensitivity_relative_spread"]),
                        str(r["config_hash"]), (r["error"] or "")[:120], r["source"]] for r in rows]]
 
 
@@ -243,14 +318,17 @@ def to_markdown(table: list[list[str]]) -> str:
 
 def write_tables(rows: list[dict], out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
-    tables = {"runs": runs_table(rows), **ppl_tables(rows)}
+    runs = runs_table(rows)
+    tables = {"runs": runs, **ppl_tables(rows)}
+    csv_tables = {"runs": runs, **ppl_csv_tables(rows)}
     if any(r["zeroshot_avg"] for r in rows):
         tables["zeroshot"] = zeroshot_table(rows)
+        csv_tables["zeroshot"] = zeroshot_csv_table(rows)
     written = {}
     for name, table in tables.items():
         (out / f"{name}.md").write_text(to_markdown(table))
         with (out / f"{name}.csv").open("w", newline="") as f:
-            csv.writer(f).writerows(table)
+            csv.writer(f).writerows(csv_tables[name])
         written[name] = out / f"{name}.md"
     return written
 
@@ -279,17 +357,26 @@ def write_plots(rows: list[dict], out: Path) -> list[Path]:
             label = f"{model} {sparsifier} (calib {calib})"
             sparse = [r["ppl"][corpus].get("sparse") for r in rs]
             spon = [r["ppl"][corpus].get("spon") for r in rs]
+            ppl_ci = [(r["ppl_ci"].get(corpus) or {}) for r in rs]
             line = ax_ppl.plot(xs, sparse, "o--", label=f"{label}")[0]
+            color = line.get_color()
+            _error_bars(ax_ppl, xs, sparse, [ci.get("sparse") for ci in ppl_ci], color)
             if any(v is not None for v in spon):
-                ax_ppl.plot(xs, spon, "o-", color=line.get_color(), label=f"{label} + SPON x{count}")
+                ax_ppl.plot(xs, spon, "o-", color=color, label=f"{label} + SPON x{count}")
+                _error_bars(ax_ppl, xs, spon, [ci.get("spon") for ci in ppl_ci], color)
                 gaps = [r["gap_closure"].get(corpus) for r in rs]
-                ax_gap.plot(xs, [g * 100 if g is not None else None for g in gaps], "o-", color=line.get_color(),
+                ax_gap.plot(xs, [g * 100 if g is not None else None for g in gaps], "o-", color=color,
                             label=f"{label} x{count}")
-            dense = [r["ppl"][corpus].get("dense") for r in rs if r["ppl"][corpus].get("dense") is not None]
+                _error_bars(ax_gap, xs, gaps, [r["gap_closure_ci"].get(corpus) for r in rs], color, scale=100)
+            dense = [(r["ppl"][corpus]["dense"], ci.get("dense")) for r, ci in zip(rs, ppl_ci)
+                     if r["ppl"][corpus].get("dense") is not None]
             if dense:
-                ax_ppl.axhline(dense[0], color=line.get_color(), linewidth=0.8, linestyle=":")
+                ax_ppl.axhline(dense[0][0], color=color, linewidth=0.8, linestyle=":")
+                if interval(dense[0][1]) is not None:
+                    ax_ppl.axhspan(*interval(dense[0][1]), color=color, alpha=0.1, linewidth=0)
         ax_ppl.set(xlabel="target sparsity (%)", ylabel=f"perplexity ({corpus})", yscale="log",
-                   title="perplexity: sparse (dashed), +SPON (solid), dense (dotted)")
+                   title="perplexity: sparse (dashed), +SPON (solid), dense (dotted)\n"
+                         "bars, band: 95 % interval where the run has one")
         ax_gap.set(xlabel="target sparsity (%)", ylabel="gap closure (%)", title="SPON gap closure")
         for ax in (ax_ppl, ax_gap):
             ax.grid(alpha=0.3)
@@ -300,6 +387,18 @@ def write_plots(rows: list[dict], out: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _error_bars(ax, xs, ys, cis, color, scale=1.0) -> None:
+    """Error bars at the points that have an interval (none for older runs). Drawn from the
+    interval's ends, which need not be symmetric about the point; an end on the wrong side
+    of the point (possible for a bootstrap interval) draws as zero length, not an error."""
+    pts = [(x, y, interval(ci)) for x, y, ci in zip(xs, ys, cis) if not _missing(y) and interval(ci) is not None]
+    if not pts:
+        return
+    ax.errorbar([x for x, _, _ in pts], [y * scale for _, y, _ in pts], fmt="none", ecolor=color, capsize=3,
+                elinewidth=0.8, yerr=[[max(0.0, (y - lo) * scale) for _, y, (lo, _) in pts],
+                                      [max(0.0, (hi - y) * scale) for _, y, (_, hi) in pts]])
 
 
 def main(argv: list[str] | None = None) -> int:

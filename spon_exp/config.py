@@ -138,10 +138,23 @@ class ZeroshotConfig:
 
 
 @dataclass
+class BootstrapConfig:
+    # 95 % intervals on every figure: paired bootstrap over evaluation blocks / documents
+    resamples: int = 1000
+    confidence: float = 0.95
+    seed: int = 0
+
+
+@dataclass
 class EvalConfig:
     ppl: PplConfig = field(default_factory=PplConfig)
     zeroshot: ZeroshotConfig = field(default_factory=ZeroshotConfig)
     variants: list[str] = field(default_factory=lambda: ["dense", "sparse", "spon"])
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
+    # re-evaluate the sparse model with every threshold scaled by 1 +- sensitivity_perturbation
+    # (first corpus) and record the spread: how much of a difference is numerical chaos
+    sensitivity: bool = False
+    sensitivity_perturbation: float = 1e-6
 
 
 @dataclass
@@ -231,6 +244,10 @@ def validate(cfg) -> None:
         (cfg.spon.schedule in ("constant", "cosine", "linear"), f"spon.schedule must be constant, cosine or linear, got {cfg.spon.schedule!r}"),
         (cfg.logger.backend in ("none", "wandb"), f"logger.backend must be none or wandb, got {cfg.logger.backend!r}"),
         (set(cfg.eval.variants) <= {"dense", "sparse", "spon"}, f"eval.variants must be among dense/sparse/spon, got {list(cfg.eval.variants)}"),
+        (cfg.eval.bootstrap.resamples >= 100, f"eval.bootstrap.resamples must be >= 100, got {cfg.eval.bootstrap.resamples}"),
+        (0 < cfg.eval.bootstrap.confidence < 1, f"eval.bootstrap.confidence must be in (0, 1), got {cfg.eval.bootstrap.confidence}"),
+        (0 < cfg.eval.sensitivity_perturbation < 0.1,
+         f"eval.sensitivity_perturbation is a small relative change (e.g. 1e-6), got {cfg.eval.sensitivity_perturbation}"),
     ]
     for ok, message in checks:
         if not ok:

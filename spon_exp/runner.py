@@ -22,12 +22,13 @@ from omegaconf import DictConfig, OmegaConf
 from spon_exp import __version__
 from spon_exp.config import validate
 from spon_exp.tracking.files import ENV, METRICS, RESULTS, MetricsWriter, environment, read_json, write_json_atomic
-from spon_exp.tracking.identity import alpha_key, config_hash, plain, sparsifier_key
+from spon_exp.tracking.identity import alpha_key, config_hash, dense_key, plain, sparsifier_key
 from spon_exp.tracking.wandb_logger import Tracker
 
 log = logging.getLogger(__name__)
 
 ALPHA_FILE = "alpha.safetensors"
+UNITS_FILE = "eval_units.safetensors"  # per-block NLLs and per-document scores behind the intervals
 
 
 class Timer:
@@ -123,18 +124,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
 
 def _run_stages(cfg: DictConfig, run_dir: Path, results: dict, timer: Timer, metrics: MetricsWriter,
                 tracker: Tracker) -> None:
-    from safetensors.torch import load_file, save_file
-
     from spon_exp.data.corpora import token_blocks
-    from spon_exp.evaluation.perplexity import PerplexityProtocol, gap_closure, perplexity
     from spon_exp.models.loading import load_model
-    from spon_exp.sparsifiers import build_sparsifier
-    from spon_exp.spon import Spon, dense_mode, export_checkpoint, fold_alpha, save_sparse_state
-    from spon_exp.spon.fold import STATE_FILE, read_sparse_state
+    from spon_exp.spon import export_checkpoint, fold_alpha_checked, save_sparse_state
 
-    zeroshot_tasks = list(cfg.eval.zeroshot.tasks)  # validated in validate(), before the model loads
     torch.manual_seed(cfg.seed)
-    cache = Path(cfg.paths.cache)
     with timer.stage("load_model"):
         loaded = load_model(cfg.model.path, cfg.model.dtype, cfg.model.device, cfg.model.device_map)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -148,102 +142,248 @@ def _run_stages(cfg: DictConfig, run_dir: Path, results: dict, timer: Timer, met
         if calib.shape[0] < cfg.calib.num_sequences:
             log.warning("Corpus %s has only %d calibration sequences of %d tokens (asked for %d)",
                         cfg.calib.corpus, calib.shape[0], cfg.calib.seq_len, cfg.calib.num_sequences)
-        ppl_data = {c: _ppl_data(tokenizer, c, cfg) for c in cfg.eval.ppl.corpora}
-    protocol = PerplexityProtocol(protocol=cfg.eval.ppl.protocol, seq_len=cfg.eval.ppl.seq_len,
-                                  context=cfg.eval.ppl.context, window=cfg.eval.ppl.window,
-                                  batch_size=cfg.eval.ppl.batch_size)
-    ppl = results["ppl"] = {c: {} for c in ppl_data}
+        evaluation = Evaluation(cfg, model, tokenizer, timer, metrics)
 
-    sparsifier = spon = None
-    if not dense_only:
-        sparsifier = build_sparsifier(cfg.sparsifier.name, **sparsifier_kwargs(cfg)).attach(model)
-        skey = sparsifier_key(cfg)
-        state_dir = cache / "sparsifier" / skey
-        with timer.stage("calibrate"):
-            if (state_dir / STATE_FILE).exists():
-                sparsifier.load_state_dict(read_sparse_state(state_dir)[1])
-                results["cache"]["sparsifier"] = "hit"
-            else:
-                threshold_batches = calib[: cfg.calib.threshold_sequences].split(cfg.calib.batch_size)
-                sparsifier.calibrate(model, threshold_batches)
-                save_sparse_state(state_dir, sparsifier)
-                results["cache"]["sparsifier"] = "miss"
-        results["cache"]["sparsifier_key"] = skey
-
-    def evaluate(variant: str) -> None:
-        with timer.stage(f"eval_ppl_{variant}"):
-            for i, (corpus, data) in enumerate(ppl_data.items()):
-                measure = variant == "sparse" and i == 0
-                with sparsifier.measuring() if measure else contextlib.nullcontext():
-                    ppl[corpus][variant] = perplexity(model, data, protocol, desc=f"perplexity {corpus} ({variant})")
-                if measure:
-                    m = sparsifier.measured_sparsity()
-                    results["sparsity"].update(measured=m["model"], per_layer=m["per_layer"], measured_on=corpus)
-                metrics.write("ppl", corpus=corpus, variant=variant, value=ppl[corpus][variant])
-                log.info("perplexity %s %s: %.3f", corpus, variant, ppl[corpus][variant])
-
-    zeroshot = {}
-
-    def evaluate_zeroshot(variant: str) -> None:
-        if not zeroshot_tasks:
-            return
-        from spon_exp.evaluation.zeroshot import evaluate_zeroshot as run_lm_eval
-
-        z = cfg.eval.zeroshot
-        with timer.stage(f"eval_zeroshot_{variant}"):
-            zeroshot[variant] = run_lm_eval(model, tokenizer, zeroshot_tasks, batch_size=z.batch_size,
-                                            num_fewshot=z.num_fewshot, limit=z.limit, source=z.source)
-
-    for variant in ("dense", "sparse"):
-        if variant in variants:
-            with dense_mode(sparsifier) if variant == "dense" else contextlib.nullcontext():
-                evaluate(variant)
-                evaluate_zeroshot(variant)
+    sparsifier = None if dense_only else _calibrate(cfg, model, calib, results, timer)
+    if "dense" in variants:
+        _dense_baseline(cfg, evaluation, sparsifier, results)
+        results.update(evaluation.summary())  # kept if a later stage fails
+    if "sparse" in variants:
+        evaluation.run("sparse", measure=sparsifier)
+        results["sparsity"].update(evaluation.measured)
+        results.update(evaluation.summary())
+        if cfg.eval.sensitivity:
+            with timer.stage("sensitivity"):
+                results["sensitivity"] = evaluation.sensitivity(sparsifier, cfg.eval.sensitivity_perturbation)
 
     biases = None
     if use_spon:
-        spon = Spon(sparsifier, cfg.spon.count, cfg.spon.projections)
-        akey = alpha_key(cfg)
-        alpha_dir = cache / "alpha" / akey
-        alpha_dir.mkdir(parents=True, exist_ok=True)
-        results["cache"]["alpha_key"] = akey
-        with timer.stage("train_alpha"):
-            if (alpha_dir / ALPHA_FILE).exists():
-                spon.load_alpha_state(load_file(str(alpha_dir / ALPHA_FILE)))
-                results["cache"]["alpha"] = "hit"
-                train_info = read_json(alpha_dir / "train.json") or {}
-            else:
-                results["cache"]["alpha"] = "miss"
-                train_info = _train(cfg, model, sparsifier, spon, calib, alpha_dir, metrics, tracker)
-                save_file(spon.alpha_state(), str(alpha_dir / (ALPHA_FILE + ".tmp")))
-                (alpha_dir / (ALPHA_FILE + ".tmp")).replace(alpha_dir / ALPHA_FILE)
-                write_json_atomic(alpha_dir / "train.json", train_info)
-                (alpha_dir / "train.ckpt").unlink(missing_ok=True)
-        results["spon"] = {"count": cfg.spon.count, "projections": cfg.spon.projections,
-                           "num_parameters": spon.num_parameters(), **train_info}
-        shutil.copyfile(alpha_dir / ALPHA_FILE, run_dir / ALPHA_FILE)
+        spon = _spon(cfg, model, sparsifier, calib, run_dir, results, timer, metrics, tracker)
         with timer.stage("fold"):
-            biases = fold_alpha(spon)
+            ids, where = evaluation.first_batch(calib)
+            biases, results["fold"] = fold_alpha_checked(model, spon, ids, checked_on=where)
         if "spon" in variants:
-            evaluate("spon")
-            evaluate_zeroshot("spon")
+            evaluation.run("spon")
 
-    for corpus, values in ppl.items():
-        g = gap_closure(values.get("dense"), values.get("sparse"), values.get("spon"))
-        if g is not None:
-            results["gap_closure"][corpus] = g
-    if zeroshot:
-        results["zeroshot"] = _zeroshot_summary(zeroshot)
-
+    results.update(evaluation.summary())
+    evaluation.save_units(run_dir / UNITS_FILE)
     if sparsifier is not None and cfg.save_export:
         with timer.stage("export"):
             save_sparse_state(run_dir / "export", sparsifier, biases,
                               extra_meta={"model": cfg.model.path, "config_hash": results["config_hash"]})
             if cfg.save_checkpoint:
                 results["checkpoint"] = str(export_checkpoint(model, tokenizer, run_dir / "export" / "checkpoint"))
-    bad = [f"{c}/{v}" for c, vs in ppl.items() for v, x in vs.items() if not math.isfinite(x)]
+    bad = [f"{c}/{v}" for c, vs in results["ppl"].items() for v, x in vs.items() if not math.isfinite(x)]
     if bad:
         log.warning("Non-finite perplexity for %s", bad)
+
+
+def _calibrate(cfg: DictConfig, model, calib: torch.Tensor, results: dict, timer: Timer):
+    """Attach the sparsifier and calibrate it, or load its cached state."""
+    from spon_exp.sparsifiers import build_sparsifier
+    from spon_exp.spon import save_sparse_state
+    from spon_exp.spon.fold import STATE_FILE, read_sparse_state
+
+    sparsifier = build_sparsifier(cfg.sparsifier.name, **sparsifier_kwargs(cfg)).attach(model)
+    skey = sparsifier_key(cfg)
+    state_dir = Path(cfg.paths.cache) / "sparsifier" / skey
+    with timer.stage("calibrate"):
+        if (state_dir / STATE_FILE).exists():
+            sparsifier.load_state_dict(read_sparse_state(state_dir)[1])
+            results["cache"]["sparsifier"] = "hit"
+        else:
+            threshold_batches = calib[: cfg.calib.threshold_sequences].split(cfg.calib.batch_size)
+            sparsifier.calibrate(model, threshold_batches)
+            save_sparse_state(state_dir, sparsifier)
+            results["cache"]["sparsifier"] = "miss"
+    results["cache"]["sparsifier_key"] = skey
+    return sparsifier
+
+
+def _dense_baseline(cfg: DictConfig, evaluation: Evaluation, sparsifier, results: dict) -> None:
+    """Evaluate the dense model, or read it from the dense cache (shared by a sweep's runs)."""
+    from spon_exp.evaluation.dense_cache import load_dense, save_dense
+    from spon_exp.spon import dense_mode
+
+    dkey = dense_key(cfg)
+    dense_dir = Path(cfg.paths.cache) / "dense" / dkey
+    cached = load_dense(dense_dir, evaluation.corpora, want_zeroshot=bool(evaluation.zeroshot_tasks))
+    results["cache"]["dense_key"] = dkey
+    if cached is not None:
+        evaluation.restore("dense", *cached)
+        results["cache"]["dense"] = "hit"
+        return
+    with dense_mode(sparsifier):
+        evaluation.run("dense")
+    save_dense(dense_dir, {c: b["dense"] for c, b in evaluation.blocks.items()}, evaluation.zeroshot.get("dense"))
+    results["cache"]["dense"] = "miss"
+
+
+def _spon(cfg: DictConfig, model, sparsifier, calib: torch.Tensor, run_dir: Path, results: dict, timer: Timer,
+          metrics: MetricsWriter, tracker: Tracker):
+    """Build the SPON alphas and train them, or load them from the alpha cache."""
+    from safetensors.torch import load_file, save_file
+
+    from spon_exp.spon import Spon
+
+    spon = Spon(sparsifier, cfg.spon.count, cfg.spon.projections)
+    akey = alpha_key(cfg)
+    alpha_dir = Path(cfg.paths.cache) / "alpha" / akey
+    alpha_dir.mkdir(parents=True, exist_ok=True)
+    results["cache"]["alpha_key"] = akey
+    with timer.stage("train_alpha"):
+        if (alpha_dir / ALPHA_FILE).exists():
+            spon.load_alpha_state(load_file(str(alpha_dir / ALPHA_FILE)))
+            results["cache"]["alpha"] = "hit"
+            train_info = read_json(alpha_dir / "train.json") or {}
+        else:
+            results["cache"]["alpha"] = "miss"
+            train_info = _train(cfg, model, sparsifier, spon, calib, alpha_dir, metrics, tracker)
+            save_file(spon.alpha_state(), str(alpha_dir / (ALPHA_FILE + ".tmp")))
+            (alpha_dir / (ALPHA_FILE + ".tmp")).replace(alpha_dir / ALPHA_FILE)
+            write_json_atomic(alpha_dir / "train.json", train_info)
+            (alpha_dir / "train.ckpt").unlink(missing_ok=True)
+    results["spon"] = {"count": cfg.spon.count, "projections": cfg.spon.projections,
+                       "num_parameters": spon.num_parameters(), **train_info}
+    shutil.copyfile(alpha_dir / ALPHA_FILE, run_dir / ALPHA_FILE)
+    return spon
+
+
+class Evaluation:
+    """Evaluates the model as it currently is (hooks as set) under a variant's name, and keeps
+    what the paired intervals resample: each corpus's per-block NLLs and each zero-shot task's
+    per-document scores, per variant."""
+
+    def __init__(self, cfg: DictConfig, model, tokenizer, timer: Timer, metrics: MetricsWriter):
+        from spon_exp.evaluation.perplexity import PerplexityProtocol
+
+        self.model, self.tokenizer, self.timer, self.metrics = model, tokenizer, timer, metrics
+        p = cfg.eval.ppl
+        self.protocol = PerplexityProtocol(protocol=p.protocol, seq_len=p.seq_len, context=p.context,
+                                           window=p.window, batch_size=p.batch_size)
+        self.data = {c: _ppl_data(tokenizer, c, cfg) for c in p.corpora}
+        self.corpora = list(self.data)
+        self.zeroshot_cfg = cfg.eval.zeroshot
+        self.zeroshot_tasks = list(cfg.eval.zeroshot.tasks)  # validated before the model loaded
+        self.bootstrap = cfg.eval.bootstrap
+        self.blocks: dict[str, dict] = {c: {} for c in self.data}
+        self.zeroshot: dict[str, dict] = {}
+        self.measured: dict = {}
+
+    def run(self, variant: str, measure=None) -> None:
+        """Perplexity on every corpus (+ zero-shot); with ``measure`` (a sparsifier), its
+        measured sparsity on the first corpus goes to :attr:`measured`."""
+        from spon_exp.evaluation.perplexity import block_nll
+
+        with self.timer.stage(f"eval_ppl_{variant}"):
+            for i, (corpus, data) in enumerate(self.data.items()):
+                counting = measure is not None and i == 0
+                with measure.measuring() if counting else contextlib.nullcontext():
+                    self.blocks[corpus][variant] = block_nll(self.model, data, self.protocol,
+                                                             desc=f"perplexity {corpus} ({variant})")
+                if counting:
+                    m = measure.measured_sparsity()
+                    self.measured = {"measured": m["model"], "per_layer": m["per_layer"], "measured_on": corpus}
+                self._logged(corpus, variant)
+        if self.zeroshot_tasks:
+            from spon_exp.evaluation.zeroshot import evaluate_zeroshot
+
+            z = self.zeroshot_cfg
+            with self.timer.stage(f"eval_zeroshot_{variant}"):
+                self.zeroshot[variant] = evaluate_zeroshot(self.model, self.tokenizer, self.zeroshot_tasks,
+                                                           batch_size=z.batch_size, num_fewshot=z.num_fewshot,
+                                                           limit=z.limit, source=z.source)
+
+    def restore(self, variant: str, blocks: dict, zeroshot: dict | None) -> None:
+        """Take a variant's results from a cache instead of evaluating it."""
+        for corpus, b in blocks.items():
+            self.blocks[corpus][variant] = b
+            self._logged(corpus, variant, cached=True)
+        if zeroshot is not None:
+            self.zeroshot[variant] = zeroshot
+
+    def _logged(self, corpus: str, variant: str, cached: bool = False) -> None:
+        value = self.blocks[corpus][variant].perplexity
+        self.metrics.write("ppl", corpus=corpus, variant=variant, value=value, cached=cached)
+        log.info("perplexity %s %s: %.3f%s", corpus, variant, value, " (cached)" if cached else "")
+
+    def first_batch(self, fallback: torch.Tensor) -> tuple[torch.Tensor, str]:
+        """The first forward of the evaluation (the fold check's input) and its description."""
+        from spon_exp.evaluation.perplexity import first_batch
+
+        if not self.data:
+            ids = fallback[:1]
+            return ids, f"{ids.shape[0]} x {ids.shape[1]} calibration tokens"
+        corpus = self.corpora[0]
+        ids = first_batch(self.data[corpus], self.protocol)
+        return ids, f"{ids.shape[0]} x {ids.shape[1]} tokens of {corpus}"
+
+    def sensitivity(self, sparsifier, relative: float) -> dict:
+        """The sparse model's perplexity on the first corpus with every threshold scaled by
+        1 ± ``relative``: the spread is what numerical chaos alone does to the figure."""
+        from spon_exp.evaluation.perplexity import block_nll
+
+        corpus = self.corpora[0]
+        base = self.blocks[corpus]["sparse"].perplexity
+        perturbed = {}
+        for sign in (1, -1):
+            with sparsifier.thresholds_scaled(1 + sign * relative) as count:
+                if count == 0:
+                    return {"relative_perturbation": relative, "corpus": corpus, "sparse": base, "perturbed": {},
+                            "spread": None, "relative_spread": None,
+                            "note": f"{sparsifier.name} keeps no thresholds (top-k): nothing to perturb"}
+                perturbed[f"{sign * relative:+g}"] = block_nll(self.model, self.data[corpus], self.protocol,
+                                                                desc=f"sensitivity {sign * relative:+g}").perplexity
+        values = [base, *perturbed.values()]
+        spread = max(values) - min(values)
+        log.info("sensitivity: sparse perplexity %.4f, thresholds x(1 +- %g): %s (spread %.4f)", base, relative,
+                 ", ".join(f"{v:.4f}" for v in perturbed.values()), spread)
+        return {"relative_perturbation": relative, "corpus": corpus, "sparse": base, "perturbed": perturbed,
+                "spread": spread, "relative_spread": spread / base}
+
+    def summary(self) -> dict:
+        """``ppl``, ``ppl_ci``, ``gap_closure``, ``gap_closure_ci``, ``uncertainty`` and
+        ``zeroshot`` (with its intervals) for results.json."""
+        from spon_exp.evaluation.perplexity import gap_closure
+        from spon_exp.evaluation.uncertainty import Bootstrap, perplexity_intervals
+
+        boot = Bootstrap(self.bootstrap.resamples, self.bootstrap.confidence, self.bootstrap.seed)
+        out: dict = {"ppl": {}, "ppl_ci": {}, "gap_closure": {}, "gap_closure_ci": {},
+                     "uncertainty": {"method": "paired bootstrap", "units": "perplexity: evaluation blocks; "
+                                     "zero-shot: documents, within each task", "confidence": boot.confidence,
+                                     "resamples": boot.resamples, "seed": boot.seed,
+                                     "blocks": {c: next(iter(b.values())).nll.numel() if b else 0
+                                                for c, b in self.blocks.items()}}}
+        for corpus, variants in self.blocks.items():
+            values = {v: b.perplexity for v, b in variants.items()}
+            out["ppl"][corpus] = values
+            intervals = perplexity_intervals(variants, boot)
+            out["ppl_ci"][corpus] = intervals["ppl"]
+            g = gap_closure(values.get("dense"), values.get("sparse"), values.get("spon"))
+            if g is not None:
+                out["gap_closure"][corpus] = g
+                out["gap_closure_ci"][corpus] = intervals["gap_closure"]
+        if self.zeroshot:
+            out["zeroshot"] = _zeroshot_summary(self.zeroshot, boot)
+        return out
+
+    def save_units(self, path: Path) -> None:
+        """Every variant's per-block NLLs and per-document scores (``<corpus>.<variant>.nll``,
+        ``zeroshot.<variant>.<task>``): the units behind the intervals, for paired comparisons
+        across runs."""
+        from safetensors.torch import save_file
+
+        state = {}
+        for corpus, variants in self.blocks.items():
+            for variant, b in variants.items():
+                state.update(b.state(f"{corpus}.{variant}"))
+        for variant, r in self.zeroshot.items():
+            for task, scores in (r.get("item_scores") or {}).items():
+                state[f"zeroshot.{variant}.{task}"] = torch.tensor(scores, dtype=torch.float64)
+        if state:
+            tmp = path.with_name(path.name + ".tmp")
+            save_file(state, str(tmp))
+            tmp.replace(path)
 
 
 def _train(cfg, model, sparsifier, spon, calib, alpha_dir, metrics, tracker) -> dict:
@@ -269,7 +409,8 @@ def _train(cfg, model, sparsifier, spon, calib, alpha_dir, metrics, tracker) -> 
             "initial_kl": result.losses[0] if result.losses else None, "loss_curve": result.losses}
 
 
-def _zeroshot_summary(per_variant: dict) -> dict:
+def _zeroshot_summary(per_variant: dict, boot) -> dict:
+    from spon_exp.evaluation.uncertainty import zeroshot_intervals
     from spon_exp.evaluation.zeroshot import zeroshot_recovery
 
     out = {"variants": {}, "average": {}, "source": {}, "lm_eval_version": None}
@@ -284,26 +425,45 @@ def _zeroshot_summary(per_variant: dict) -> dict:
     if {"dense", "sparse", "spon"} <= avg.keys():
         recovery = zeroshot_recovery(avg["dense"], avg["sparse"], avg["spon"])
         out["recovery"] = recovery if math.isfinite(recovery) else None  # undefined when sparse == dense
+    items = {v: {t: torch.tensor(s, dtype=torch.float64) for t, s in (r.get("item_scores") or {}).items()}
+             for v, r in per_variant.items()}
+    if all(items.values()):
+        intervals = zeroshot_intervals(items, boot)
+        out.update(ci=intervals["ci"], average_ci=intervals["average_ci"])
+        if out.get("recovery") is not None:
+            out["recovery_ci"] = intervals["recovery_ci"]
     return out
 
 
 def summary_table(results: dict) -> str:
-    """The short table printed at the end of a run."""
+    """The short table printed at the end of a run (± half the 95 % interval)."""
+    from spon_exp.evaluation.uncertainty import format_with_interval
+
+    measured = results["sparsity"].get("measured")
     lines = [f"spon-exp run {results['config_hash']}  [{results['status']}]",
              f"model {results['model']['name']}  sparsifier {results['sparsifier']}  "
              f"target sparsity {results['sparsity']['target']}  measured "
-             + (f"{results['sparsity']['measured']:.3f}" if results["sparsity"].get("measured") is not None else "n/a"),
-             f"{'corpus':<14}{'dense':>10}{'sparse':>10}{'+SPON':>10}{'gap closed':>12}"]
+             + (f"{measured:.3f}" if measured is not None else "n/a"),
+             f"{'corpus':<14}{'dense':>18}{'sparse':>18}{'+SPON':>18}{'gap closed':>18}"]
     for corpus, v in results["ppl"].items():
-        def fmt(x):
-            return f"{x:>10.3f}" if x is not None else f"{'-':>10}"
-        g = results["gap_closure"].get(corpus)
-        lines.append(f"{corpus:<14}{fmt(v.get('dense'))}{fmt(v.get('sparse'))}{fmt(v.get('spon'))}"
-                     + (f"{g * 100:>11.1f}%" if g is not None else f"{'-':>12}"))
+        ci = (results.get("ppl_ci") or {}).get(corpus) or {}
+        cells = [format_with_interval(v.get(k), ci.get(k)) for k in ("dense", "sparse", "spon")]
+        gap = format_with_interval(results["gap_closure"].get(corpus),
+                                   (results.get("gap_closure_ci") or {}).get(corpus), digits=1, scale=100, suffix=" %")
+        lines.append(f"{corpus:<14}" + "".join(f"{c:>18}" for c in cells) + f"{gap:>18}")
     zs = results.get("zeroshot")
     if zs:
-        avg = zs["average"]
-        lines.append("zero-shot avg  " + "  ".join(f"{k} {v:.4f}" for k, v in avg.items())
-                     + (f"  recovery {zs['recovery'] * 100:.1f}%" if zs.get("recovery") is not None else ""))
+        avg_ci = zs.get("average_ci") or {}
+        lines.append("zero-shot avg  " + "  ".join(f"{k} {format_with_interval(v, avg_ci.get(k), digits=4)}"
+                                                   for k, v in zs["average"].items())
+                     + (f"  recovery {format_with_interval(zs['recovery'], zs.get('recovery_ci'), 1, 100, ' %')}"
+                        if zs.get("recovery") is not None else ""))
+    if results.get("fold"):
+        lines.append(f"fold check: max |logit difference| {results['fold']['max_abs_logit_diff']:g} "
+                     f"on {results['fold']['checked_on']}")
+    sens = results.get("sensitivity")
+    if sens and sens.get("spread") is not None:
+        lines.append(f"sensitivity: thresholds x(1 ± {sens['relative_perturbation']:g}) move sparse perplexity by up to "
+                     f"{sens['spread']:.4f} ({sens['relative_spread'] * 100:.2f} %)")
     lines.append("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in results["timings"].items()))
     return "\n".join(lines)

@@ -104,6 +104,15 @@ def check_results_schema(results):
     assert results["sparsity"]["target"] == 0.5
     assert abs(results["sparsity"]["measured"] - 0.5) < 0.05
     assert {"load_model", "calibrate", "train_alpha", "fold", "total"} <= results["timings"].keys()
+    # folding is exact, and was checked on the first evaluation batch
+    assert results["fold"]["max_abs_logit_diff"] == 0.0 and "tokens of" in results["fold"]["checked_on"]
+    # every figure has its 95 % interval, around the figure
+    assert results["uncertainty"]["confidence"] == 0.95
+    for corpus, values in results["ppl"].items():
+        for variant, value in values.items():
+            lo, hi = results["ppl_ci"][corpus][variant]
+            assert lo < hi and lo <= value * 1.02 and value <= hi * 1.02
+        assert corpus in results["gap_closure_ci"]
 
 
 def test_end_to_end_run_folder_and_offline_wandb(tmp_path):
@@ -118,6 +127,9 @@ def test_end_to_end_run_folder_and_offline_wandb(tmp_path):
     zs = on_disk["zeroshot"]
     assert set(zs["variants"]) == {"dense", "sparse", "spon"} and zs["source"] == {"piqa": "offline"}
     assert all(0 <= zs["average"][v] <= 1 for v in zs["variants"]) and zs["lm_eval_version"]
+    assert set(zs["ci"]) == {"dense", "sparse", "spon"} and set(zs["ci"]["spon"]) == {"piqa"}
+    assert set(zs["average_ci"]) == {"dense", "sparse", "spon"}
+    assert (run_dir / "eval_units.safetensors").exists()
     for name in ("config.yaml", "env.json", "metrics.jsonl", "alpha.safetensors", "export/sparse_state.safetensors"):
         assert (run_dir / name).exists(), name
     env = json.loads((run_dir / "env.json").read_text())
@@ -144,6 +156,24 @@ def test_second_run_reuses_cached_thresholds_and_alpha(tmp_path):
     third = run(strip_hydra(compose_cfg(SMALL + ["logger=none", "eval.ppl.max_sequences=2"], tmp_path)), tmp_path / "c")
     assert third["cache"]["sparsifier"] == "hit" and third["cache"]["alpha"] == "hit"
     assert third["config_hash"] != first["config_hash"]
+
+
+def test_sensitivity_check_and_a_damaged_dense_cache_is_recomputed(tmp_path):
+    first = run(strip_hydra(compose_cfg(SMALL + ["logger=none", "eval.sensitivity=true"], tmp_path)), tmp_path / "a")
+    sens = first["sensitivity"]
+    assert sens["relative_perturbation"] == 1e-6 and set(sens["perturbed"]) == {"+1e-06", "-1e-06"}
+    values = [sens["sparse"], *sens["perturbed"].values()]
+    assert sens["spread"] == pytest.approx(max(values) - min(values))
+    assert sens["sparse"] == first["ppl"]["wikipedia"]["sparse"]
+    assert "sensitivity" in first["timings"]
+    dense_dir = Path(first["cache"]["dense_key"]).name
+    blocks = tmp_path / "outputs" / "cache" / "dense" / dense_dir / "blocks.safetensors"
+    blocks.write_bytes(blocks.read_bytes()[:20])  # truncated
+    second = run(strip_hydra(compose_cfg(SMALL + ["logger=none", "seed=1"], tmp_path)), tmp_path / "b")
+    assert second["cache"]["dense"] == "miss"  # recomputed, not an error
+    assert second["ppl"]["wikipedia"]["dense"] == first["ppl"]["wikipedia"]["dense"]
+    third = run(strip_hydra(compose_cfg(SMALL + ["logger=none", "seed=2"], tmp_path)), tmp_path / "c")
+    assert third["cache"]["dense"] == "hit"
 
 
 def test_failed_run_leaves_failed_results_and_never_overwrites_another_run(tmp_path):

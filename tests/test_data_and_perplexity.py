@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 from spon_exp.data.corpora import CorpusError, check_corpus, load_passages, token_blocks, token_stream
 from spon_exp.data.tokenizer import byte_tokenizer
-from spon_exp.evaluation.perplexity import (PerplexityProtocol, gap_closure, perplexity, perplexity_report,
-                                            perplexity_sliding)
+from spon_exp.evaluation.perplexity import (PerplexityProtocol, block_nll, block_nll_sliding, gap_closure,
+                                            perplexity, perplexity_report)
 from spon_exp.models.loading import ModelNotFoundError, check_model_path
 from spon_exp.sparsifiers import build_sparsifier
 from tests.helpers import random_ids, tiny
@@ -80,14 +80,25 @@ def test_chunk_perplexity_matches_naive():
     assert ppl == pytest.approx(naive_ppl(model, ids), rel=1e-5)
 
 
+def test_block_nll_holds_each_blocks_summed_nll():
+    model = tiny().model
+    ids = random_ids(6, 24)
+    blocks = block_nll(model, ids, PerplexityProtocol(seq_len=24, batch_size=4, logits_chunk_tokens=17))
+    assert blocks.tokens.tolist() == [23] * 6
+    for i in range(6):
+        assert float(blocks.nll[i]) == pytest.approx(naive_ppl_nll(model, ids[i]), rel=1e-5)
+    windows = block_nll(model, ids.reshape(-1), PerplexityProtocol(protocol="sliding", context=8, window=50))
+    assert windows.tokens.tolist() == [50, 50, 43]  # 143 targets in windows of 50
+
+
 def test_sliding_window_scores_each_token_once_with_context():
     model = tiny().model
     stream = random_ids(1, 100).reshape(-1)
     # context large enough to cover the stream: equals one full-sequence pass
-    full = perplexity_sliding(model, stream, context=1000, window=30)
+    full = block_nll_sliding(model, stream, context=1000, window=30).perplexity
     assert full == pytest.approx(naive_ppl(model, stream[None]), rel=1e-5)
     # with one token of context each window is an independent chunk of window+1 tokens
-    no_ctx = perplexity_sliding(model, stream[:91], context=0, window=30)
+    no_ctx = block_nll_sliding(model, stream[:91], context=0, window=30).perplexity
     chunks = [stream[i:i + 31] for i in range(0, 90, 30)]
     nll = sum(naive_ppl_nll(model, c) for c in chunks) / 90
     assert no_ctx == pytest.approx(math.exp(nll), rel=1e-5)

@@ -48,4 +48,4 @@ def test_teal_raises_perplexity_and_spon_lowers_it_on_the_evaluation_split(packa
     assert report["dense"] < report["spon"] < report["sparse"]
     assert report["gap_closure"] > 0.05
     sp.detach()
-    spon.remove_hooks()
+    spon.detach()

@@ -4,7 +4,8 @@ import torch.nn.functional as F
 
 from spon_exp.models.loading import load_model
 from spon_exp.sparsifiers import build_sparsifier
-from spon_exp.spon import Spon, TrainConfig, export_checkpoint, fold_alpha, load_sparse_state, save_sparse_state, train_alpha
+from spon_exp.spon import (FoldMismatchError, Spon, TrainConfig, export_checkpoint, fold_alpha, fold_alpha_checked,
+                           load_sparse_state, save_sparse_state, train_alpha)
 from spon_exp.spon.alpha import dense_mode
 from spon_exp.spon.train import AlphaTrainingError, final_hidden, kl_loss
 from tests.helpers import FAMILIES, random_ids, tiny
@@ -40,7 +41,7 @@ def test_spon_adds_w_times_sum_alpha():
     x = torch.randn(3, p.module.in_features)
     with sp.disabled():
         out = p.module(x)
-    expected = F.linear(x, p.module.weight, p.module.bias) + p.module.weight @ spon.alpha(p).sum(0)
+    expected = F.linear(x, p.module.weight, spon.original_bias(p)) + p.module.weight @ spon.alpha(p).sum(0)
     assert torch.allclose(out, expected, atol=1e-6)
 
 
@@ -161,18 +162,66 @@ def trained(family):
     return lm, sp, spon, ids
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("method", ["teal", "wina", "rsparse", "larosa"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_folding_preserves_logits(family):
-    lm, sp, spon, ids = trained(family)
+def test_folded_model_computes_the_trained_models_logits_bit_for_bit(family, method, dtype):
+    """α enters as the bias that folding stores: the model SPON was trained and evaluated
+    with and the folded model give identical logits (a difference in the last bit would be
+    amplified by the thresholds)."""
+    lm = load_model(f"tiny-random:{family}", dtype=dtype)
+    sp = build_sparsifier(method, sparsity=0.5).attach(lm.model)
+    ids = random_ids(8, 32)
+    sp.calibrate(lm.model, ids.split(4))
+    spon = Spon(sp, 2)
+    train_alpha(lm.model, sp, spon, ids, TrainConfig(lr=3e-2, steps=3, batch_size=4))
     with torch.no_grad():
         before = lm.model(ids).logits
         with spon.disabled():
             sparse_only = lm.model(ids).logits
-        fold_alpha(spon)
+    biases, report = fold_alpha_checked(lm.model, spon, ids[:4], checked_on="test batch")
+    with torch.no_grad():
         after = lm.model(ids).logits
-    assert not torch.allclose(before, sparse_only, atol=1e-4)  # alpha really did something
-    assert (before - after).abs().max() <= 1e-4
-    assert not any(m._forward_hooks for m in lm.model.modules())
+    assert not torch.equal(before, sparse_only)  # alpha really did something
+    assert torch.equal(before, after)
+    assert report == {"max_abs_logit_diff": 0.0, "checked_on": "test batch"}
+    for p in spon.projections:  # plain layers again, holding the stored biases
+        assert type(p.module) is torch.nn.Linear and torch.equal(p.module.bias, biases[p.key])
+        assert p.module.bias.dtype == p.module.weight.dtype
+
+
+def test_fold_check_fails_loudly_when_logits_differ(monkeypatch):
+    lm, sp, spon, ids = trained("llama")
+    import spon_exp.spon.fold as fold
+
+    original = fold.fold_alpha
+
+    def off_by_one_ulp(s):
+        biases = original(s)
+        for p in s.projections:
+            p.module.bias.data = torch.nextafter(p.module.bias.data, torch.full_like(p.module.bias.data, 1e9))
+        return biases
+
+    monkeypatch.setattr(fold, "fold_alpha", off_by_one_ulp)
+    with pytest.raises(FoldMismatchError, match="changed the logits"):
+        fold_alpha_checked(lm.model, spon, ids[:4])
+
+
+def test_spon_detach_restores_the_original_layers():
+    lm = load_model("tiny-random:qwen2")  # q/k/v carry biases, the rest none
+    sp = build_sparsifier("teal", sparsity=0.5).attach(lm.model)
+    before = {n: (None if m.bias is None else m.bias.clone()) for n, m in lm.model.named_modules()
+              if isinstance(m, torch.nn.Linear)}
+    spon = Spon(sp, 1)
+    with torch.no_grad():
+        for a in spon.alphas.values():
+            a.normal_()
+    spon.detach()
+    after = {n: m.bias for n, m in lm.model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert before.keys() == after.keys()
+    for n, b in before.items():
+        assert (b is None and after[n] is None) or torch.equal(b, after[n]), n
+    assert all(type(p.module) is torch.nn.Linear for p in spon.projections)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -80,6 +80,12 @@ def test_relaunched_sweep_skips_finished_runs_and_reruns_failed(tmp_path):
     done = {p.parent.name: p.read_text() for p in sweep.glob("*/results.json")}
     assert set(done) == {"sparsity=0.4", "sparsity=0.6"}
     assert all(json.loads(t)["status"] == "ok" for t in done.values())
+    # the dense baseline is evaluated once, by the first run, and read back by the second
+    low, high = (json.loads(done[f"sparsity={s}"]) for s in ("0.4", "0.6"))
+    assert (low["cache"]["dense"], high["cache"]["dense"]) == ("miss", "hit")
+    assert low["ppl"]["wikipedia"]["dense"] == high["ppl"]["wikipedia"]["dense"]
+    assert low["ppl_ci"]["wikipedia"]["dense"] == high["ppl_ci"]["wikipedia"]["dense"]
+    assert "eval_ppl_dense" not in high["timings"]
     # mark one run failed: a re-launch must redo exactly that one
     failed = sweep / "sparsity=0.6" / "results.json"
     failed.write_text(json.dumps({**json.loads(done["sparsity=0.6"]), "status": "failed"}))

@@ -38,34 +38,55 @@ class PerplexityProtocol:
             raise ValueError(f"perplexity protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
 
 
+@dataclass
+class BlockNLL:
+    """Summed next-token NLL and scored-token count of every evaluation block (a ``chunks``
+    block or a ``sliding`` window): the perplexity, and the unit its bootstrap resamples."""
+
+    nll: torch.Tensor  # [blocks] float64
+    tokens: torch.Tensor  # [blocks] int64
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(float(self.nll.sum()) / int(self.tokens.sum()))
+
+    def state(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.nll": self.nll.contiguous(), f"{prefix}.tokens": self.tokens.contiguous()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor], prefix: str) -> BlockNLL:
+        return cls(state[f"{prefix}.nll"].to(torch.float64), state[f"{prefix}.tokens"].to(torch.int64))
+
+
 @torch.no_grad()
-def _nll_sum(model: nn.Module, ids: torch.Tensor, score_from: int, chunk: int) -> tuple[float, int]:
-    """Sum of next-token NLL over positions >= score_from (targets ids[:, score_from+1:])."""
+def _nll_rows(model: nn.Module, ids: torch.Tensor, score_from: int, chunk: int) -> torch.Tensor:
+    """Per row of ``ids``, the summed next-token NLL over positions >= score_from
+    (targets ids[:, score_from+1:]), as float64 [rows]."""
     head, cap = _head_and_softcap(model)
     h = final_hidden(model, ids)[:, score_from:-1]
+    rows, length = h.shape[0], h.shape[1]
     h = h.reshape(-1, h.shape[-1])
     targets = ids[:, score_from + 1:].reshape(-1)
-    total = 0.0
+    losses = torch.empty(h.shape[0], dtype=torch.float64)
     for s in range(0, h.shape[0], chunk):
         z = _logits(head, h[s:s + chunk], cap)
-        total += float(F.cross_entropy(z, targets[s:s + chunk].to(z.device), reduction="sum"))
-    return total, targets.numel()
+        losses[s:s + chunk] = F.cross_entropy(z, targets[s:s + chunk].to(z.device), reduction="none").double().cpu()
+    return losses.view(rows, length).sum(1)
 
 
-def perplexity_chunks(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4, chunk: int = 2048,
-                      desc: str | None = None) -> float:
+def block_nll_chunks(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4, chunk: int = 2048,
+                     desc: str | None = None) -> BlockNLL:
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for s in tqdm(range(0, blocks.shape[0], batch_size), desc=desc, disable=desc is None, leave=False):
-        nll, n = _nll_sum(model, blocks[s:s + batch_size].to(device), 0, chunk)
-        total, count = total + nll, count + n
-    return math.exp(total / count)
+    sums = [_nll_rows(model, blocks[s:s + batch_size].to(device), 0, chunk)
+            for s in tqdm(range(0, blocks.shape[0], batch_size), desc=desc, disable=desc is None, leave=False)]
+    nll = torch.cat(sums)
+    return BlockNLL(nll, torch.full_like(nll, blocks.shape[1] - 1, dtype=torch.int64))
 
 
-def perplexity_sliding(model: nn.Module, stream: torch.Tensor, context: int = 2048, window: int = 512,
-                       chunk: int = 2048, desc: str | None = None) -> float:
+def block_nll_sliding(model: nn.Module, stream: torch.Tensor, context: int = 2048, window: int = 512,
+                      chunk: int = 2048, desc: str | None = None) -> BlockNLL:
     """Every token of ``stream`` (after the first) scored exactly once, in windows of
     ``window`` targets, each predicted with up to ``context`` earlier tokens as context."""
     from tqdm.auto import tqdm
@@ -74,21 +95,34 @@ def perplexity_sliding(model: nn.Module, stream: torch.Tensor, context: int = 20
     stream = stream.reshape(-1).long()
     if stream.numel() < 2:
         raise ValueError("Token stream needs at least 2 tokens for perplexity")
-    total, count = 0.0, 0
+    nll, tokens = [], []
     for first in tqdm(range(1, stream.numel(), window), desc=desc, disable=desc is None, leave=False):
         last = min(first + window, stream.numel())  # targets are positions [first, last)
         begin = max(0, first - 1 - context)
-        nll, n = _nll_sum(model, stream[begin:last].unsqueeze(0).to(device), first - 1 - begin, chunk)
-        total, count = total + nll, count + n
-    return math.exp(total / count)
+        nll.append(_nll_rows(model, stream[begin:last].unsqueeze(0).to(device), first - 1 - begin, chunk))
+        tokens.append(last - first)
+    return BlockNLL(torch.cat(nll), torch.tensor(tokens, dtype=torch.int64))
+
+
+def block_nll(model: nn.Module, data: torch.Tensor, protocol: PerplexityProtocol, desc: str | None = None) -> BlockNLL:
+    """Per-block NLL of the model in its current state (hooks as they are) on ``data``:
+    ``[N, L]`` blocks for ``chunks``, a 1-D token stream for ``sliding``."""
+    if protocol.protocol == "chunks":
+        return block_nll_chunks(model, data, protocol.batch_size, protocol.logits_chunk_tokens, desc)
+    return block_nll_sliding(model, data, protocol.context, protocol.window, protocol.logits_chunk_tokens, desc)
+
+
+def first_batch(data: torch.Tensor, protocol: PerplexityProtocol) -> torch.Tensor:
+    """The first forward an evaluation makes (the fold check runs on it)."""
+    if protocol.protocol == "chunks":
+        return data[: protocol.batch_size]
+    stream = data.reshape(-1)
+    return stream[: min(stream.numel(), 1 + protocol.window)].unsqueeze(0)
 
 
 def perplexity(model: nn.Module, data: torch.Tensor, protocol: PerplexityProtocol, desc: str | None = None) -> float:
-    """Perplexity of the model in its current state (hooks as they are) on ``data``:
-    ``[N, L]`` blocks for ``chunks``, a 1-D token stream for ``sliding``."""
-    if protocol.protocol == "chunks":
-        return perplexity_chunks(model, data, protocol.batch_size, protocol.logits_chunk_tokens, desc)
-    return perplexity_sliding(model, data, protocol.context, protocol.window, protocol.logits_chunk_tokens, desc)
+    """Perplexity of the model in its current state on ``data`` (see :func:`block_nll`)."""
+    return block_nll(model, data, protocol, desc).perplexity
 
 
 #: Below this relative gap between sparse and dense perplexity the gap closure is undefined

@@ -217,6 +217,19 @@ def _pick_metric(preferred: str, metrics: dict) -> str:
     raise KeyError(f"No metric in {sorted(metrics)}")
 
 
+def _item_scores(samples: dict, lm_eval_name: str, metric: str) -> list[float]:
+    """Each evaluated document's score on ``metric`` (a group's leaf tasks concatenated),
+    in (task, doc_id) order: the same order for every model on the same tasks."""
+    leaves = [lm_eval_name] if lm_eval_name in samples else sorted(
+        k for k in samples if k.startswith(lm_eval_name + "_"))
+    scores = []
+    for leaf in leaves:
+        for doc in sorted(samples[leaf], key=lambda d: d["doc_id"]):
+            value = doc.get(metric)
+            scores.append(float(value) if isinstance(value, (int, float)) else float("nan"))
+    return scores
+
+
 def evaluate_zeroshot(model, tokenizer, tasks: str | Sequence[str] | Sequence[ResolvedTask] = None,
                       batch_size: int = 16, num_fewshot: int = 0, limit: int | float | None = None,
                       source: str = "auto", max_length: int | None = None,
@@ -230,8 +243,9 @@ def evaluate_zeroshot(model, tokenizer, tasks: str | Sequence[str] | Sequence[Re
 
     Returns ``{"tasks": {task: {metric: value}}, "paper_metric": {task: value},
     "metric_name": {task: metric}, "average": mean of paper metrics, "source": {task:
-    "hub"|"offline"}, "n_samples": {task: documents evaluated}, "lm_eval_version",
-    "limit", "num_fewshot", "batch_size", "seconds"}``.
+    "hub"|"offline"}, "n_samples": {task: documents evaluated}, "item_scores": {task: each
+    document's paper metric, in (task, doc_id) order}, "lm_eval_version", "limit",
+    "num_fewshot", "batch_size", "seconds"}`` (+ lm-eval's raw ``"samples"`` with ``log_samples``).
     """
     tasks = DEFAULT_TASKS if tasks is None else tasks
     if isinstance(tasks, str) or not all(isinstance(t, ResolvedTask) for t in tasks):
@@ -257,7 +271,7 @@ def evaluate_zeroshot(model, tokenizer, tasks: str | Sequence[str] | Sequence[Re
         out = lm_eval.simple_evaluate(
             model=lm, tasks=[t.lm_eval_name for t in resolved], num_fewshot=num_fewshot,
             limit=limit, task_manager=task_manager, bootstrap_iters=bootstrap_iters,
-            log_samples=log_samples)
+            log_samples=True)  # the per-document scores the intervals resample
     finally:
         if was_training:
             model.train()
@@ -267,7 +281,8 @@ def evaluate_zeroshot(model, tokenizer, tasks: str | Sequence[str] | Sequence[Re
 
     results = {**out.get("results", {}), **out.get("groups", {})}
     n_samples = out.get("n-samples", {})
-    table: dict = {"tasks": {}, "paper_metric": {}, "metric_name": {}, "source": {}, "n_samples": {}}
+    table: dict = {"tasks": {}, "paper_metric": {}, "metric_name": {}, "source": {}, "n_samples": {},
+                   "item_scores": {}}
     for t in resolved:
         if t.lm_eval_name not in results:
             raise KeyError(f"lm-eval returned no result for {t.lm_eval_name}")
@@ -283,6 +298,7 @@ def evaluate_zeroshot(model, tokenizer, tasks: str | Sequence[str] | Sequence[Re
             leaves = [v for k, v in n_samples.items() if k.startswith(prefix)]
             ns = {"effective": sum(v.get("effective", 0) for v in leaves)} if leaves else {}
         table["n_samples"][t.name] = ns.get("effective")
+        table["item_scores"][t.name] = _item_scores(out.get("samples", {}), t.lm_eval_name, metric)
     values = list(table["paper_metric"].values())
     table["average"] = float(sum(values) / len(values)) if values else float("nan")
     table.update(lm_eval_version=_lm_eval_version(), limit=limit, num_fewshot=num_fewshot,

@@ -121,6 +121,21 @@ class Sparsifier(Switchable):
             raise ValueError(f"{self.name} sparsifier has no state, got keys {sorted(state)[:5]}")
         self._refresh_consumers()
 
+    @contextlib.contextmanager
+    def thresholds_scaled(self, factor: float) -> Iterator[int]:
+        """Inside, every calibrated threshold (state entries ``threshold.*``) is multiplied by
+        ``factor``; yields how many there are (0 for a method without thresholds, e.g.
+        top-k). The numerical sensitivity check: ``factor = 1 + 1e-6``."""
+        state = self.state_dict()
+        keys = [k for k in state if k.startswith("threshold.")]
+        if keys:
+            self.load_state_dict({**state, **{k: state[k] * factor for k in keys}})
+        try:
+            yield len(keys)
+        finally:
+            if keys:
+                self.load_state_dict(state)
+
     def describe(self) -> dict:
         return {"name": self.name, "sparsity": self.sparsity, "token_policy": self.token_policy,
                 "token_fraction": self.token_fraction, "projections": self.projection_set}

@@ -33,21 +33,60 @@ META_FILE = "sparse_state.json"
 
 @torch.no_grad()
 def fold_alpha(spon: Spon) -> dict[str, torch.Tensor]:
-    """Fold each α into its projection's bias and remove the α hooks. Returns the biases."""
+    """Store each projection's SPON bias ``b + W·Σα`` as its plain bias and detach the α
+    path. The stored tensor is the one the attached SPON computed with, so the folded model's
+    logits equal the unfolded model's bit for bit (:func:`fold_alpha_checked` proves it).
+    Returns the biases."""
     if spon.folded:
         raise RuntimeError("These alphas are already folded")
-    biases = {}
+    biases = {p.key: spon.bias(p, spon.original_bias(p)).detach().clone() for p in spon.projections}
+    spon.detach()
     for p in spon.projections:
-        lin = p.module
-        offset = spon.offset(p).detach()
-        if lin.bias is None:
-            lin.bias = nn.Parameter(offset.clone(), requires_grad=False)
-        else:
-            lin.bias.add_(offset.to(lin.bias.dtype))
-        biases[p.key] = lin.bias.detach()
-    spon.remove_hooks()
+        p.module.bias = nn.Parameter(biases[p.key], requires_grad=False)
     spon.folded = True
     return biases
+
+
+class FoldMismatchError(RuntimeError):
+    """The folded model's logits differ from those of the model SPON was evaluated with."""
+
+
+@torch.no_grad()
+def _max_abs_logit_diff(model: nn.Module, hidden_a: torch.Tensor, hidden_b: torch.Tensor, chunk: int) -> float:
+    from spon_exp.spon.train import _head_and_softcap, _logits
+
+    head, cap = _head_and_softcap(model)
+    a, b = hidden_a.reshape(-1, hidden_a.shape[-1]), hidden_b.reshape(-1, hidden_b.shape[-1])
+    worst = 0.0
+    for s in range(0, a.shape[0], chunk):
+        diff = (_logits(head, a[s:s + chunk], cap) - _logits(head, b[s:s + chunk], cap)).abs().max()
+        worst = max(worst, float(diff))
+    return worst
+
+
+@torch.no_grad()
+def fold_alpha_checked(model: nn.Module, spon: Spon, ids: torch.Tensor, checked_on: str = "",
+                       chunk: int = 1024) -> tuple[dict[str, torch.Tensor], dict]:
+    """Fold, and prove on ``ids`` that folding left every logit unchanged.
+
+    Returns ``(biases, {"max_abs_logit_diff", "checked_on"})``; raises
+    :class:`FoldMismatchError` when any logit differs (the folded model would not be the
+    model whose numbers were reported)."""
+    from spon_exp.spon.train import final_hidden
+
+    if not spon.enabled:
+        raise RuntimeError("Switch SPON on before folding it: the check compares against the SPON model")
+    ids = ids.to(next(model.parameters()).device)
+    before = final_hidden(model, ids)
+    biases = fold_alpha(spon)
+    after = final_hidden(model, ids)
+    report = {"max_abs_logit_diff": _max_abs_logit_diff(model, before, after, chunk),
+              "checked_on": checked_on or f"{ids.shape[0]} x {ids.shape[-1]} tokens"}
+    if report["max_abs_logit_diff"] != 0.0:
+        raise FoldMismatchError(
+            f"Folding SPON into the biases changed the logits by up to {report['max_abs_logit_diff']:.3g} on "
+            f"{report['checked_on']}: the folded model is not the evaluated one (a bug; please report it)")
+    return biases, report
 
 
 def _atomic_write_bytes(path: Path, writer) -> None:

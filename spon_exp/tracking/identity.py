@@ -47,3 +47,13 @@ def alpha_key(cfg: DictConfig) -> str:
     spon = {k: v for k, v in c["spon"].items() if k != "checkpoint_every"}
     return _digest({"sparsifier": sparsifier_key(cfg), "spon": spon,
                     "calib": {k: c["calib"][k] for k in ("corpus", "seq_len", "num_sequences")}})
+
+
+def dense_key(cfg: DictConfig) -> str:
+    """What the dense baseline depends on: the weights as loaded and the evaluation settings
+    (not the sparsifier, the sparsity, SPON or the seed)."""
+    c = plain(cfg)
+    return _digest({
+        "model": {k: c["model"].get(k) for k in ("path", "dtype", "device", "device_map")},
+        "ppl": c["eval"]["ppl"], "zeroshot": c["eval"]["zeroshot"],
+    })

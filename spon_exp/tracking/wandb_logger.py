@@ -7,6 +7,7 @@ Offline by default (``logger=wandb_offline``): the run is written under the run 
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 log = logging.getLogger(__name__)
@@ -24,28 +25,116 @@ def grouping_keys(cfg) -> dict:
     }
 
 
+def interval(ci) -> tuple[float, float] | None:
+    """``(lo, hi)`` of a stored 95 % interval, or None when there is none: runs written before
+    intervals existed have no ``*_ci`` keys, and a statistic without a defined value (e.g. gap
+    closure with no gap) stores ``null``. Shared with ``spon-exp-collect``."""
+    if not isinstance(ci, (list, tuple)) or len(ci) != 2:
+        return None
+    lo, hi = ci
+    if not all(isinstance(v, (int, float)) and not math.isnan(v) for v in (lo, hi)):
+        return None
+    return float(lo), float(hi)
+
+
+def _ci_keys(key: str, ci) -> dict:
+    """``<key>_ci_low`` / ``<key>_ci_high`` beside a summary value: two scalars, so W&B can
+    plot and filter them (it cannot do either with a list)."""
+    pair = interval(ci)
+    return {} if pair is None else {f"{key}_ci_low": pair[0], f"{key}_ci_high": pair[1]}
+
+
 def summary_from_results(results: dict) -> dict:
     out = {}
+    ppl_ci = results.get("ppl_ci") or {}
     for corpus, values in (results.get("ppl") or {}).items():
         for variant, v in values.items():
             out[f"ppl/{corpus}/{variant}"] = v
+            out.update(_ci_keys(f"ppl/{corpus}/{variant}", (ppl_ci.get(corpus) or {}).get(variant)))
+    gap_ci = results.get("gap_closure_ci") or {}
     for corpus, v in (results.get("gap_closure") or {}).items():
         out[f"gap_closure/{corpus}"] = v
+        if v is not None:
+            out.update(_ci_keys(f"gap_closure/{corpus}", gap_ci.get(corpus)))
     sparsity = results.get("sparsity") or {}
     out["sparsity/target"] = sparsity.get("target")
     out["sparsity/measured"] = sparsity.get("measured")
-    zs = results.get("zeroshot") or {}
-    for variant, tasks in (zs.get("variants") or {}).items():
-        for task, metrics in tasks.items():
-            out[f"zeroshot/{variant}/{task}"] = metrics.get("paper_metric")
-    for variant, v in (zs.get("average") or {}).items():
-        out[f"zeroshot/{variant}/avg"] = v
-    if zs.get("recovery") is not None:
-        out["zeroshot/recovery"] = zs["recovery"]
+    out.update(_zeroshot_summary(results.get("zeroshot") or {}))
+    out["fold/max_abs_logit_diff"] = (results.get("fold") or {}).get("max_abs_logit_diff")
+    out["sensitivity/relative_spread"] = (results.get("sensitivity") or {}).get("relative_spread")
     for stage, v in (results.get("timings") or {}).items():
         out[f"timings/{stage}"] = v
     out["status"] = results.get("status")
     return {k: v for k, v in out.items() if v is not None}
+
+
+def _zeroshot_summary(zs: dict) -> dict:
+    out = {}
+    ci = zs.get("ci") or {}
+    for variant, tasks in (zs.get("variants") or {}).items():
+        for task, metrics in tasks.items():
+            out[f"zeroshot/{variant}/{task}"] = metrics.get("paper_metric")
+            out.update(_ci_keys(f"zeroshot/{variant}/{task}", (ci.get(variant) or {}).get(task)))
+    average_ci = zs.get("average_ci") or {}
+    for variant, v in (zs.get("average") or {}).items():
+        out[f"zeroshot/{variant}/avg"] = v
+        out.update(_ci_keys(f"zeroshot/{variant}/avg", average_ci.get(variant)))
+    if zs.get("recovery") is not None:
+        out["zeroshot/recovery"] = zs["recovery"]
+        out.update(_ci_keys("zeroshot/recovery", zs.get("recovery_ci")))
+    return out
+
+
+def results_from_summary(summary: dict, config: dict, state: str | None = None, run_id: str | None = None) -> dict:
+    """The part of a ``results.json`` that ``spon-exp-collect`` reads, rebuilt from a W&B run's
+    summary and config (the inverse of :func:`summary_from_results` and :func:`grouping_keys`),
+    so runs known only on W&B fill the same tables, intervals included."""
+    results = {
+        "status": summary.get("status", state), "config_hash": run_id,
+        "model": {"name": config.get("model_name")}, "sparsifier": config.get("sparsifier_name"),
+        "calib_corpus": config.get("calib_corpus"), "spon_count": config.get("spon_count"),
+        "seed": config.get("seed"),
+        "sparsity": {"target": config.get("target_sparsity"), "measured": summary.get("sparsity/measured")},
+        "ppl": {}, "ppl_ci": {}, "gap_closure": {}, "gap_closure_ci": {},
+        "zeroshot": {"variants": {}, "ci": {}, "average": {}, "average_ci": {}},
+    }
+    zs = results["zeroshot"]
+    for key, value in _without_ci(summary).items():
+        parts = key.split("/")
+        ci = _ci_from_summary(summary, key)
+        if parts[0] == "ppl" and len(parts) == 3:
+            results["ppl"].setdefault(parts[1], {})[parts[2]] = value
+            if ci:
+                results["ppl_ci"].setdefault(parts[1], {})[parts[2]] = ci
+        elif parts[0] == "gap_closure" and len(parts) == 2:
+            results["gap_closure"][parts[1]] = value
+            results["gap_closure_ci"][parts[1]] = ci
+        elif parts[0] == "zeroshot" and len(parts) == 3:
+            variant, name = parts[1], parts[2]
+            if name == "avg":
+                zs["average"][variant] = value
+                if ci:
+                    zs["average_ci"][variant] = ci
+            else:
+                zs["variants"].setdefault(variant, {})[name] = {"paper_metric": value}
+                if ci:
+                    zs["ci"].setdefault(variant, {})[name] = ci
+        elif key == "zeroshot/recovery":
+            zs["recovery"], zs["recovery_ci"] = value, ci
+        elif key == "fold/max_abs_logit_diff":
+            results["fold"] = {"max_abs_logit_diff": value}
+        elif key == "sensitivity/relative_spread":
+            results["sensitivity"] = {"relative_spread": value}
+    return results
+
+
+def _without_ci(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if not k.endswith(("_ci_low", "_ci_high"))}
+
+
+def _ci_from_summary(summary: dict, key: str) -> list | None:
+    lo, hi = summary.get(f"{key}_ci_low"), summary.get(f"{key}_ci_high")
+    return None if lo is None or hi is None else [lo, hi]
 
 
 class Tracker:
