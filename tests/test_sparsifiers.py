@@ -11,8 +11,8 @@ from spon_exp.models.adapters import find_decoder_blocks
 from spon_exp.sparsifiers import build_sparsifier
 from spon_exp.sparsifiers.larosa import rotation_from_covariance, site_sparsities
 from spon_exp.sparsifiers.rsparse import low_rank_factors, rsparse_keep_fraction, rsparse_rank
-from spon_exp.sparsifiers.teal import (BlockInputs, SiteRecorder, block_output_error, exact_threshold,
-                                       greedy_trajectory, relative_sizes)
+from spon_exp.sparsifiers.calibration import SiteRecorder, exact_threshold
+from spon_exp.sparsifiers.teal import BlockInputs, block_output_error, greedy_trajectory, relative_sizes
 from spon_exp.spon import Spon, TrainConfig, fold_alpha, load_sparse_state, save_sparse_state, train_alpha
 from tests.helpers import FAMILIES, random_ids, tiny
 
@@ -345,3 +345,25 @@ def test_spon_folds_exactly_and_export_round_trips(method, tmp_path):
     assert loaded.describe() == sp.describe()
     with torch.no_grad():
         assert torch.allclose(fresh.model(ids).logits, after, atol=1e-6)
+
+
+@pytest.mark.parametrize("method,thresholds", [("teal", 14), ("wina", 0), ("rsparse", 14), ("larosa", 0)])
+def test_thresholds_scaled_perturbs_every_threshold_and_restores_them(method, thresholds):
+    lm, sp, ids = calibrated(method)
+    state = sp.state_dict()
+    with torch.no_grad():
+        base = lm.model(ids).logits
+    with sp.thresholds_scaled(1.0) as count, torch.no_grad():
+        assert count == thresholds
+        assert torch.equal(lm.model(ids).logits, base)  # scaling by 1 changes nothing
+    with sp.thresholds_scaled(1.5) as count:
+        if count:
+            scaled = sp.state_dict()
+            assert all(float(scaled[k]) == pytest.approx(1.5 * float(v)) for k, v in state.items()
+                       if k.startswith("threshold."))
+            with torch.no_grad():
+                assert not torch.equal(lm.model(ids).logits, base)
+    after = sp.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+    with torch.no_grad():
+        assert torch.equal(lm.model(ids).logits, base)
