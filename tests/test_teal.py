@@ -4,7 +4,8 @@ import torch
 from spon_exp.models.adapters import Projection
 from spon_exp.sparsifiers import build_sparsifier
 from spon_exp.sparsifiers.base import check_sparsity
-from spon_exp.sparsifiers.teal import TealSparsifier, exact_threshold, histogram_threshold
+from spon_exp.sparsifiers.calibration import exact_threshold, histogram_threshold
+from spon_exp.sparsifiers.teal import TealSparsifier
 from tests.helpers import FAMILIES, random_ids, tiny
 
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from spon_exp.models.adapters import Projection
 from spon_exp.sparsifiers.base import Sparsifier, run_batches
-from spon_exp.sparsifiers.wina import keep_count, topk_mask
+from spon_exp.sparsifiers.scoring import keep_count, topk_mask
 
 ROTATED_SITES = ("qkv_input", "gate_up_input")
 SPLITS = ("reference", "balanced", "even")

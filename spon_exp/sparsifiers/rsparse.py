@@ -32,8 +32,8 @@ from torch import nn
 
 from spon_exp.models.adapters import Projection
 from spon_exp.sparsifiers.base import Sparsifier
-from spon_exp.sparsifiers.teal import calibration_passes, exact_threshold, record_inputs
-from spon_exp.sparsifiers.wina import ColumnNorms
+from spon_exp.sparsifiers.calibration import calibration_passes, exact_threshold, record_inputs
+from spon_exp.sparsifiers.scoring import ColumnNorms
 
 
 def rsparse_rank(in_features: int, out_features: int, sparsity: float, sparse_share: float) -> int:

@@ -20,13 +20,12 @@ sequences (``greedy_sequences``), and it stops at the target unless ``greedy_max
 asks for more (the reference searches up to 0.9 once). The final thresholds follow
 ``threshold_mode`` and ``calibration_context`` as in uniform allocation.
 
-The recorder and the threshold helpers here are shared with the other threshold-calibrated
-methods (WINA's threshold mode, R-Sparse).
+The recorder and the threshold helpers live in :mod:`spon_exp.sparsifiers.calibration`,
+shared with the other threshold-calibrated methods (WINA's threshold mode, R-Sparse).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Hashable, Iterable
 
@@ -35,132 +34,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from spon_exp.models.adapters import DecoderBlock, Projection
-from spon_exp.sparsifiers.base import Sparsifier, run_batches
+from spon_exp.sparsifiers.base import Sparsifier
+from spon_exp.sparsifiers.calibration import (SiteRecorder, calibration_passes, exact_threshold,
+                                              histogram_threshold, record_inputs, threshold_from_sorted)
 
 log = logging.getLogger(__name__)
 
 THRESHOLD_MODES = ("exact", "histogram")
 ALLOCATIONS = ("uniform", "greedy")
-# dense: thresholds from dense activations only (TEAL's reference). sparse: then refine them
-# on the activations the sparse model really sees (upstream sparsity shifts downstream
-# inputs, so dense thresholds over- or undershoot the target deeper in the model).
-CALIBRATION_CONTEXTS = ("dense", "sparse")
-HISTOGRAM_BINS = 10_000  # TEAL's reference: 1st-99th percentile split linearly + 2 tail bins
-
-
-def site_group(proj: Projection) -> Hashable:
-    """Projections reading one input tensor: their raw input values are recorded once."""
-    return (proj.layer, proj.site)
-
-
-class SiteRecorder:
-    """Collects input values of each group of projections during forwards.
-
-    By default a group is an input site (raw values, recorded once per site); a method
-    scoring inputs per projection (WINA, R-Sparse: ``|x_i|·‖W[:, i]‖``) passes ``score``
-    (``(proj, x) -> values``) and a ``group`` function. Keeps at most ``max_values`` values
-    per group: each batch contributes a uniform random subset sized so that the total stays
-    within budget (``expected_tokens`` known ahead).
-    """
-
-    def __init__(self, projections: list[Projection], max_values: int, expected_tokens: int, seed: int = 0,
-                 score: Callable[[Projection, torch.Tensor], torch.Tensor] | None = None,
-                 group: Callable[[Projection], Hashable] = site_group):
-        self.values: dict[Hashable, list[torch.Tensor]] = {}
-        self.max_values = max_values
-        self.expected_tokens = expected_tokens
-        self.generator = torch.Generator().manual_seed(seed)
-        self.score = score
-        self._handles = []
-        first_of_group: dict[Hashable, Projection] = {}
-        for p in projections:
-            first_of_group.setdefault(group(p), p)
-        for key, p in first_of_group.items():
-            # prepend: record the raw input, before any sparsifier hook changes it
-            self._handles.append(p.module.register_forward_pre_hook(self._hook(key, p), prepend=True))
-
-    def _hook(self, key, proj):
-        def hook(module, args):
-            x = args[0].detach()
-            if self.score is not None:
-                x = self.score(proj, x)
-            x = x.reshape(-1, x.shape[-1]).float().cpu()
-            total = self.expected_tokens * x.shape[-1]
-            flat = x.reshape(-1)
-            if total > self.max_values:
-                keep = max(1, int(flat.numel() * self.max_values / total))
-                idx = torch.randperm(flat.numel(), generator=self.generator)[:keep]
-                flat = flat[idx]
-            self.values.setdefault(key, []).append(flat.clone())
-        return hook
-
-    def remove(self):
-        for h in self._handles:
-            h.remove()
-
-    def site_values(self, key) -> torch.Tensor:
-        return torch.cat(self.values[key])
-
-
-def record_inputs(sparsifier: Sparsifier, model: nn.Module, batches: list[torch.Tensor], dense: bool, desc: str,
-                  max_values: int, seed: int = 0, **recorder_kwargs) -> SiteRecorder:
-    """One calibration pass: the sparsifier's projections' inputs, with sparsity off
-    (``dense``) or on (what the sparse model really sees)."""
-    tokens = sum(b.numel() for b in batches)
-    recorder = SiteRecorder(sparsifier.projections, max_values, tokens, seed, **recorder_kwargs)
-    try:
-        with contextlib.ExitStack() as stack:
-            if dense:
-                stack.enter_context(sparsifier.disabled())
-            run_batches(model, batches, desc=desc)
-    finally:
-        recorder.remove()
-    return recorder
-
-
-def calibration_passes(context: str, refine_passes: int) -> int:
-    """Dense pass, plus ``refine_passes`` passes on sparse activations in the sparse context."""
-    if context not in CALIBRATION_CONTEXTS:
-        raise ValueError(f"calibration_context must be one of {CALIBRATION_CONTEXTS}, got {context!r}")
-    if refine_passes < 0:
-        raise ValueError(f"refine_passes must be >= 0, got {refine_passes}")
-    return 1 + (refine_passes if context == "sparse" else 0)
-
-
-def exact_threshold(values: torch.Tensor, sparsity: float) -> float:
-    """Smallest tau such that a fraction ``sparsity`` of ``|values|`` is <= tau."""
-    mags = values.abs().reshape(-1)
-    k = int(round(sparsity * mags.numel()))
-    if k <= 0:
-        return 0.0
-    return float(torch.kthvalue(mags, min(k, mags.numel())).values)
-
-
-def histogram_threshold(values: torch.Tensor, sparsity: float, bins: int = HISTOGRAM_BINS) -> float:
-    """TEAL's ``icdf(0.5 + s/2)`` of the signed distribution from a tail-aware histogram."""
-    if sparsity <= 0:
-        return 0.0
-    v = values.reshape(-1).float()
-    sorted_v = torch.sort(v).values
-    n = sorted_v.numel()
-    lo, hi = sorted_v[int(0.01 * (n - 1))], sorted_v[int(0.99 * (n - 1))]
-    inner = torch.linspace(float(lo), float(hi), bins + 1)
-    edges = torch.cat([sorted_v[:1], inner, sorted_v[-1:]])
-    counts = torch.histogram(v.clamp(float(edges[0]), float(edges[-1])), bins=edges).hist
-    cdf = torch.cumsum(counts, 0) / counts.sum()
-    p = 0.5 + sparsity / 2
-    i = int(torch.searchsorted(cdf, torch.tensor(p)))
-    i = min(i, len(counts) - 1)
-    below = float(cdf[i - 1]) if i > 0 else 0.0
-    frac = (p - below) / max(float(cdf[i]) - below, 1e-12)
-    return float(edges[i] + frac * (edges[i + 1] - edges[i]))
-
-
-def threshold_from_sorted(sorted_magnitudes: torch.Tensor, sparsity: float) -> float:
-    """:func:`exact_threshold` on magnitudes sorted once (many queries on one site)."""
-    n = sorted_magnitudes.numel()
-    k = int(round(min(sparsity, 1.0) * n))
-    return 0.0 if k <= 0 else float(sorted_magnitudes[min(k, n) - 1])
 
 
 # ---------------------------------------------------------------- greedy allocation
