@@ -50,7 +50,7 @@ class TealConfig(SparsifierConfig):
     greedy_last_fraction: float = 0.25  # greedy: block error over the last fraction of tokens
     greedy_sequences: Optional[int] = None  # greedy: calibration sequences searched on (null = all)
     greedy_max_sparsity: Optional[float] = None  # greedy: extend the lookup to this (null = the target)
-    max_calibration_values: int = 4_194_304  # per input site; uniform subsample above
+    max_calibration_values: int = 1_048_576  # per input site; uniform sample above (calibration.py)
 
 
 @dataclass
@@ -62,7 +62,7 @@ class WinaConfig(SparsifierConfig):
     dense_first_fraction: float = 0.0  # leading prefill tokens kept dense (reference: 0.01)
     calibration_context: str = "sparse"  # threshold mode: dense / sparse (refined)
     refine_passes: int = 2
-    max_calibration_values: int = 4_194_304
+    max_calibration_values: int = 1_048_576
 
 
 @dataclass
@@ -71,7 +71,7 @@ class RSparseConfig(SparsifierConfig):
     sparse_share: float = 0.95  # rho: budget share of kept channels; 1 = plain sparsity, no rank path
     calibration_context: str = "sparse"  # dense / sparse (refine thresholds on sparse activations)
     refine_passes: int = 2
-    max_calibration_values: int = 4_194_304
+    max_calibration_values: int = 1_048_576
 
 
 @dataclass

@@ -228,11 +228,14 @@ class Sparsifier(Switchable):
 
 
 def run_batches(model: nn.Module, batches: Iterable[torch.Tensor], desc: str | None = None) -> None:
-    """Forward token batches through the model without gradients (calibration passes)."""
+    """Forward token batches through the decoder blocks without gradients (calibration
+    passes). The LM head is skipped: hooks only read the blocks, and a large vocabulary's
+    logits cost a fifth of the packaged model's forward."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model
     batches = list(batches)
     with torch.no_grad():
         for batch in tqdm(batches, desc=desc, disable=desc is None, leave=False):
-            model(input_ids=batch.to(device), use_cache=False)
+            body(input_ids=batch.to(device), use_cache=False)

@@ -28,6 +28,10 @@ from spon_exp.sparsifiers.base import Sparsifier, run_batches
 # inputs, so dense thresholds over- or undershoot the target deeper in the model).
 CALIBRATION_CONTEXTS = ("dense", "sparse")
 HISTOGRAM_BINS = 10_000  # TEAL's reference: 1st-99th percentile split linearly + 2 tail bins
+# Values kept per site and pass. A quantile of a uniform sample of 2**20 values lands within
+# ±0.1 % (two standard deviations, sqrt(s(1-s)/n)) of the target sparsity, and kthvalue over
+# it costs a quarter of what 2**22 did: on the packaged model that was 13 of 43 s of calibration.
+MAX_CALIBRATION_VALUES = 2**20
 
 
 def site_group(proj: Projection) -> Hashable:

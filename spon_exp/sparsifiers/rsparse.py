@@ -32,7 +32,8 @@ from torch import nn
 
 from spon_exp.models.adapters import Projection
 from spon_exp.sparsifiers.base import Sparsifier
-from spon_exp.sparsifiers.calibration import calibration_passes, exact_threshold, record_inputs
+from spon_exp.sparsifiers.calibration import (MAX_CALIBRATION_VALUES, calibration_passes, exact_threshold,
+                                              record_inputs)
 from spon_exp.sparsifiers.scoring import ColumnNorms
 
 
@@ -58,7 +59,8 @@ class RSparseSparsifier(Sparsifier):
     name = "rsparse"
 
     def __init__(self, sparsity: float = 0.5, sparse_share: float = 0.95, calibration_context: str = "sparse",
-                 refine_passes: int = 2, max_calibration_values: int = 2**22, seed: int = 0, **kwargs):
+                 refine_passes: int = 2, max_calibration_values: int = MAX_CALIBRATION_VALUES, seed: int = 0,
+                 **kwargs):
         super().__init__(sparsity, **kwargs)
         if not 0.0 < sparse_share <= 1.0:
             raise ValueError(f"sparse_share must be in (0, 1] (1 = plain sparsity, no low-rank path), got {sparse_share}")

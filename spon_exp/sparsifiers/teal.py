@@ -35,8 +35,9 @@ from torch import nn
 
 from spon_exp.models.adapters import DecoderBlock, Projection
 from spon_exp.sparsifiers.base import Sparsifier
-from spon_exp.sparsifiers.calibration import (SiteRecorder, calibration_passes, exact_threshold,
-                                              histogram_threshold, record_inputs, threshold_from_sorted)
+from spon_exp.sparsifiers.calibration import (MAX_CALIBRATION_VALUES, SiteRecorder, calibration_passes,
+                                              exact_threshold, histogram_threshold, record_inputs,
+                                              threshold_from_sorted)
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ class TealSparsifier(Sparsifier):
                  calibration_context: str = "sparse", refine_passes: int = 2,
                  greedy_step: float = 0.05, greedy_last_fraction: float = 0.25,
                  greedy_sequences: int | None = None, greedy_max_sparsity: float | None = None,
-                 max_calibration_values: int = 2**22, seed: int = 0, **kwargs):
+                 max_calibration_values: int = MAX_CALIBRATION_VALUES, seed: int = 0, **kwargs):
         super().__init__(sparsity, **kwargs)
         calibration_passes(calibration_context, refine_passes)  # validates both
         self.calibration_context = calibration_context

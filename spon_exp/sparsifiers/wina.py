@@ -30,7 +30,8 @@ from torch import nn
 
 from spon_exp.models.adapters import PROJECTIONS, Projection
 from spon_exp.sparsifiers.base import Sparsifier
-from spon_exp.sparsifiers.calibration import calibration_passes, exact_threshold, record_inputs, site_group
+from spon_exp.sparsifiers.calibration import (MAX_CALIBRATION_VALUES, calibration_passes, exact_threshold,
+                                              record_inputs, site_group)
 from spon_exp.sparsifiers.scoring import ColumnNorms, keep_count, topk_mask
 
 MODES = ("topk", "threshold")
@@ -58,7 +59,7 @@ class WinaSparsifier(Sparsifier):
     def __init__(self, sparsity: float = 0.5, mode: str = "topk",
                  norm_projections: str | list[str] = REFERENCE_NORM_PROJECTIONS,
                  dense_first_fraction: float = 0.0, calibration_context: str = "sparse", refine_passes: int = 2,
-                 max_calibration_values: int = 2**22, seed: int = 0, **kwargs):
+                 max_calibration_values: int = MAX_CALIBRATION_VALUES, seed: int = 0, **kwargs):
         super().__init__(sparsity, **kwargs)
         if not 0.0 <= dense_first_fraction < 1.0:
             raise ValueError(f"dense_first_fraction must be in [0, 1) (reference: 0.01), got {dense_first_fraction}")
