@@ -367,3 +367,25 @@ def test_thresholds_scaled_perturbs_every_threshold_and_restores_them(method, th
     assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
     with torch.no_grad():
         assert torch.equal(lm.model(ids).logits, base)
+
+
+@pytest.mark.parametrize("shape,rank", [((256, 768), 12), ((768, 256), 20)])
+def test_randomised_low_rank_factors_match_the_exact_svd_for_the_kept_rank(shape, rank):
+    # a spectrum that decays like a trained weight's, plus noise (random-init weights are flat)
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(shape[0], shape[0], generator=g))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], shape[1], generator=g))
+    k = min(shape)
+    s = 1.0 / torch.arange(1, k + 1).float() ** 0.7
+    w = (u[:, :k] * s) @ v[:, :k].T + 1e-3 * torch.randn(*shape, generator=g)
+    exact_down, exact_up = low_rank_factors(w, rank, method="exact")
+    fast_down, fast_up = low_rank_factors(w, rank, method="randomized")
+    assert fast_down.shape == exact_down.shape == (rank, shape[1]) and fast_up.shape == (shape[0], rank)
+    optimum = torch.linalg.norm(w - exact_up @ exact_down)
+    assert torch.linalg.norm(w - fast_up @ fast_down) <= optimum * 1.005
+    # same subspace: the rank-r approximations agree closely
+    approx_diff = torch.linalg.norm(exact_up @ exact_down - fast_up @ fast_down) / torch.linalg.norm(exact_up @ exact_down)
+    assert approx_diff < 0.02
+    assert torch.equal(low_rank_factors(w, rank, method="randomized")[0], fast_down)  # seeded: reproducible
+    # "auto" takes the randomised path for a rank this small relative to the matrix
+    assert torch.equal(low_rank_factors(w, rank)[0], fast_down) == (rank + 16 < 0.125 * k)
