@@ -112,7 +112,9 @@ def _override_dirname(overrides: list[str], dirname_cfg) -> str:
         f"{o.get_key_element()}{dirname_cfg.kv_sep}{o.get_value_element_as_str()}"
         for o in parsed if o.get_key_element() not in set(dirname_cfg.exclude_keys)
     )
-    return dirname_cfg.item_sep.join(items)
+    from spon_exp.tracking.identity import flat_dirname
+
+    return flat_dirname(dirname_cfg.item_sep.join(items), dirname_cfg.item_sep, dirname_cfg.kv_sep)
 
 
 def read_runs(folder: str | Path) -> list[dict]:

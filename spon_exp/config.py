@@ -206,6 +206,10 @@ SCHEMAS = {
 
 
 def register_configs() -> None:
+    from spon_exp.tracking.identity import flat_dirname
+
+    # sweep run folders: ${spon_flat_dirname:${hydra:job.override_dirname}} (conf/config.yaml)
+    OmegaConf.register_new_resolver("spon_flat_dirname", flat_dirname, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     for group, schemas in SCHEMAS.items():

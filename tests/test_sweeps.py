@@ -136,3 +136,26 @@ def test_expected_runs_when_the_command_line_overrides_a_swept_key(tmp_path):
     expected, base = _sweep_expected(tmp_path)
     assert sorted(expected) == ["sparsifier=teal,sparsity=0.6", "sparsifier=wina,sparsity=0.6"]
     assert base["model"] == "m"
+
+
+def test_a_sweep_over_paths_gives_one_flat_folder_per_run(tmp_path):
+    corpora = []
+    for name in ("a", "b"):  # two corpora with the same file name in different folders
+        folder = tmp_path / "data" / name
+        folder.mkdir(parents=True)
+        (folder / "corpus.txt").write_text("\n\n".join(
+            f"Passage {i} of corpus {name} is about topic {i % 7} and goes on for a while." for i in range(400)))
+        corpora.append(str(folder / "corpus.txt"))
+    args = ["--multirun", "experiment=smoke", f"calib.corpus={','.join(corpora)}", f"paths.outputs={tmp_path}",
+            "sweep_name=paths"]
+    proc = run_cli(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sweep = tmp_path / "sweeps" / "paths"
+    runs = sorted(p.parent for p in sweep.rglob("results.json"))
+    assert len(runs) == 2 and all(r.parent == sweep for r in runs)  # no nested folders
+    names = sorted(r.name for r in runs)
+    assert names[0] != names[1] and all(n.startswith("calib.corpus=corpus.txt~") for n in names)
+    assert all(json.loads((r / "results.json").read_text())["status"] == "ok" for r in runs)
+    # collect maps the sweep's expected runs onto those folders: nothing reported missing
+    rows = read_runs(sweep)
+    assert sorted(r["status"] for r in rows) == ["ok", "ok"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -57,3 +58,44 @@ def dense_key(cfg: DictConfig) -> str:
         "model": {k: c["model"].get(k) for k in ("path", "dtype", "device", "device_map")},
         "ppl": c["eval"]["ppl"], "zeroshot": c["eval"]["zeroshot"],
     })
+
+
+#: A swept value longer than this, or holding a path separator, is shortened in folder names.
+MAX_DIRNAME_VALUE = 48
+
+
+def _split_items(text: str, sep: str) -> list[str]:
+    """Split ``a=1,b=[x,y]`` at ``sep`` outside brackets and quotes."""
+    items, depth, quote, current = [], 0, None, []
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == sep and depth == 0:
+            items.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    items.append("".join(current))
+    return items
+
+
+def flat_dirname(override_dirname: str, item_sep: str = ",", kv_sep: str = "=") -> str:
+    """One flat, readable folder name for a sweep run from Hydra's ``override_dirname``:
+    a path-valued override (``calib.corpus=/data/x.txt``) becomes its file name plus a short
+    hash of the whole path (``calib.corpus=x.txt~1a2b3c4d``), so runs never land in nested
+    folders and two paths with one file name stay apart. Other values are kept as they are."""
+    out = []
+    for item in _split_items(override_dirname, item_sep):
+        key, sep, value = item.partition(kv_sep)
+        if sep and ("/" in value or "\\" in value or len(value) > MAX_DIRNAME_VALUE):
+            stem = re.sub(r"[^A-Za-z0-9._+-]", "_", re.split(r"[/\\]", value.rstrip("/\\]})'\""))[-1])[:MAX_DIRNAME_VALUE]
+            value = f"{stem}~{hashlib.sha256(value.encode()).hexdigest()[:8]}" if stem else \
+                hashlib.sha256(value.encode()).hexdigest()[:8]
+        out.append(f"{key}{sep}{value}")
+    return item_sep.join(out)
