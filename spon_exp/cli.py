@@ -1,27 +1,58 @@
-"""The ``spon-exp`` console script: the only module that imports Hydra's app machinery."""
+"""The ``spon-exp`` console script: the only module that imports Hydra's app machinery.
+
+A user error (a bad value, a missing model or corpus, a folder holding another run) ends a
+single run with one line, ``spon-exp: error: ...``, and exit code 2; ``--verbose`` (or
+``SPON_EXP_VERBOSE=1``, or Hydra's ``HYDRA_FULL_ERROR=1``) adds its traceback. Any other
+exception is a bug and keeps its traceback. Ctrl-C ends with one line saying where the run
+stopped and that re-running the command resumes it, and exit code 130.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from spon_exp.config import ConfigError, register_configs
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+VERBOSE_FLAG = "--verbose"  # taken out of sys.argv before Hydra parses it
+VERBOSE_ENV = "SPON_EXP_VERBOSE"  # how the flag reaches launched jobs (and can be set directly)
 log = logging.getLogger("spon_exp")
 
 register_configs()
 
 
+def _verbose() -> bool:
+    return any(os.environ.get(name, "") not in ("", "0") for name in (VERBOSE_ENV, "HYDRA_FULL_ERROR"))
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _save_hydra_files(cfg: DictConfig, run_dir: Path) -> None:
+    """What Hydra writes to ``.hydra/`` (``hydra.output_subdir`` is null in conf/config.yaml so
+    that Hydra itself writes nothing before the folder guard has accepted the run)."""
+    hydra_cfg = HydraConfig.get()
+    folder = run_dir / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, folder / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), folder / "hydra.yaml")
+    OmegaConf.save(hydra_cfg.overrides.task, folder / "overrides.yaml")
+
+
 def _main(cfg: DictConfig) -> dict | None:
+    from spon_exp.data.corpora import CorpusError
     from spon_exp.models.loading import ModelNotFoundError
-    from spon_exp.runner import is_done, run, summary_table
+    from spon_exp.runner import guard_run_dir, is_done, run, summary_table
     from spon_exp.tracking.files import RESULTS, read_json
     from spon_exp.tracking.identity import config_hash
 
@@ -30,21 +61,42 @@ def _main(cfg: DictConfig) -> dict | None:
         log.info("Skipping %s: results.json there says ok for this config", run_dir)
         return read_json(run_dir / RESULTS)
     try:
+        guard_run_dir(run_dir, config_hash(cfg))  # before .hydra/ is written: a refused config changes nothing
+        _save_hydra_files(cfg, run_dir)
         results = run(cfg, run_dir)
-    except (ConfigError, ModelNotFoundError, FileExistsError) as e:
+    except (ConfigError, ModelNotFoundError, CorpusError, FileExistsError) as e:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # let the launcher record this job as failed and go on with the others
         # a user error: one line, no traceback (results.json records it as failed)
-        print(f"spon-exp: error: {e}", file=sys.stderr)
+        if _verbose():
+            traceback.print_exc()
+        print(f"spon-exp: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:  # results.json records where; the message says how to resume
+        if _verbose():
+            traceback.print_exc()
+        print(f"spon-exp: {_one_line(e) if str(e) else 'interrupted'}", file=sys.stderr)
+        sys.exit(130)
     print(summary_table(results))
     print(f"results: {run_dir / RESULTS}")
     return results
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def main(cfg: DictConfig) -> dict | None:
+def _hydra_main(cfg: DictConfig) -> dict | None:
     return _main(cfg)
+
+
+def main() -> None:
+    """``spon-exp [--verbose] [--multirun] key=value ...``: Hydra parses everything but ``--verbose``."""
+    if VERBOSE_FLAG in sys.argv[1:]:
+        sys.argv = [sys.argv[0], *(a for a in sys.argv[1:] if a != VERBOSE_FLAG)]
+        os.environ[VERBOSE_ENV] = "1"
+    try:
+        _hydra_main()
+    except KeyboardInterrupt:  # while composing or launching, outside any run
+        print("spon-exp: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

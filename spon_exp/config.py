@@ -222,15 +222,19 @@ class ConfigError(ValueError):
 
 
 def validate(cfg) -> None:
-    """Range and existence checks, cheap, before any model or data loads."""
+    """Everything a config implies, checked before the model loads (no weights read): ranges,
+    the model's files, dtype and device, sequence lengths against the model's context, and
+    corpora (readable UTF-8 text, each split large enough for one block)."""
     from spon_exp.data.corpora import CorpusError, check_corpus
-    from spon_exp.models.loading import check_model_path, resolve_dtype
+    from spon_exp.models.loading import check_device, check_model_path, resolve_dtype
     from spon_exp.sparsifiers.base import check_sparsity
 
     try:
         check_sparsity(cfg.sparsity)
         check_model_path(cfg.model.path)
         resolve_dtype(cfg.model.dtype)
+        if not cfg.model.device_map:  # with a device map, accelerate places the model
+            check_device(cfg.model.device)
         for corpus in [cfg.calib.corpus, *cfg.eval.ppl.corpora]:
             check_corpus(corpus)
     except (ValueError, FileNotFoundError, CorpusError) as e:
@@ -244,6 +248,9 @@ def validate(cfg) -> None:
         (cfg.calib.seq_len >= 2, f"calib.seq_len must be >= 2, got {cfg.calib.seq_len}"),
         (cfg.eval.ppl.seq_len >= 2, f"eval.ppl.seq_len must be >= 2, got {cfg.eval.ppl.seq_len}"),
         (cfg.eval.ppl.protocol in ("chunks", "sliding"), f"eval.ppl.protocol must be chunks or sliding, got {cfg.eval.ppl.protocol!r}"),
+        (cfg.eval.ppl.context >= 0, f"eval.ppl.context must be >= 0, got {cfg.eval.ppl.context}"),
+        (cfg.eval.ppl.window >= 1, f"eval.ppl.window must be >= 1, got {cfg.eval.ppl.window}"),
+        (cfg.spon.checkpoint_every >= 0, f"spon.checkpoint_every must be >= 0 (0 = never), got {cfg.spon.checkpoint_every}"),
         (cfg.spon.init in ("zero", "mean_dropped"), f"spon.init must be zero or mean_dropped, got {cfg.spon.init!r}"),
         (cfg.spon.schedule in ("constant", "cosine", "linear"), f"spon.schedule must be constant, cosine or linear, got {cfg.spon.schedule!r}"),
         (cfg.logger.backend in ("none", "wandb"), f"logger.backend must be none or wandb, got {cfg.logger.backend!r}"),
@@ -273,3 +280,43 @@ def validate(cfg) -> None:
             build_sparsifier(cfg.sparsifier.name, sparsity=cfg.sparsity, **options)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"sparsifier={cfg.sparsifier.name}: {e}") from None
+    _check_lengths_and_corpora(cfg)
+
+
+def _check_lengths_and_corpora(cfg) -> None:
+    """Sequence lengths against the model's positions, and every corpus split against the
+    tokens one block needs: from the model's config and tokenizer, no weights loaded."""
+    from spon_exp.data.corpora import BUILTIN, CorpusError, check_corpus_size
+    from spon_exp.models.loading import model_context_length, tokenizer_without_weights
+
+    p = cfg.eval.ppl
+    try:
+        positions = model_context_length(cfg.model.path)
+    except (ValueError, OSError) as e:  # an unreadable config.json / GGUF, an unknown tiny family
+        raise ConfigError(str(e)) from None
+    if positions is not None:
+        where = f"{cfg.model.path} has {positions} positions (max_position_embeddings)"
+        lengths = [("calib.seq_len", cfg.calib.seq_len)] + ([("eval.ppl.seq_len", p.seq_len)] if p.protocol == "chunks" else [])
+        for key, value in lengths:
+            if value > positions:
+                raise ConfigError(f"{key}={value} is longer than the model's context: {where}; use {key}={positions} or less")
+        if p.protocol == "sliding" and p.context + p.window + 1 > positions:
+            window = min(p.window, (positions - 1) // 2)  # keep the window if half the context holds it
+            fix = (f"eval.ppl.context={positions - p.window - 1} or less" if window == p.window else
+                   f"eval.ppl.context + eval.ppl.window <= {positions - 1}, e.g. eval.ppl.context="
+                   f"{positions - 1 - window} eval.ppl.window={window}")
+            raise ConfigError(f"eval.ppl.context + eval.ppl.window = {p.context} + {p.window} is longer than the model's "
+                              f"context: each window feeds {p.context + p.window + 1} tokens (with the one before the "
+                              f"window) and {where}; use {fix}")
+    needs: dict[str, dict] = {cfg.calib.corpus: {"calibration": (cfg.calib.seq_len, f"calib.seq_len={cfg.calib.seq_len}")}}
+    evaluation = (p.seq_len, f"eval.ppl.seq_len={p.seq_len}") if p.protocol == "chunks" else (2, "eval.ppl.protocol=sliding")
+    for corpus in p.corpora:
+        needs.setdefault(corpus, {})["evaluation"] = evaluation
+    if all(corpus in BUILTIN for corpus in needs):  # large corpora: nothing to count
+        return
+    tokenizer = tokenizer_without_weights(cfg.model.path)
+    try:
+        for corpus, need in needs.items():
+            check_corpus_size(corpus, need, tokenizer)
+    except CorpusError as e:
+        raise ConfigError(str(e)) from None

@@ -8,9 +8,10 @@ evaluate sparse+SPON -> export -> results.json (+ W&B). Nothing here imports Hyd
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
-import shutil
+import re
 import time
 import traceback
 from datetime import datetime, timezone
@@ -21,24 +22,33 @@ from omegaconf import DictConfig, OmegaConf
 
 from spon_exp import __version__
 from spon_exp.config import validate
-from spon_exp.tracking.files import ENV, METRICS, RESULTS, MetricsWriter, environment, read_json, write_json_atomic
+from spon_exp.tracking.files import (ENV, METRICS, RESULTS, MetricsWriter, environment, read_json, write_json_atomic,
+                                     write_text_atomic)
 from spon_exp.tracking.identity import alpha_key, config_hash, dense_key, plain, sparsifier_key
+from spon_exp.tracking.store import read_entry, remove_entry, write_atomic, write_entry
 from spon_exp.tracking.wandb_logger import Tracker
 
 log = logging.getLogger(__name__)
 
 ALPHA_FILE = "alpha.safetensors"
+TRAIN_INFO_FILE = "train.json"  # next to the cached α: how it was trained (loss curve, steps)
 UNITS_FILE = "eval_units.safetensors"  # per-block NLLs and per-document scores behind the intervals
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; its message says where, and that a re-run resumes."""
 
 
 class Timer:
     def __init__(self, metrics: MetricsWriter):
         self.timings: dict[str, float] = {}
         self.metrics = metrics
+        self.current = "setup"  # the stage running; after a failure, the stage it happened in
 
     @contextlib.contextmanager
     def stage(self, name: str):
         log.info("== %s", name)
+        previous, self.current = self.current, name
         t0 = time.perf_counter()
         try:
             yield
@@ -46,6 +56,7 @@ class Timer:
             seconds = time.perf_counter() - t0
             self.timings[name] = self.timings.get(name, 0.0) + seconds
             self.metrics.write("timing", stage=name, seconds=seconds)
+        self.current = previous
 
 
 def sparsifier_kwargs(cfg: DictConfig) -> dict:
@@ -58,7 +69,7 @@ def is_done(run_dir: Path, chash: str) -> bool:
     return bool(previous and previous.get("status") == "ok" and previous.get("config_hash") == chash)
 
 
-def _guard_run_dir(run_dir: Path, chash: str) -> None:
+def guard_run_dir(run_dir: Path, chash: str) -> None:
     """Never overwrite a finished run of a *different* config in the same folder."""
     previous = read_json(run_dir / RESULTS)
     if previous and previous.get("config_hash") not in (None, chash) and previous.get("status") == "ok":
@@ -66,6 +77,18 @@ def _guard_run_dir(run_dir: Path, chash: str) -> None:
             f"{run_dir} already holds finished run {previous['config_hash']} of a different config; "
             f"choose another hydra.run.dir (or remove that folder)"
         )
+
+
+def _attempt_files(run_dir: Path, chash: str) -> tuple[Path, Path]:
+    """``(results file, error file)`` of a new attempt: results.json and error.txt, or, while
+    the folder holds a finished run of this config, ``results.attempt-<N>.json`` and
+    ``error.attempt-<N>.txt`` (N one more than any there)."""
+    if not is_done(run_dir, chash):
+        return run_dir / RESULTS, run_dir / "error.txt"
+    numbers = [int(m.group(1)) for p in run_dir.glob("results.attempt-*.json")
+               if (m := re.fullmatch(r"results\.attempt-(\d+)\.json", p.name))]
+    n = max(numbers, default=0) + 1
+    return run_dir / f"results.attempt-{n}.json", run_dir / f"error.attempt-{n}.txt"
 
 
 def _ppl_data(tokenizer, corpus: str, cfg: DictConfig):
@@ -79,11 +102,19 @@ def _ppl_data(tokenizer, corpus: str, cfg: DictConfig):
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
-    """Run one experiment into ``run_dir``; always leaves a complete results.json."""
+    """Run one experiment into ``run_dir``; always leaves a complete results.json.
+
+    A finished run is never lost to a later attempt: when ``run_dir`` already holds an ``ok``
+    results.json of the same config (``skip_if_done=false``, or this function called again),
+    the new attempt records itself in ``results.attempt-<N>.json`` (and, failing,
+    ``error.attempt-<N>.txt``) and leaves results.json, env.json and config.yaml alone.
+    Only if it ends ``ok`` does it replace them, and its attempt file is then removed; a
+    failed attempt's files stay as its record.
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     chash = config_hash(cfg)
-    _guard_run_dir(run_dir, chash)
+    guard_run_dir(run_dir, chash)
     metrics = MetricsWriter(run_dir / METRICS)
     timer = Timer(metrics)
     results: dict = {
@@ -95,10 +126,21 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         "sparsity": {"target": cfg.sparsity, "measured": None},
         "ppl": {}, "gap_closure": {}, "timings": timer.timings, "cache": {},
     }
-    (run_dir / "error.txt").unlink(missing_ok=True)  # from an earlier, interrupted attempt
-    write_json_atomic(run_dir / RESULTS, results)
-    write_json_atomic(run_dir / ENV, environment())
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    results_file, error_file = _attempt_files(run_dir, chash)
+    keeps_finished_run = results_file.name != RESULTS
+
+    def record_run() -> None:  # the environment and config behind results.json
+        write_json_atomic(run_dir / ENV, environment())
+        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+    if keeps_finished_run:
+        log.info("%s holds a finished run of this config: this attempt writes %s and replaces results.json "
+                 "only if it finishes ok", run_dir, results_file.name)
+    else:
+        error_file.unlink(missing_ok=True)  # from an earlier, interrupted attempt
+    write_json_atomic(results_file, results)
+    if not keeps_finished_run:
+        record_run()
     tracker = None
     ok = False
     try:
@@ -112,14 +154,30 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     except BaseException as e:  # noqa: BLE001 - record every failure, then re-raise
         results["status"] = "failed"
         results["error"] = f"{type(e).__name__}: {e}"
-        (run_dir / "error.txt").write_text(traceback.format_exc())
+        error_file.write_text(traceback.format_exc())
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C: say where, and that a re-run resumes
+            results["error"] = _interrupted(e, timer.current)
+            raise RunInterrupted(results["error"]) from e
         raise
     finally:
         results["finished_at"] = datetime.now(timezone.utc).isoformat()
-        write_json_atomic(run_dir / RESULTS, results)
+        write_json_atomic(results_file, results)
+        if ok and keeps_finished_run:
+            record_run()
+            write_json_atomic(run_dir / RESULTS, results)
+            results_file.unlink()
         if tracker is not None:
             tracker.finish(results, ok)
     return results
+
+
+def _interrupted(e: KeyboardInterrupt, stage: str) -> str:
+    from spon_exp.spon.train import TrainingInterrupted
+
+    if isinstance(e, TrainingInterrupted):  # "interrupted at step N; ... resume from step M"
+        return str(e)
+    return (f"interrupted during {stage}; re-run the same command to continue "
+            f"(calibration and finished stages are cached)")
 
 
 def _run_stages(cfg: DictConfig, run_dir: Path, results: dict, timer: Timer, metrics: MetricsWriter,
@@ -182,19 +240,23 @@ def _calibrate(cfg: DictConfig, model, calib: torch.Tensor, results: dict, timer
     """Attach the sparsifier and calibrate it, or load its cached state."""
     from spon_exp.sparsifiers import build_sparsifier
     from spon_exp.spon import save_sparse_state
-    from spon_exp.spon.fold import STATE_FILE, read_sparse_state
+    from spon_exp.spon.fold import read_sparse_state
 
     sparsifier = build_sparsifier(cfg.sparsifier.name, **sparsifier_kwargs(cfg)).attach(model)
     skey = sparsifier_key(cfg)
     state_dir = Path(cfg.paths.cache) / "sparsifier" / skey
+
+    def load(folder: Path) -> bool:
+        sparsifier.load_state_dict(read_sparse_state(folder)[1])
+        return True
+
     with timer.stage("calibrate"):
-        if (state_dir / STATE_FILE).exists():
-            sparsifier.load_state_dict(read_sparse_state(state_dir)[1])
+        if read_entry(state_dir, load, "sparsifier state"):
             results["cache"]["sparsifier"] = "hit"
         else:
             threshold_batches = calib[: cfg.calib.threshold_sequences].split(cfg.calib.batch_size)
             sparsifier.calibrate(model, threshold_batches)
-            save_sparse_state(state_dir, sparsifier)
+            write_entry(state_dir, lambda folder: save_sparse_state(folder, sparsifier))
             results["cache"]["sparsifier"] = "miss"
     results["cache"]["sparsifier_key"] = skey
     return sparsifier
@@ -221,7 +283,9 @@ def _dense_baseline(cfg: DictConfig, evaluation: Evaluation, sparsifier, results
 
 def _spon(cfg: DictConfig, model, sparsifier, calib: torch.Tensor, run_dir: Path, results: dict, timer: Timer,
           metrics: MetricsWriter, tracker: Tracker):
-    """Build the SPON alphas and train them, or load them from the alpha cache."""
+    """Build the SPON alphas and train them, or load them from the alpha cache (entry
+    ``alpha/<key>``: α + train.json; ``alpha/<key>.checkpoint`` holds the resumable training
+    checkpoint until the α entry is written)."""
     from safetensors.torch import load_file, save_file
 
     from spon_exp.spon import Spon
@@ -229,23 +293,30 @@ def _spon(cfg: DictConfig, model, sparsifier, calib: torch.Tensor, run_dir: Path
     spon = Spon(sparsifier, cfg.spon.count, cfg.spon.projections)
     akey = alpha_key(cfg)
     alpha_dir = Path(cfg.paths.cache) / "alpha" / akey
-    alpha_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_dir = alpha_dir.with_name(f"{akey}.checkpoint")
     results["cache"]["alpha_key"] = akey
+
+    def load(folder: Path) -> dict:
+        info = json.loads((folder / TRAIN_INFO_FILE).read_text())
+        spon.load_alpha_state(load_file(str(folder / ALPHA_FILE)))
+        return info
+
+    def fill(folder: Path) -> None:
+        save_file(spon.alpha_state(), str(folder / ALPHA_FILE))
+        (folder / TRAIN_INFO_FILE).write_text(json.dumps(train_info, indent=2, default=str))
+
     with timer.stage("train_alpha"):
-        if (alpha_dir / ALPHA_FILE).exists():
-            spon.load_alpha_state(load_file(str(alpha_dir / ALPHA_FILE)))
+        train_info = read_entry(alpha_dir, load, "trained alpha")
+        if train_info is not None:
             results["cache"]["alpha"] = "hit"
-            train_info = read_json(alpha_dir / "train.json") or {}
         else:
             results["cache"]["alpha"] = "miss"
-            train_info = _train(cfg, model, sparsifier, spon, calib, alpha_dir, metrics, tracker)
-            save_file(spon.alpha_state(), str(alpha_dir / (ALPHA_FILE + ".tmp")))
-            (alpha_dir / (ALPHA_FILE + ".tmp")).replace(alpha_dir / ALPHA_FILE)
-            write_json_atomic(alpha_dir / "train.json", train_info)
-            (alpha_dir / "train.ckpt").unlink(missing_ok=True)
+            train_info = _train(cfg, model, sparsifier, spon, calib, checkpoint_dir, metrics, tracker)
+            write_entry(alpha_dir, fill)
+            remove_entry(checkpoint_dir)
     results["spon"] = {"count": cfg.spon.count, "projections": cfg.spon.projections,
                        "num_parameters": spon.num_parameters(), **train_info}
-    shutil.copyfile(alpha_dir / ALPHA_FILE, run_dir / ALPHA_FILE)
+    write_atomic(run_dir / ALPHA_FILE, lambda tmp: save_file(spon.alpha_state(), str(tmp)))
     return spon
 
 
@@ -381,12 +452,10 @@ class Evaluation:
             for task, scores in (r.get("item_scores") or {}).items():
                 state[f"zeroshot.{variant}.{task}"] = torch.tensor(scores, dtype=torch.float64)
         if state:
-            tmp = path.with_name(path.name + ".tmp")
-            save_file(state, str(tmp))
-            tmp.replace(path)
+            write_atomic(path, lambda tmp: save_file(state, str(tmp)))
 
 
-def _train(cfg, model, sparsifier, spon, calib, alpha_dir, metrics, tracker) -> dict:
+def _train(cfg, model, sparsifier, spon, calib, checkpoint_dir, metrics, tracker) -> dict:
     from spon_exp.spon import TrainConfig, train_alpha
 
     spon.initialise(cfg.spon.init, model, sparsifier, calib[: cfg.calib.threshold_sequences].split(cfg.calib.batch_size))
@@ -403,7 +472,13 @@ def _train(cfg, model, sparsifier, spon, calib, alpha_dir, metrics, tracker) -> 
         metrics.write("train", step=step, kl=loss, lr=lr)
         tracker.log({"train/kl": loss, "train/lr": lr}, step=step)
 
-    result = train_alpha(model, sparsifier, spon, calib, tcfg, on_step=on_step, checkpoint_path=alpha_dir / "train.ckpt")
+    def on_start(step: int) -> None:  # an earlier attempt's steps from here on are redone: log each once
+        dropped = metrics.forget_steps("train", step)
+        if dropped:
+            log.info("metrics.jsonl: dropped %d train records of an earlier attempt (step >= %d)", dropped, step)
+
+    result = train_alpha(model, sparsifier, spon, calib, tcfg, on_step=on_step, on_start=on_start,
+                         checkpoint_path=checkpoint_dir)
     return {"trained": True, "init": s.init, "steps": result.steps, "seconds": result.seconds,
             "resumed_from": result.resumed_from, "final_kl": result.losses[-1] if result.losses else None,
             "initial_kl": result.losses[0] if result.losses else None, "loss_curve": result.losses}

@@ -133,7 +133,7 @@ def _running_job_ids() -> list[str]:
 def test_preempted_training_job_is_requeued_and_resumes_to_the_same_alpha(slurm_cluster, tmp_path):
     from safetensors.torch import load_file
 
-    common = [*SLURM_SWEEP, "spon.steps=40", "spon.checkpoint_every=2", "sweep_name=resume"]
+    common = [*SLURM_SWEEP, "spon.steps=400", "spon.checkpoint_every=2", "sweep_name=resume"]  # ~4 s of training: time to see a checkpoint
     reference = _spon_exp(*common, f"paths.outputs={tmp_path / 'reference'}", cwd=tmp_path, background=True)
     interrupted = _spon_exp(*common, f"paths.outputs={tmp_path / 'interrupted'}", cwd=tmp_path, background=True)
     ckpts = tmp_path / "interrupted" / "cache" / "alpha"

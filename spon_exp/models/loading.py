@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from spon_exp.assets import SMOLLM2, cache_dir, packaged_path
+from spon_exp.tracking.store import read_entry, write_entry
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +47,27 @@ def _looks_like_hub_id(path: str) -> bool:
     return len(parts) == 2 and all(parts) and not path.startswith((".", "/", "~"))
 
 
+GGUF_MAGIC = b"GGUF"
+
+
 def check_model_path(path: str) -> None:
-    """Fail fast (before any heavy work) on a local path that does not exist."""
+    """Fail fast (before any heavy work) on a local path that is not a model: one that does
+    not exist, a folder without ``config.json``, a file that is not GGUF."""
     if path == PACKAGED or path.startswith("tiny-random:"):
         return
     p = Path(path).expanduser()
     if p.exists():
+        if p.is_dir() and not (p / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} is not a model folder: it has no config.json; give a folder written by "
+                                     f"save_pretrained, a .gguf file or a hub id.")
         if p.is_file() and p.suffix != ".gguf":
             raise ModelNotFoundError(f"Model file {path!r} is not a .gguf file; give a model folder, a .gguf file or a hub id.")
+        if p.is_file():
+            with p.open("rb") as f:
+                magic = f.read(len(GGUF_MAGIC))
+            if magic != GGUF_MAGIC:
+                raise ModelNotFoundError(f"{path} is not a GGUF file: it does not start with the bytes 'GGUF' "
+                                         f"(a damaged or partial download?); give a valid .gguf file, a model folder or a hub id.")
         return
     if path.endswith(".gguf") or not _looks_like_hub_id(path):
         raise ModelNotFoundError(
@@ -71,26 +84,40 @@ def _clear_quantizer_marks(model: torch.nn.Module) -> None:
         del model.config.quantization_config
 
 
+def packaged_copy_dir() -> Path:
+    """Where :func:`packaged_model_dir` keeps the converted copy (it may not exist yet)."""
+    return cache_dir() / "models" / "smollm2-135m-instruct"
+
+
 def packaged_model_dir() -> Path:
-    """Safetensors copy of the packaged SmolLM2-135M-Instruct, converted once from GGUF."""
-    target = cache_dir() / "models" / "smollm2-135m-instruct"
-    if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
-        return target
+    """Safetensors copy of the packaged SmolLM2-135M-Instruct, converted once from GGUF (a
+    ``tracking.store`` entry: a damaged copy is moved aside and converted again)."""
+    target = packaged_copy_dir()
+    if read_entry(target, _check_model_copy, "converted packaged model") is None:
+        log.info("Converting packaged model %s to safetensors (once) in %s", SMOLLM2_GGUF, target)
+        write_entry(target, _convert_packaged)
+    return target
+
+
+def _check_model_copy(folder: Path) -> Path:
+    from safetensors import safe_open
+
+    json.loads((folder / "config.json").read_text())
+    json.loads((folder / "tokenizer.json").read_text())
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        f.keys()
+    return folder
+
+
+def _convert_packaged(folder: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = packaged_path(SMOLLM2, SMOLLM2_GGUF)
-    log.info("Converting packaged model %s to safetensors (once) in %s", gguf.name, target)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     _clear_quantizer_marks(model)
-    tmp = target.with_name(target.name + ".tmp")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if target.exists():
-        import shutil
-        shutil.rmtree(target)
-    os.replace(tmp, target)
-    return target
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
 
 
 def tiny_random_config(family: str, **overrides):
@@ -124,6 +151,126 @@ def _load_tiny_random(spec: str, dtype: torch.dtype, seed: int = 0) -> LoadedMod
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
     return LoadedModel(model, byte_tokenizer(), spec, spec)
+
+
+# Config fields that hold a model's number of positions, in order of preference.
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def _context_of(config) -> int | None:
+    if hasattr(config, "get_text_config"):  # multimodal configs: the language model's part
+        config = config.get_text_config()
+    for name in CONTEXT_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _gguf_context(path: Path) -> int | None:
+    from gguf import GGUFReader
+
+    try:
+        fields = GGUFReader(str(path)).fields
+        arch = fields["general.architecture"].contents()
+        context = fields.get(f"{arch}.context_length")
+        return int(context.contents()) if context is not None else None
+    except Exception as e:  # noqa: BLE001 - whatever the parser trips on, the file is unusable
+        raise ModelNotFoundError(f"{path} is not a readable GGUF file: its metadata is damaged or truncated "
+                                 f"(a partial download?); give a valid .gguf file, a model folder or a hub id.") from e
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub answers at all: offline, the hub client retries for ~25 s before failing."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def model_context_length(path: str) -> int | None:
+    """The model's number of positions (``max_position_embeddings``), read from its config
+    without loading weights; None when it cannot be known (a hub id while offline)."""
+    from transformers import AutoConfig
+
+    if path.startswith("tiny-random:"):
+        return _context_of(tiny_random_config(path.split(":", 1)[1] or "llama"))
+    if path == PACKAGED:
+        copy = packaged_copy_dir()
+        if (copy / "config.json").exists():
+            return _context_of(AutoConfig.from_pretrained(copy))
+        return _gguf_context(packaged_path(SMOLLM2, SMOLLM2_GGUF))
+    check_model_path(path)
+    p = Path(path).expanduser()
+    if p.is_file():
+        return _gguf_context(p)
+    if p.is_dir():
+        try:
+            return _context_of(AutoConfig.from_pretrained(p))
+        except Exception as e:  # noqa: BLE001 - a config.json transformers cannot read
+            raise ModelNotFoundError(f"{p / 'config.json'} is not a model config transformers can read "
+                                     f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+    try:  # a hub id: the cached config, else the hub's (skipped offline)
+        return _context_of(AutoConfig.from_pretrained(path, local_files_only=True))
+    except Exception:  # noqa: BLE001
+        pass
+    if not _hub_reachable():
+        log.info("Hub unreachable: the sequence lengths are not checked against %s's context", path)
+        return None
+    try:
+        return _context_of(AutoConfig.from_pretrained(path))
+    except Exception:  # noqa: BLE001 - gated / missing repos fail later, when the model loads
+        return None
+
+
+def check_device(device: str) -> None:
+    """Fail fast on a device this machine does not have (``cuda`` without CUDA, ``cuda:3`` of 2)."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"Unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if d.type == "cpu":
+        return
+    backend = getattr(torch, d.type, None)
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        raise ValueError(f"Device {device!r} is not available on this machine (torch {torch.__version__}); "
+                         f"use model.device=cpu or run where {d.type} is available")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if d.index is not None and d.index >= count:
+        raise ValueError(f"Device {device!r} does not exist: this machine has {count} {d.type} device(s), "
+                         f"{d.type}:0 to {d.type}:{count - 1}")
+
+
+def tokenizer_without_weights(path: str):
+    """The model's tokenizer when it can be had cheaply (no weights, no network), else None:
+    the byte tokenizer of tiny models, the packaged model's converted copy, a local folder's."""
+    if path.startswith("tiny-random:"):
+        from spon_exp.data.tokenizer import byte_tokenizer
+
+        return byte_tokenizer()
+    if path == PACKAGED:
+        folder = packaged_copy_dir()
+        if not (folder / "tokenizer.json").exists():
+            return None
+    else:
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception:  # noqa: BLE001 - loading the model will report it properly
+        return None
 
 
 def load_model(path: str = PACKAGED, dtype: str | torch.dtype = "float32", device: str = "cpu",

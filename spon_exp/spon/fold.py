@@ -15,8 +15,6 @@ sparsifier state to run it sparse).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -26,6 +24,7 @@ from torch import nn
 from spon_exp.models.adapters import ATTENTION, MLP, find_decoder_blocks
 from spon_exp.sparsifiers import Sparsifier, build_sparsifier
 from spon_exp.spon.alpha import Spon
+from spon_exp.tracking.store import write_atomic, write_entry
 
 STATE_FILE = "sparse_state.safetensors"
 META_FILE = "sparse_state.json"
@@ -89,12 +88,6 @@ def fold_alpha_checked(model: nn.Module, spon: Spon, ids: torch.Tensor, checked_
     return biases, report
 
 
-def _atomic_write_bytes(path: Path, writer) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    writer(tmp)
-    os.replace(tmp, path)
-
-
 def save_sparse_state(directory: str | Path, sparsifier: Sparsifier, biases: dict[str, torch.Tensor] | None = None,
                       extra_meta: dict | None = None) -> Path:
     """Write the sparsifier state and folded biases (safetensors + JSON)."""
@@ -106,8 +99,8 @@ def save_sparse_state(directory: str | Path, sparsifier: Sparsifier, biases: dic
     meta = {"sparsifier": sparsifier.describe(),
             "projections": {p.key: p.module_path for p in sparsifier.projections},
             "folded_biases": sorted((biases or {}).keys()), **(extra_meta or {})}
-    _atomic_write_bytes(directory / STATE_FILE, lambda t: save_file(tensors, str(t)))
-    _atomic_write_bytes(directory / META_FILE, lambda t: t.write_text(json.dumps(meta, indent=2)))
+    write_atomic(directory / STATE_FILE, lambda t: save_file(tensors, str(t)))
+    write_atomic(directory / META_FILE, lambda t: t.write_text(json.dumps(meta, indent=2)))
     return directory
 
 
@@ -169,11 +162,10 @@ def export_checkpoint(model: nn.Module, tokenizer, directory: str | Path) -> Pat
                                                         device=lin.weight.device), requires_grad=False)
     model.config.attention_bias = bool(model.config.attention_bias or has_attn)
     model.config.mlp_bias = bool(model.config.mlp_bias or has_mlp)
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(tmp)
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
-    return directory
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(tmp)
+
+    return write_entry(directory, fill, replace=True)

@@ -8,9 +8,11 @@ computed chunk by chunk in the forward pass (one chunk of logits alive at a time
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -22,6 +24,7 @@ from torch import nn
 
 from spon_exp.sparsifiers.base import Sparsifier
 from spon_exp.spon.alpha import Spon, dense_mode
+from spon_exp.tracking.store import read_entry, write_entry
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,15 @@ class TrainResult:
 
 class AlphaTrainingError(FloatingPointError):
     pass
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: the step reached and the step a re-run resumes from (the
+    last checkpoint's, or where this attempt started)."""
+
+    def __init__(self, step: int, resume_step: int):
+        self.step, self.resume_step = step, resume_step
+        super().__init__(f"interrupted at step {step}; re-run the same command to resume from step {resume_step}")
 
 
 def _head_and_softcap(model: nn.Module):
@@ -196,10 +208,39 @@ class _TeacherCache:
         return self.states[idx.to(self.states.device)]
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+CHECKPOINT_FILE = "train.ckpt"
+
+
+def _read_checkpoint(folder: Path, spon: Spon, optimizer: torch.optim.Optimizer) -> dict:
+    """Load a checkpoint entry into ``spon`` and ``optimizer``; raises, changing neither,
+    when it does not fit them (the store then moves it aside)."""
+    state = torch.load(folder / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    expected = {k: tuple(v.shape) for k, v in spon.alpha_state().items()}
+    if {k: tuple(v.shape) for k, v in state["alpha"].items()} != expected:
+        raise ValueError("its alphas do not match this model's projections")
+    if not len(state["losses"]) == len(state["lrs"]) == state["step"]:
+        raise ValueError(f"its loss curve does not match its step {state['step']}")
+    optimizer.load_state_dict(state["optimizer"])  # checks the groups before changing anything
+    spon.load_alpha_state(state["alpha"])
+    return state
+
+
+@contextlib.contextmanager
+def _ctrl_c_deferred():
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block until it ends (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received and callable(previous):  # Python's own handler raises KeyboardInterrupt
+        previous(signal.SIGINT, None)
+    elif received and previous != signal.SIG_IGN:
+        raise KeyboardInterrupt
 
 
 def _set_checkpointing(model: nn.Module, on: bool) -> None:
@@ -217,11 +258,14 @@ def _set_checkpointing(model: nn.Module, on: bool) -> None:
 
 def train_alpha(model: nn.Module, sparsifier: Sparsifier, spon: Spon, sequences: torch.Tensor,
                 cfg: TrainConfig, on_step: Callable[[int, float, float], None] | None = None,
-                checkpoint_path: str | Path | None = None) -> TrainResult:
+                checkpoint_path: str | Path | None = None,
+                on_start: Callable[[int], None] | None = None) -> TrainResult:
     """Train ``spon``'s alphas on token ``sequences`` [N, L]; returns the loss curve.
 
-    With ``checkpoint_path`` the α, optimiser state, step and curve are saved every
-    ``cfg.checkpoint_every`` steps, and a run finding a checkpoint there resumes from it.
+    With ``checkpoint_path`` (a cache entry folder, ``tracking.store``) the α, optimiser
+    state, step and curve are saved every ``cfg.checkpoint_every`` steps, and a run finding a
+    checkpoint there resumes from it; a damaged checkpoint is moved aside with a warning and
+    training starts from step 0.
     """
     from tqdm.auto import tqdm
 
@@ -238,13 +282,14 @@ def train_alpha(model: nn.Module, sparsifier: Sparsifier, spon: Spon, sequences:
     result = TrainResult()
     start_step = 0
     ckpt = Path(checkpoint_path) if checkpoint_path else None
-    if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        spon.load_alpha_state(state["alpha"])
-        optimizer.load_state_dict(state["optimizer"])
+    state = None if ckpt is None else read_entry(ckpt, lambda d: _read_checkpoint(d, spon, optimizer),
+                                                 "SPON training checkpoint")
+    if state is not None:
         result.losses, result.lrs = state["losses"], state["lrs"]
         start_step = result.resumed_from = state["step"]
         log.info("Resuming SPON training from step %d (%s)", start_step, ckpt)
+    if on_start is not None:  # the step training (re)starts from: 0, or the checkpoint's
+        on_start(start_step)
 
     teacher = _TeacherCache(model, sparsifier, spon, sequences, device, cfg.cache_teacher)
     if cfg.gradient_checkpointing:
@@ -252,9 +297,11 @@ def train_alpha(model: nn.Module, sparsifier: Sparsifier, spon: Spon, sequences:
     was_training = model.training
     model.train(cfg.gradient_checkpointing)  # HF checkpointing is active only in train mode; no dropout in these models
     t0 = time.perf_counter()
+    reached = checkpointed = start_step  # for the message of a Ctrl-C
     try:
         bar = tqdm(range(start_step, steps), desc="SPON training", initial=start_step, total=steps)
         for step in bar:
+            reached = step
             lr = cfg.lr * _lr_factor(cfg, step, steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -281,8 +328,13 @@ def train_alpha(model: nn.Module, sparsifier: Sparsifier, spon: Spon, sequences:
             if on_step is not None and (step % cfg.log_every == 0 or step == steps - 1):
                 on_step(step, value, lr)
             if ckpt is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
-                _atomic_torch_save({"alpha": spon.alpha_state(), "optimizer": optimizer.state_dict(),
-                                    "step": step + 1, "losses": result.losses, "lrs": result.lrs}, ckpt)
+                state = {"alpha": spon.alpha_state(), "optimizer": optimizer.state_dict(), "step": step + 1,
+                         "losses": result.losses, "lrs": result.lrs}
+                with _ctrl_c_deferred():  # the step a Ctrl-C message names is the one on disk
+                    write_entry(ckpt, lambda d, s=state: torch.save(s, d / CHECKPOINT_FILE), replace=True)
+                    checkpointed = step + 1
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(reached, checkpointed) from None
     finally:
         if cfg.gradient_checkpointing:
             _set_checkpointing(model, False)

@@ -12,6 +12,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from spon_exp.tracking.store import write_atomic
+
 RESULTS = "results.json"
 METRICS = "metrics.jsonl"
 ENV = "env.json"
@@ -22,12 +24,12 @@ PACKAGES = ("spon-exp", "torch", "transformers", "accelerate", "datasets", "hydr
 
 
 def write_json_atomic(path: Path, data) -> None:
-    """Write JSON through a temp file + rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str))
-    os.replace(tmp, path)
+    """Write JSON through the one atomic writer (``store.write_atomic``): never half a file."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def read_json(path: Path):
@@ -47,6 +49,27 @@ class MetricsWriter:
     def write(self, event: str, **fields) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps({"event": event, "time": time.time(), **fields}, default=str) + "\n")
+
+    def forget_steps(self, event: str, from_step: int) -> int:
+        """Drop the ``event`` lines of step >= ``from_step`` (an earlier attempt's steps that a
+        resumed run redoes), so the file holds each step once; returns how many were dropped.
+        A torn last line (a killed writer) is dropped too."""
+        if not self.path.exists():
+            return 0
+        kept, dropped = [], 0
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1
+                continue
+            if record.get("event") == event and record.get("step", -1) >= from_step:
+                dropped += 1
+                continue
+            kept.append(line)
+        if dropped:
+            write_text_atomic(self.path, "".join(f"{line}\n" for line in kept))
+        return dropped
 
 
 def _git_commit() -> str | None:
