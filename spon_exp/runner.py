@@ -14,6 +14,7 @@ import math
 import re
 import time
 import traceback
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from spon_exp import __version__
 from spon_exp.config import validate
 from spon_exp.tracking.files import (ENV, METRICS, RESULTS, MetricsWriter, environment, read_json, write_json_atomic,
                                      write_text_atomic)
-from spon_exp.tracking.identity import alpha_key, config_hash, dense_key, plain, sparsifier_key
+from spon_exp.tracking.identity import RunIdentity, plain
 from spon_exp.tracking.store import read_entry, remove_entry, write_atomic, write_entry
 from spon_exp.tracking.wandb_logger import Tracker
 
@@ -101,6 +102,71 @@ def _ppl_data(tokenizer, corpus: str, cfg: DictConfig):
     return stream[: p.max_tokens] if p.max_tokens else stream
 
 
+@dataclass
+class RunContext:
+    """What every stage of one run reads and writes: the config, the folder, the run's
+    identity (computed once), the results being built, timings, metrics and the tracker."""
+
+    cfg: DictConfig
+    run_dir: Path
+    identity: RunIdentity
+    results: dict
+    timer: Timer
+    metrics: MetricsWriter
+    tracker: Tracker | None = None
+
+    @property
+    def cache(self) -> Path:
+        return Path(self.cfg.paths.cache)
+
+
+class _Attempt:
+    """Where one attempt records itself: results.json, or ``results.attempt-<N>.json`` while
+    the folder holds a finished run of this config (see :func:`run`)."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, chash: str):
+        self.cfg, self.run_dir = cfg, run_dir
+        self.results_file, self.error_file = _attempt_files(run_dir, chash)
+        self.keeps_finished_run = self.results_file.name != RESULTS
+
+    def _record_run(self) -> None:  # the environment and config behind results.json
+        write_json_atomic(self.run_dir / ENV, environment())
+        write_text_atomic(self.run_dir / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
+
+    def start(self, results: dict) -> None:
+        if self.keeps_finished_run:
+            log.info("%s holds a finished run of this config: this attempt writes %s and replaces results.json "
+                     "only if it finishes ok", self.run_dir, self.results_file.name)
+        else:
+            self.error_file.unlink(missing_ok=True)  # from an earlier, interrupted attempt
+        write_json_atomic(self.results_file, results)
+        if not self.keeps_finished_run:
+            self._record_run()
+
+    def failed(self) -> None:
+        self.error_file.write_text(traceback.format_exc())
+
+    def finish(self, results: dict, ok: bool) -> None:
+        results["finished_at"] = datetime.now(timezone.utc).isoformat()
+        write_json_atomic(self.results_file, results)
+        if ok and self.keeps_finished_run:
+            self._record_run()
+            write_json_atomic(self.run_dir / RESULTS, results)
+            self.results_file.unlink()
+
+
+def _initial_results(cfg: DictConfig, chash: str, timer: Timer) -> dict:
+    return {
+        "status": "running", "error": None, "config_hash": chash, "spon_exp_version": __version__,
+        "started_at": datetime.now(timezone.utc).isoformat(), "finished_at": None,
+        "model": {"path": cfg.model.path, "name": cfg.model.name, "dtype": cfg.model.dtype},
+        "sparsifier": cfg.sparsifier.name, "spon_count": cfg.spon.count, "calib_corpus": cfg.calib.corpus,
+        "seed": cfg.seed, "sweep_name": cfg.sweep_name,
+        "sparsity": {"target": cfg.sparsity, "measured": None},
+        "ppl": {}, "gap_closure": {}, "timings": timer.timings, "cache": {},
+    }
+
+
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Run one experiment into ``run_dir``; always leaves a complete results.json.
 
@@ -113,62 +179,35 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    chash = config_hash(cfg)
-    guard_run_dir(run_dir, chash)
+    identity = RunIdentity.of(cfg)
+    guard_run_dir(run_dir, identity.config_hash)
     metrics = MetricsWriter(run_dir / METRICS)
     timer = Timer(metrics)
-    results: dict = {
-        "status": "running", "error": None, "config_hash": chash, "spon_exp_version": __version__,
-        "started_at": datetime.now(timezone.utc).isoformat(), "finished_at": None,
-        "model": {"path": cfg.model.path, "name": cfg.model.name, "dtype": cfg.model.dtype},
-        "sparsifier": cfg.sparsifier.name, "spon_count": cfg.spon.count, "calib_corpus": cfg.calib.corpus,
-        "seed": cfg.seed, "sweep_name": cfg.sweep_name,
-        "sparsity": {"target": cfg.sparsity, "measured": None},
-        "ppl": {}, "gap_closure": {}, "timings": timer.timings, "cache": {},
-    }
-    results_file, error_file = _attempt_files(run_dir, chash)
-    keeps_finished_run = results_file.name != RESULTS
-
-    def record_run() -> None:  # the environment and config behind results.json
-        write_json_atomic(run_dir / ENV, environment())
-        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-
-    if keeps_finished_run:
-        log.info("%s holds a finished run of this config: this attempt writes %s and replaces results.json "
-                 "only if it finishes ok", run_dir, results_file.name)
-    else:
-        error_file.unlink(missing_ok=True)  # from an earlier, interrupted attempt
-    write_json_atomic(results_file, results)
-    if not keeps_finished_run:
-        record_run()
-    tracker = None
+    ctx = RunContext(cfg, run_dir, identity, _initial_results(cfg, identity.config_hash, timer), timer, metrics)
+    attempt = _Attempt(cfg, run_dir, identity.config_hash)
+    attempt.start(ctx.results)
     ok = False
     try:
         t_total = time.perf_counter()
         validate(cfg)
-        tracker = Tracker(cfg, chash, run_dir, plain(cfg))
-        _run_stages(cfg, run_dir, results, timer, metrics, tracker)
-        results["timings"]["total"] = time.perf_counter() - t_total
-        results["status"] = "ok"
+        ctx.tracker = Tracker(cfg, identity.config_hash, run_dir, plain(cfg))
+        _run_stages(ctx)
+        ctx.results["timings"]["total"] = time.perf_counter() - t_total
+        ctx.results["status"] = "ok"
         ok = True
     except BaseException as e:  # noqa: BLE001 - record every failure, then re-raise
-        results["status"] = "failed"
-        results["error"] = f"{type(e).__name__}: {e}"
-        error_file.write_text(traceback.format_exc())
+        ctx.results["status"] = "failed"
+        ctx.results["error"] = f"{type(e).__name__}: {e}"
+        attempt.failed()
         if isinstance(e, KeyboardInterrupt):  # Ctrl-C: say where, and that a re-run resumes
-            results["error"] = _interrupted(e, timer.current)
-            raise RunInterrupted(results["error"]) from e
+            ctx.results["error"] = _interrupted(e, timer.current)
+            raise RunInterrupted(ctx.results["error"]) from e
         raise
     finally:
-        results["finished_at"] = datetime.now(timezone.utc).isoformat()
-        write_json_atomic(results_file, results)
-        if ok and keeps_finished_run:
-            record_run()
-            write_json_atomic(run_dir / RESULTS, results)
-            results_file.unlink()
-        if tracker is not None:
-            tracker.finish(results, ok)
-    return results
+        attempt.finish(ctx.results, ok)
+        if ctx.tracker is not None:
+            ctx.tracker.finish(ctx.results, ok)
+    return ctx.results
 
 
 def _interrupted(e: KeyboardInterrupt, stage: str) -> str:
@@ -180,71 +219,98 @@ def _interrupted(e: KeyboardInterrupt, stage: str) -> str:
             f"(calibration and finished stages are cached)")
 
 
-def _run_stages(cfg: DictConfig, run_dir: Path, results: dict, timer: Timer, metrics: MetricsWriter,
-                tracker: Tracker) -> None:
-    from spon_exp.data.corpora import token_blocks
-    from spon_exp.models.loading import load_model
-    from spon_exp.spon import export_checkpoint, fold_alpha_checked, save_sparse_state
-
+def _run_stages(ctx: RunContext) -> None:
+    """load -> calibrate-or-restore -> dense baseline -> sparse eval -> train-or-restore α ->
+    fold (checked) -> evaluate -> export."""
+    cfg, results = ctx.cfg, ctx.results
     torch.manual_seed(cfg.seed)
-    with timer.stage("load_model"):
-        loaded = load_model(cfg.model.path, cfg.model.dtype, cfg.model.device, cfg.model.device_map)
-    model, tokenizer = loaded.model, loaded.tokenizer
+    model, tokenizer = _load_model(ctx)
     dense_only = cfg.sparsifier.name == "dense"
     use_spon = not dense_only and cfg.spon.count > 0
     variants = [v for v in cfg.eval.variants if v == "dense" or (v == "sparse" and not dense_only)
                 or (v == "spon" and use_spon)]
+    calib, evaluation = _load_data(ctx, model, tokenizer)
 
-    with timer.stage("load_data"):
-        calib = token_blocks(tokenizer, cfg.calib.corpus, "calibration", cfg.calib.seq_len, cfg.calib.num_sequences)
-        if calib.shape[0] < cfg.calib.num_sequences:
-            log.warning("Corpus %s has only %d calibration sequences of %d tokens (asked for %d)",
-                        cfg.calib.corpus, calib.shape[0], cfg.calib.seq_len, cfg.calib.num_sequences)
-        evaluation = Evaluation(cfg, model, tokenizer, timer, metrics)
-
-    sparsifier = None if dense_only else _calibrate(cfg, model, calib, results, timer)
+    sparsifier = None if dense_only else _calibrate(ctx, model, calib)
     if "dense" in variants:
-        _dense_baseline(cfg, evaluation, sparsifier, results)
+        _dense_baseline(ctx, evaluation, sparsifier)
         results.update(evaluation.summary())  # kept if a later stage fails
     if "sparse" in variants:
-        evaluation.run("sparse", measure=sparsifier)
-        results["sparsity"].update(evaluation.measured)
-        results.update(evaluation.summary())
-        if cfg.eval.sensitivity:
-            with timer.stage("sensitivity"):
-                results["sensitivity"] = evaluation.sensitivity(sparsifier, cfg.eval.sensitivity_perturbation)
-
-    biases = None
-    if use_spon:
-        spon = _spon(cfg, model, sparsifier, calib, run_dir, results, timer, metrics, tracker)
-        with timer.stage("fold"):
-            ids, where = evaluation.first_batch(calib)
-            biases, results["fold"] = fold_alpha_checked(model, spon, ids, checked_on=where)
-        if "spon" in variants:
-            evaluation.run("spon")
-
+        _sparse_eval(ctx, evaluation, sparsifier)
+    biases = _spon_stage(ctx, model, sparsifier, calib, evaluation, "spon" in variants) if use_spon else None
     results.update(evaluation.summary())
-    evaluation.save_units(run_dir / UNITS_FILE)
+    evaluation.save_units(ctx.run_dir / UNITS_FILE)
     if sparsifier is not None and cfg.save_export:
-        with timer.stage("export"):
-            save_sparse_state(run_dir / "export", sparsifier, biases,
-                              extra_meta={"model": cfg.model.path, "config_hash": results["config_hash"]})
-            if cfg.save_checkpoint:
-                results["checkpoint"] = str(export_checkpoint(model, tokenizer, run_dir / "export" / "checkpoint"))
+        _export(ctx, model, tokenizer, sparsifier, biases)
     bad = [f"{c}/{v}" for c, vs in results["ppl"].items() for v, x in vs.items() if not math.isfinite(x)]
     if bad:
         log.warning("Non-finite perplexity for %s", bad)
 
 
-def _calibrate(cfg: DictConfig, model, calib: torch.Tensor, results: dict, timer: Timer):
+def _load_model(ctx: RunContext):
+    from spon_exp.models.loading import load_model
+
+    m = ctx.cfg.model
+    with ctx.timer.stage("load_model"):
+        loaded = load_model(m.path, m.dtype, m.device, m.device_map)
+    return loaded.model, loaded.tokenizer
+
+
+def _load_data(ctx: RunContext, model, tokenizer) -> tuple[torch.Tensor, Evaluation]:
+    from spon_exp.data.corpora import token_blocks
+
+    c = ctx.cfg.calib
+    with ctx.timer.stage("load_data"):
+        calib = token_blocks(tokenizer, c.corpus, "calibration", c.seq_len, c.num_sequences)
+        if calib.shape[0] < c.num_sequences:
+            log.warning("Corpus %s has only %d calibration sequences of %d tokens (asked for %d)",
+                        c.corpus, calib.shape[0], c.seq_len, c.num_sequences)
+        return calib, Evaluation(ctx.cfg, model, tokenizer, ctx.timer, ctx.metrics)
+
+
+def _sparse_eval(ctx: RunContext, evaluation: Evaluation, sparsifier) -> None:
+    evaluation.run("sparse", measure=sparsifier)
+    ctx.results["sparsity"].update(evaluation.measured)
+    ctx.results.update(evaluation.summary())
+    if ctx.cfg.eval.sensitivity:
+        with ctx.timer.stage("sensitivity"):
+            ctx.results["sensitivity"] = evaluation.sensitivity(sparsifier, ctx.cfg.eval.sensitivity_perturbation)
+
+
+def _spon_stage(ctx: RunContext, model, sparsifier, calib: torch.Tensor, evaluation: Evaluation,
+                evaluate: bool) -> dict:
+    """Train (or restore) α, fold it with the exactness check, evaluate; returns the biases."""
+    from spon_exp.spon import fold_alpha_checked
+
+    spon = _spon(ctx, model, sparsifier, calib)
+    with ctx.timer.stage("fold"):
+        ids, where = evaluation.first_batch(calib)
+        biases, ctx.results["fold"] = fold_alpha_checked(model, spon, ids, checked_on=where)
+    if evaluate:
+        evaluation.run("spon")
+    return biases
+
+
+def _export(ctx: RunContext, model, tokenizer, sparsifier, biases) -> None:
+    from spon_exp.spon import export_checkpoint, save_sparse_state
+
+    with ctx.timer.stage("export"):
+        save_sparse_state(ctx.run_dir / "export", sparsifier, biases,
+                          extra_meta={"model": ctx.cfg.model.path, "config_hash": ctx.identity.config_hash})
+        if ctx.cfg.save_checkpoint:
+            ctx.results["checkpoint"] = str(export_checkpoint(model, tokenizer, ctx.run_dir / "export" / "checkpoint"))
+
+
+def _calibrate(ctx: RunContext, model, calib: torch.Tensor):
     """Attach the sparsifier and calibrate it, or load its cached state."""
     from spon_exp.sparsifiers import build_sparsifier
     from spon_exp.spon import save_sparse_state
     from spon_exp.spon.fold import read_sparse_state
 
+    cfg, results, timer = ctx.cfg, ctx.results, ctx.timer
     sparsifier = build_sparsifier(cfg.sparsifier.name, **sparsifier_kwargs(cfg)).attach(model)
-    skey = sparsifier_key(cfg)
-    state_dir = Path(cfg.paths.cache) / "sparsifier" / skey
+    skey = ctx.identity.sparsifier_key
+    state_dir = ctx.cache / "sparsifier" / skey
 
     def load(folder: Path) -> bool:
         sparsifier.load_state_dict(read_sparse_state(folder)[1])
@@ -262,13 +328,14 @@ def _calibrate(cfg: DictConfig, model, calib: torch.Tensor, results: dict, timer
     return sparsifier
 
 
-def _dense_baseline(cfg: DictConfig, evaluation: Evaluation, sparsifier, results: dict) -> None:
+def _dense_baseline(ctx: RunContext, evaluation: Evaluation, sparsifier) -> None:
     """Evaluate the dense model, or read it from the dense cache (shared by a sweep's runs)."""
     from spon_exp.evaluation.dense_cache import load_dense, save_dense
     from spon_exp.spon import dense_mode
 
-    dkey = dense_key(cfg)
-    dense_dir = Path(cfg.paths.cache) / "dense" / dkey
+    results = ctx.results
+    dkey = ctx.identity.dense_key
+    dense_dir = ctx.cache / "dense" / dkey
     cached = load_dense(dense_dir, evaluation.corpora, want_zeroshot=bool(evaluation.zeroshot_tasks))
     results["cache"]["dense_key"] = dkey
     if cached is not None:
@@ -281,8 +348,7 @@ def _dense_baseline(cfg: DictConfig, evaluation: Evaluation, sparsifier, results
     results["cache"]["dense"] = "miss"
 
 
-def _spon(cfg: DictConfig, model, sparsifier, calib: torch.Tensor, run_dir: Path, results: dict, timer: Timer,
-          metrics: MetricsWriter, tracker: Tracker):
+def _spon(ctx: RunContext, model, sparsifier, calib: torch.Tensor):
     """Build the SPON alphas and train them, or load them from the alpha cache (entry
     ``alpha/<key>``: α + train.json; ``alpha/<key>.checkpoint`` holds the resumable training
     checkpoint until the α entry is written)."""
@@ -290,9 +356,10 @@ def _spon(cfg: DictConfig, model, sparsifier, calib: torch.Tensor, run_dir: Path
 
     from spon_exp.spon import Spon
 
+    cfg, results = ctx.cfg, ctx.results
     spon = Spon(sparsifier, cfg.spon.count, cfg.spon.projections)
-    akey = alpha_key(cfg)
-    alpha_dir = Path(cfg.paths.cache) / "alpha" / akey
+    akey = ctx.identity.alpha_key
+    alpha_dir = ctx.cache / "alpha" / akey
     checkpoint_dir = alpha_dir.with_name(f"{akey}.checkpoint")
     results["cache"]["alpha_key"] = akey
 
@@ -305,18 +372,18 @@ def _spon(cfg: DictConfig, model, sparsifier, calib: torch.Tensor, run_dir: Path
         save_file(spon.alpha_state(), str(folder / ALPHA_FILE))
         (folder / TRAIN_INFO_FILE).write_text(json.dumps(train_info, indent=2, default=str))
 
-    with timer.stage("train_alpha"):
+    with ctx.timer.stage("train_alpha"):
         train_info = read_entry(alpha_dir, load, "trained alpha")
         if train_info is not None:
             results["cache"]["alpha"] = "hit"
         else:
             results["cache"]["alpha"] = "miss"
-            train_info = _train(cfg, model, sparsifier, spon, calib, checkpoint_dir, metrics, tracker)
+            train_info = _train(ctx, model, sparsifier, spon, calib, checkpoint_dir)
             write_entry(alpha_dir, fill)
             remove_entry(checkpoint_dir)
     results["spon"] = {"count": cfg.spon.count, "projections": cfg.spon.projections,
                        "num_parameters": spon.num_parameters(), **train_info}
-    write_atomic(run_dir / ALPHA_FILE, lambda tmp: save_file(spon.alpha_state(), str(tmp)))
+    write_atomic(ctx.run_dir / ALPHA_FILE, lambda tmp: save_file(spon.alpha_state(), str(tmp)))
     return spon
 
 
@@ -455,9 +522,10 @@ class Evaluation:
             write_atomic(path, lambda tmp: save_file(state, str(tmp)))
 
 
-def _train(cfg, model, sparsifier, spon, calib, checkpoint_dir, metrics, tracker) -> dict:
+def _train(ctx: RunContext, model, sparsifier, spon, calib, checkpoint_dir) -> dict:
     from spon_exp.spon import TrainConfig, train_alpha
 
+    cfg, metrics, tracker = ctx.cfg, ctx.metrics, ctx.tracker
     spon.initialise(cfg.spon.init, model, sparsifier, calib[: cfg.calib.threshold_sequences].split(cfg.calib.batch_size))
     if not cfg.spon.train or cfg.spon.steps == 0:
         return {"trained": False, "init": cfg.spon.init}

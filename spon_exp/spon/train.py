@@ -256,6 +256,47 @@ def _set_checkpointing(model: nn.Module, on: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
+def _only_alpha_trainable(model: nn.Module, spon: Spon) -> list[torch.nn.Parameter]:
+    """Freeze the model; the alphas are the only parameters that get gradients."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = list(spon.alphas.values())
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def _step(model: nn.Module, teacher: _TeacherCache, optimizer: torch.optim.Optimizer, params: list, idx: torch.Tensor,
+          ids: torch.Tensor, lr: float, cfg: TrainConfig, step: int) -> float:
+    """One optimiser step on the KL of the sequences ``idx``; returns the loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    h_teacher = teacher.hidden(idx, ids)
+    loss = kl_loss(model, final_hidden(model, ids), h_teacher, cfg.logits_chunk_tokens)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise AlphaTrainingError(
+            f"SPON training loss became {value} at step {step} (lr {lr:g}); lower spon.lr or use bf16→fp32")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    optimizer.step()
+    if not all(torch.isfinite(p).all() for p in params):
+        raise AlphaTrainingError(f"SPON alphas became non-finite at step {step} (lr {lr:g}); lower spon.lr")
+    return value
+
+
+def _save_checkpoint(ckpt: Path, spon: Spon, optimizer: torch.optim.Optimizer, next_step: int,
+                     result: TrainResult) -> int:
+    """Write the resumable state (α, optimiser, the step to resume at, the curve so far)."""
+    state = {"alpha": spon.alpha_state(), "optimizer": optimizer.state_dict(), "step": next_step,
+             "losses": result.losses, "lrs": result.lrs}
+    with _ctrl_c_deferred():  # the step a Ctrl-C message names is the one on disk
+        write_entry(ckpt, lambda d: torch.save(state, d / CHECKPOINT_FILE), replace=True)
+    return next_step
+
+
 def train_alpha(model: nn.Module, sparsifier: Sparsifier, spon: Spon, sequences: torch.Tensor,
                 cfg: TrainConfig, on_step: Callable[[int, float, float], None] | None = None,
                 checkpoint_path: str | Path | None = None,
@@ -272,22 +313,18 @@ def train_alpha(model: nn.Module, sparsifier: Sparsifier, spon: Spon, sequences:
     if sequences.dim() != 2 or sequences.shape[0] == 0:
         raise ValueError(f"Training sequences must be a non-empty [N, L] token tensor, got shape {tuple(sequences.shape)}")
     device = next(model.parameters()).device
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = list(spon.alphas.values())
-    for p in params:
-        p.requires_grad_(True)
+    params = _only_alpha_trainable(model, spon)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     steps = total_steps(cfg, sequences.shape[0])
     result = TrainResult()
-    start_step = 0
     ckpt = Path(checkpoint_path) if checkpoint_path else None
     state = None if ckpt is None else read_entry(ckpt, lambda d: _read_checkpoint(d, spon, optimizer),
                                                  "SPON training checkpoint")
     if state is not None:
         result.losses, result.lrs = state["losses"], state["lrs"]
-        start_step = result.resumed_from = state["step"]
-        log.info("Resuming SPON training from step %d (%s)", start_step, ckpt)
+        result.resumed_from = state["step"]
+        log.info("Resuming SPON training from step %d (%s)", result.resumed_from, ckpt)
+    start_step = result.resumed_from
     if on_start is not None:  # the step training (re)starts from: 0, or the checkpoint's
         on_start(start_step)
 
@@ -303,36 +340,15 @@ def train_alpha(model: nn.Module, sparsifier: Sparsifier, spon: Spon, sequences:
         for step in bar:
             reached = step
             lr = cfg.lr * _lr_factor(cfg, step, steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             idx = batch_indices(step, sequences.shape[0], cfg.batch_size, cfg.seed)
-            ids = sequences[idx].to(device)
-            h_teacher = teacher.hidden(idx, ids)
-            h_student = final_hidden(model, ids)
-            loss = kl_loss(model, h_student, h_teacher, cfg.logits_chunk_tokens)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise AlphaTrainingError(
-                    f"SPON training loss became {value} at step {step} (lr {lr:g}); lower spon.lr or use bf16→fp32"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            if not all(torch.isfinite(p).all() for p in params):
-                raise AlphaTrainingError(f"SPON alphas became non-finite at step {step} (lr {lr:g}); lower spon.lr")
+            value = _step(model, teacher, optimizer, params, idx, sequences[idx].to(device), lr, cfg, step)
             result.losses.append(value)
             result.lrs.append(lr)
             bar.set_postfix(kl=f"{value:.4f}")
             if on_step is not None and (step % cfg.log_every == 0 or step == steps - 1):
                 on_step(step, value, lr)
             if ckpt is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
-                state = {"alpha": spon.alpha_state(), "optimizer": optimizer.state_dict(), "step": step + 1,
-                         "losses": result.losses, "lrs": result.lrs}
-                with _ctrl_c_deferred():  # the step a Ctrl-C message names is the one on disk
-                    write_entry(ckpt, lambda d, s=state: torch.save(s, d / CHECKPOINT_FILE), replace=True)
-                    checkpointed = step + 1
+                checkpointed = _save_checkpoint(ckpt, spon, optimizer, step + 1, result)
     except KeyboardInterrupt:
         raise TrainingInterrupted(reached, checkpointed) from None
     finally:

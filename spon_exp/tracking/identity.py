@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -99,3 +100,18 @@ def flat_dirname(override_dirname: str, item_sep: str = ",", kv_sep: str = "=") 
                 hashlib.sha256(value.encode()).hexdigest()[:8]
         out.append(f"{key}{sep}{value}")
     return item_sep.join(out)
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """Everything a run is known by, computed once from its config: the run's hash (its
+    folder, W&B id, skip-if-done check) and the cache keys of what it reuses."""
+
+    config_hash: str
+    sparsifier_key: str
+    alpha_key: str
+    dense_key: str
+
+    @classmethod
+    def of(cls, cfg: DictConfig) -> RunIdentity:
+        return cls(config_hash(cfg), sparsifier_key(cfg), alpha_key(cfg), dense_key(cfg))
