@@ -4,17 +4,26 @@ Every YAML option under ``conf/<group>/`` extends the schema of its group (``def
 [<schema name>]``), so a misspelt key or a wrong type fails when Hydra composes the config.
 Range checks that types cannot express live in :func:`validate` and run before any model
 loads.
+
+Options declared elsewhere are not repeated here: a sparsifier's schema is ``name`` plus the
+fields of its ``Options`` dataclass (in its module, with their range checks), and SPON's
+training settings extend :class:`spon_exp.spon.train.TrainOptions`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from spon_exp.models.loading import PACKAGED
+from spon_exp.sparsifiers import REGISTRY
+from spon_exp.spon.train import TrainOptions
 
 
 @dataclass
@@ -26,67 +35,37 @@ class ModelConfig:
     device_map: Optional[str] = None  # "auto" spreads a model larger than one GPU
 
 
-@dataclass
-class SparsifierConfig:
-    name: str = MISSING
-    projections: str = "all"  # all / attention / mlp / down_proj
-    token_policy: str = "all"  # all / last_half / last_fraction (prefill tokens sparsified)
-    token_fraction: float = 0.5  # for last_fraction
+def sparsifier_schema(name: str, class_name: str) -> type:
+    """The schema of ``sparsifier=<name>``: ``name`` followed by the fields (types and defaults)
+    of the sparsifier's ``Options`` dataclass, which declares them once, with their comments
+    and range checks (checked by :func:`validate`, not at compose time)."""
+    options = REGISTRY[name].Options
+    types = typing.get_type_hints(options)
+
+    def copied(f: dataclasses.Field) -> dataclasses.Field:
+        if f.default_factory is not dataclasses.MISSING:
+            return field(default_factory=f.default_factory)
+        return field(default=f.default)
+
+    schema = dataclasses.make_dataclass(
+        class_name, [("name", str, field(default=name))]
+        + [(f.name, types[f.name], copied(f)) for f in dataclasses.fields(options)])
+    schema.__module__ = __name__  # pickled by reference (submitit ships the config): assign it to class_name here
+    return schema
 
 
-@dataclass
-class DenseConfig(SparsifierConfig):
-    name: str = "dense"
-
-
-@dataclass
-class TealConfig(SparsifierConfig):
-    name: str = "teal"
-    threshold_mode: str = "exact"  # exact |x| quantile / histogram (TEAL's icdf(0.5+s/2))
-    allocation: str = "uniform"  # uniform / greedy (TEAL's block-wise search)
-    calibration_context: str = "sparse"  # dense = TEAL reference; sparse = refine on sparse activations
-    refine_passes: int = 2
-    greedy_step: float = 0.05  # greedy: each step raises one projection by greedy_step / w_p
-    greedy_last_fraction: float = 0.25  # greedy: block error over the last fraction of tokens
-    greedy_sequences: Optional[int] = None  # greedy: calibration sequences searched on (null = all)
-    greedy_max_sparsity: Optional[float] = None  # greedy: extend the lookup to this (null = the target)
-    max_calibration_values: int = 1_048_576  # per input site; uniform sample above (calibration.py)
-
-
-@dataclass
-class WinaConfig(SparsifierConfig):
-    name: str = "wina"
-    mode: str = "topk"  # topk (per token, k = int(in*(1-s)), reference) / threshold (calibrated)
-    # projections scoring |x_i|*||W[:,i]||: reference k_proj + gate_proj; "all"; "none"; or a list
-    norm_projections: Any = field(default_factory=lambda: ["k_proj", "gate_proj"])
-    dense_first_fraction: float = 0.0  # leading prefill tokens kept dense (reference: 0.01)
-    calibration_context: str = "sparse"  # threshold mode: dense / sparse (refined)
-    refine_passes: int = 2
-    max_calibration_values: int = 1_048_576
-
-
-@dataclass
-class RSparseConfig(SparsifierConfig):
-    name: str = "rsparse"
-    sparse_share: float = 0.95  # rho: budget share of kept channels; 1 = plain sparsity, no rank path
-    calibration_context: str = "sparse"  # dense / sparse (refine thresholds on sparse activations)
-    refine_passes: int = 2
-    max_calibration_values: int = 1_048_576
-
-
-@dataclass
-class LarosaConfig(SparsifierConfig):
-    name: str = "larosa"
-    split: str = "reference"  # reference (0.8s rotated / 1.2s o,down) / balanced (same ratio, hits s) / even
-    damping: float = 0.01  # added to the covariance diagonal, times its mean
-    rotation_dtype: str = "float32"  # float32 / float64 (the reference rotates in float64)
+DenseConfig = sparsifier_schema("dense", "DenseConfig")
+TealConfig = sparsifier_schema("teal", "TealConfig")
+WinaConfig = sparsifier_schema("wina", "WinaConfig")
+RSparseConfig = sparsifier_schema("rsparse", "RSparseConfig")
+LarosaConfig = sparsifier_schema("larosa", "LarosaConfig")
 
 
 @dataclass
 class CalibConfig:
     corpus: str = "wikipedia"  # packaged name, hub corpus or a .txt/.jsonl path
-    # sequences for SPON training; 150 steps x batch 1 then never revisit one (measured, TEAL 50 %:
-    # 256 closed 59.5 % of the gap, 64 sequences revisited 2.3x each 58.4 %, spon_tuning.jsonl)
+    # sequences for SPON training: 150 steps x batch 1 then never revisit one (chosen by
+    # measurement, benchmarks/results/spon_tuning.jsonl)
     num_sequences: int = 256
     seq_len: int = 256
     threshold_sequences: int = 16  # the first N of them calibrate the sparsifier
@@ -94,26 +73,12 @@ class CalibConfig:
 
 
 @dataclass
-class SponConfig:
+class SponConfig(TrainOptions):  # the training settings (lr, steps, ...) are TrainOptions' fields
     count: int = 1  # spontaneous neurons per projection; 0 = SPON off
     projections: str = "all"  # all / attention / mlp / down_proj
     init: str = "zero"  # zero / mean_dropped
     train: bool = True  # false: keep the init (the training-free baseline)
-    # Defaults chosen by measurement (benchmarks/tune_spon.py, benchmarks/results/spon_tuning.jsonl):
-    # packaged model, TEAL 50 %: lr 3e-4 x 150 steps closed 58-59.5 % of the gap, lr 1e-3 cosine 52 %,
-    # lr 1e-4 x 60 steps 50 %, 300 steps 53 %, mean_dropped init + training 48 %, untrained -13 %.
-    lr: float = 3e-4
-    steps: Optional[int] = 150
-    epochs: Optional[float] = None  # used when steps is null
-    batch_size: int = 1
-    weight_decay: float = 0.0
-    schedule: str = "constant"  # constant / cosine / linear
-    warmup_steps: int = 0
-    max_grad_norm: Optional[float] = None
-    gradient_checkpointing: bool = False
-    logits_chunk_tokens: int = 1024
-    cache_teacher: bool = True  # keep each sequence's dense teacher final hidden states once computed
-    checkpoint_every: int = 20  # steps between resumable training checkpoints (0 = never)
+    checkpoint_every: int = 20  # steps between resumable checkpoints; a run keeps them (train_alpha's default: 0 = never)
 
 
 @dataclass
@@ -169,7 +134,8 @@ class LoggerConfig:
 
 @dataclass
 class PathsConfig:
-    outputs: str = "${hydra:runtime.cwd}/outputs"
+    # not the working directory: $SPON_EXP_OUTPUTS, else outputs/ of this repository (beside conf/)
+    outputs: str = f"${{oc.env:SPON_EXP_OUTPUTS,'{Path(__file__).resolve().parents[1] / 'outputs'}'}}"
     cache: str = "${paths.outputs}/cache"  # calibration artefacts and trained alphas, by hash
 
 
@@ -270,16 +236,15 @@ def validate(cfg) -> None:
             resolve_tasks(list(cfg.eval.zeroshot.tasks), source=cfg.eval.zeroshot.source)
         except (ValueError, RuntimeError) as e:
             raise ConfigError(str(e)) from None
-    if cfg.sparsifier.name != "dense":
-        from spon_exp.sparsifiers import REGISTRY, build_sparsifier
+    from spon_exp.sparsifiers import build_sparsifier
 
-        if cfg.sparsifier.name not in REGISTRY:
-            raise ConfigError(f"Unknown sparsifier {cfg.sparsifier.name!r}; choose from {sorted(REGISTRY)} or dense")
-        options = {k: v for k, v in OmegaConf.to_container(cfg.sparsifier, resolve=True).items() if k != "name"}
-        try:  # constructing checks every option's range; no model is touched
-            build_sparsifier(cfg.sparsifier.name, sparsity=cfg.sparsity, **options)
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"sparsifier={cfg.sparsifier.name}: {e}") from None
+    if cfg.sparsifier.name not in REGISTRY:
+        raise ConfigError(f"Unknown sparsifier {cfg.sparsifier.name!r}; choose from {sorted(REGISTRY)}")
+    options = {k: v for k, v in OmegaConf.to_container(cfg.sparsifier, resolve=True).items() if k != "name"}
+    try:  # constructing checks every option's range; no model is touched
+        build_sparsifier(cfg.sparsifier.name, sparsity=cfg.sparsity, **options)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"sparsifier={cfg.sparsifier.name}: {e}") from None
     _check_lengths_and_corpora(cfg)
 
 

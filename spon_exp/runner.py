@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from spon_exp import __version__
 from spon_exp.config import validate
+from spon_exp.sparsifiers import REGISTRY
 from spon_exp.tracking.files import (ENV, METRICS, RESULTS, MetricsWriter, environment, read_json, write_json_atomic,
                                      write_text_atomic)
 from spon_exp.tracking.identity import RunIdentity, plain
@@ -225,13 +226,13 @@ def _run_stages(ctx: RunContext) -> None:
     cfg, results = ctx.cfg, ctx.results
     torch.manual_seed(cfg.seed)
     model, tokenizer = _load_model(ctx)
-    dense_only = cfg.sparsifier.name == "dense"
+    dense_only = not REGISTRY[cfg.sparsifier.name].sparsifies  # sparsifier=dense: the sparse model is the dense one
     use_spon = not dense_only and cfg.spon.count > 0
     variants = [v for v in cfg.eval.variants if v == "dense" or (v == "sparse" and not dense_only)
                 or (v == "spon" and use_spon)]
     calib, evaluation = _load_data(ctx, model, tokenizer)
 
-    sparsifier = None if dense_only else _calibrate(ctx, model, calib)
+    sparsifier = _calibrate(ctx, model, calib)
     if "dense" in variants:
         _dense_baseline(ctx, evaluation, sparsifier)
         results.update(evaluation.summary())  # kept if a later stage fails
@@ -530,11 +531,7 @@ def _train(ctx: RunContext, model, sparsifier, spon, calib, checkpoint_dir) -> d
     if not cfg.spon.train or cfg.spon.steps == 0:
         return {"trained": False, "init": cfg.spon.init}
     s = cfg.spon
-    tcfg = TrainConfig(lr=s.lr, steps=s.steps, epochs=s.epochs, batch_size=s.batch_size, weight_decay=s.weight_decay,
-                       schedule=s.schedule, warmup_steps=s.warmup_steps, max_grad_norm=s.max_grad_norm,
-                       gradient_checkpointing=s.gradient_checkpointing, logits_chunk_tokens=s.logits_chunk_tokens,
-                       cache_teacher=s.cache_teacher,
-                       seed=cfg.seed, checkpoint_every=s.checkpoint_every)
+    tcfg = TrainConfig.from_options(s, seed=cfg.seed)
 
     def on_step(step: int, loss: float, lr: float) -> None:
         metrics.write("train", step=step, kl=loss, lr=lr)

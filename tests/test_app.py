@@ -19,7 +19,8 @@ from spon_exp.cli import CONFIG_DIR
 from spon_exp.config import ConfigError, register_configs, validate
 from spon_exp.runner import run
 from spon_exp.tracking.identity import alpha_key, config_hash, sparsifier_key
-from spon_exp.tracking.wandb_logger import read_offline_run, summary_from_results
+from spon_exp.tracking.wandb_logger import summary_from_results
+from tests.wandb_offline import read_offline_run
 
 CONF = Path(CONFIG_DIR)
 GROUPS = ["model", "sparsifier", "calib", "spon", "eval", "logger", "launcher", "experiment"]

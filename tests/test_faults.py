@@ -7,7 +7,6 @@ Ctrl-C messages: tests/test_faults_inputs.py.)"""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

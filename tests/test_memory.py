@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM
 from spon_exp.models.loading import tiny_random_config
 from spon_exp.sparsifiers import build_sparsifier
 from spon_exp.spon import Spon
-from spon_exp.spon.memory import estimate_training_memory, fit_activation_coefficients, saved_activation_bytes
+
+from benchmarks.perf.memory_model import estimate_training_memory, fit_activation_coefficients, saved_activation_bytes
 
 
 def _student(hidden: int, inter: int, layers: int = 2):

@@ -308,7 +308,7 @@ def test_larosa_measured_sparsity(family):
     assert abs(measured(lm.model, sp, ids)["model"] - 0.5) <= 0.01
     # reference split: sparsity 0.4 on q/k/v/gate/up keeps int(64·0.6) = 38 of 64;
     # 0.6 on o/down keeps int(64·0.4) = 25 of 64 (o) and int(128·0.4) = 51 of 128 (down)
-    sp.split = "reference"
+    sp.options.split = "reference"
     sp._layer_sparsities.clear()
     per = measured(lm.model, sp, ids)["per_projection"]
     assert per["0.q_proj"] == pytest.approx(26 / 64) and per["0.o_proj"] == pytest.approx(39 / 64)
@@ -389,3 +389,67 @@ def test_randomised_low_rank_factors_match_the_exact_svd_for_the_kept_rank(shape
     assert torch.equal(low_rank_factors(w, rank, method="randomized")[0], fast_down)  # seeded: reproducible
     # "auto" takes the randomised path for a rank this small relative to the matrix
     assert torch.equal(low_rank_factors(w, rank)[0], fast_down) == (rank + 16 < 0.125 * k)
+
+
+# ------------------------------------------------ options, hooks, dense, token policy
+def test_options_are_the_schema_constructor_and_description():
+    import dataclasses
+
+    from spon_exp.config import TealConfig
+    from spon_exp.sparsifiers import TealOptions, TealSparsifier
+
+    schema = {f.name: f.default for f in dataclasses.fields(TealConfig)}
+    assert schema == {"name": "teal", **dataclasses.asdict(TealOptions())}
+    sp = build_sparsifier("teal", sparsity=0.4, allocation="greedy", greedy_step=0.1)
+    assert sp.options == TealOptions(allocation="greedy", greedy_step=0.1)
+    assert sp.describe() == {"name": "teal", "sparsity": 0.4, **dataclasses.asdict(sp.options)}
+    assert TealSparsifier(0.4, TealOptions(allocation="greedy", greedy_step=0.1)).options == sp.options
+    with pytest.raises(ValueError, match="greedy_step must be in"):
+        TealOptions(greedy_step=0)  # range checks live in the options
+    with pytest.raises(TypeError):
+        build_sparsifier("teal", sparsity=0.5, alocation="greedy")
+
+
+def test_hook_set_switches_off_and_removes_every_hook():
+    from spon_exp.sparsifiers import HookSet
+
+    lin, calls = nn.Linear(3, 3), []
+    with HookSet() as hooks:
+        hooks.pre(lin, lambda m, args: calls.append("pre"))
+        hooks.post(lin, lambda m, args, out: calls.append("post"), prepend=True)
+        lin(torch.zeros(1, 3))
+        with hooks.disabled():
+            lin(torch.zeros(1, 3))
+        assert calls == ["pre", "post"] and len(hooks) == 2
+    lin(torch.zeros(1, 3))
+    assert calls == ["pre", "post"] and not lin._forward_pre_hooks and not lin._forward_hooks
+
+
+def test_dense_sparsifier_is_a_no_op():
+    lm, ids = tiny(), random_ids()
+    with torch.no_grad():
+        base = lm.model(ids).logits
+    sp = build_sparsifier("dense", sparsity=0.5).attach(lm.model)
+    assert sp.attached and not sp.sparsifies and len(sp.hooks) == 0 and sp.projections
+    sp.calibrate(lm.model, [ids])
+    with sp.measuring(), torch.no_grad():
+        assert torch.equal(lm.model(ids).logits, base)
+    measured = sp.measured_sparsity()
+    assert measured["model"] == 0.0 and set(measured["per_projection"]) == {p.key for p in sp.projections}
+
+
+@pytest.mark.parametrize("policy,fraction,dense_first", [("all", 0.5, 0.0), ("last_half", 0.9, 0.0),
+                                                          ("last_fraction", 0.3, 0.0), ("all", 0.5, 0.01),
+                                                          ("last_fraction", 0.999, 0.05)])
+def test_token_policy_is_one_mechanism(policy, fraction, dense_first):
+    from spon_exp.sparsifiers import TokenPolicy
+
+    kept_fraction = 0.5 if policy == "last_half" else fraction
+    sp = build_sparsifier("wina", sparsity=0.5, token_policy=policy, token_fraction=fraction,
+                          dense_first_fraction=dense_first)
+    assert sp.tokens == TokenPolicy(policy, fraction, dense_first)
+    for tokens in (1, 2, 7, 32, 100, 256):
+        expected = tokens if policy == "all" or tokens == 1 else max(1, math.ceil(tokens * kept_fraction))
+        if dense_first and tokens > 1:
+            expected = min(expected, int(tokens * (1 - dense_first)))
+        assert sp.sparsified_tokens(tokens) == expected

@@ -272,3 +272,18 @@ def test_spon_requires_attached_sparsifier():
     sp = build_sparsifier("teal", sparsity=0.5).attach(lm.model)
     with pytest.raises(ValueError, match="SPON count must be >= 1"):
         Spon(sp, 0)
+
+
+def test_train_config_takes_the_spon_config_training_settings():
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from spon_exp.config import SponConfig
+    from spon_exp.spon.train import TrainOptions
+
+    node = OmegaConf.structured(SponConfig(lr=0.01, steps=None, epochs=2.0, schedule="cosine", count=3))
+    tcfg = TrainConfig.from_options(node, seed=7)
+    assert (tcfg.lr, tcfg.steps, tcfg.epochs, tcfg.schedule, tcfg.seed) == (0.01, None, 2.0, "cosine", 7)
+    assert tcfg.checkpoint_every == 20 and TrainConfig().checkpoint_every == 0  # a run checkpoints, the library not
+    assert all(getattr(tcfg, f.name) == node[f.name] for f in dataclasses.fields(TrainOptions))

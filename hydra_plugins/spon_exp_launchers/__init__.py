@@ -3,6 +3,13 @@
 A re-launched sweep must not redo work: before submitting, each job's config is composed,
 its run folder located, and the job dropped when that folder's ``results.json`` says
 ``ok`` for the same config hash. Failed or missing runs are launched again.
+
+Their configs (``config.py``) are the plugins' dataclasses with ``_target_`` (and what else
+differs) changed, stored in Hydra's ConfigStore as ``hydra/launcher=spon_basic``,
+``spon_submitit_local`` and ``spon_submitit_slurm``. ``conf/hydra/launcher/submitit_{local,
+slurm}.yaml`` only select them under the plugin's own names (a config file shadows a
+ConfigStore entry of the same name, so ``hydra/launcher=submitit_slurm`` skips finished runs
+too); ``conf/launcher/*.yaml`` set the cluster's parameters.
 """
 
 from __future__ import annotations
@@ -63,3 +70,4 @@ class SkipFinishedSlurmLauncher(SkipFinishedMixin, SlurmLauncher):
 
 class SkipFinishedSubmititLocalLauncher(SkipFinishedMixin, LocalLauncher):
     pass
+

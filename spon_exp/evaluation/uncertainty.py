@@ -1,12 +1,13 @@
 """Confidence intervals by paired bootstrap.
 
-A thresholded model is chaotic (a relative 1e-6 change of its thresholds moves perplexity by
-about half a percent), so one evaluation is one draw from a noisy process. Every figure
-therefore carries a percentile interval from resampling its evaluation units with
-replacement: blocks for perplexity, documents for zero-shot scores. Dense, sparse and
-sparse+SPON are scored on the same units, so each resample uses the *same* indices for all
-of them (a paired bootstrap): the gap closure and the zero-shot recovery get their interval
-from the same resamples, and the correlation between the variants is kept.
+A thresholded model is chaotic (a relative 1e-6 change of its thresholds visibly moves
+perplexity: README, "Trustworthy numbers", and ``eval.sensitivity=true`` measures it per run),
+so one evaluation is one draw from a noisy process. Every figure therefore carries a
+percentile interval from resampling its evaluation units with replacement: blocks for
+perplexity, documents for zero-shot scores. Dense, sparse and sparse+SPON are scored on
+the same units, so each resample uses the *same* indices for all of them (a paired
+bootstrap): the gap closure and the zero-shot recovery get their interval from the same
+resamples, and the correlation between the variants is kept.
 
 What the interval means: were the evaluation set drawn again from the same distribution of
 blocks (documents), the figure would fall inside it about 95 % of the time. It covers the

@@ -230,6 +230,32 @@ def _item_scores(samples: dict, lm_eval_name: str, metric: str) -> list[float]:
     return scores
 
 
+def _results_table(out: dict, resolved: Sequence[ResolvedTask]) -> dict:
+    """Per task: lm-eval's metrics, the paper metric, its source, documents evaluated and
+    each document's score (the units of the intervals)."""
+    results = {**out.get("results", {}), **out.get("groups", {})}
+    n_samples = out.get("n-samples", {})
+    table: dict = {"tasks": {}, "paper_metric": {}, "metric_name": {}, "source": {}, "n_samples": {},
+                   "item_scores": {}}
+    for t in resolved:
+        if t.lm_eval_name not in results:
+            raise KeyError(f"lm-eval returned no result for {t.lm_eval_name}")
+        metrics = _clean_metrics(results[t.lm_eval_name])
+        metric = _pick_metric(t.paper_metric, metrics)
+        table["tasks"][t.name] = metrics
+        table["paper_metric"][t.name] = metrics[metric]
+        table["metric_name"][t.name] = metric
+        table["source"][t.name] = t.source
+        ns = n_samples.get(t.lm_eval_name)
+        if ns is None:  # group: sum over leaf tasks
+            prefix = t.lm_eval_name + "_"
+            leaves = [v for k, v in n_samples.items() if k.startswith(prefix)]
+            ns = {"effective": sum(v.get("effective", 0) for v in leaves)} if leaves else {}
+        table["n_samples"][t.name] = ns.get("effective")
+        table["item_scores"][t.name] = _item_scores(out.get("samples", {}), t.lm_eval_name, metric)
+    return table
+
+
 def evaluate_zeroshot(model, tokenizer, tasks: str | Sequence[str] | Sequence[ResolvedTask] = None,
                       batch_size: int = 16, num_fewshot: int = 0, limit: int | float | None = None,
                       source: str = "auto", max_length: int | None = None,
@@ -279,26 +305,7 @@ def evaluate_zeroshot(model, tokenizer, tasks: str | Sequence[str] | Sequence[Re
     if out is None:  # non-zero rank in a distributed run
         return {}
 
-    results = {**out.get("results", {}), **out.get("groups", {})}
-    n_samples = out.get("n-samples", {})
-    table: dict = {"tasks": {}, "paper_metric": {}, "metric_name": {}, "source": {}, "n_samples": {},
-                   "item_scores": {}}
-    for t in resolved:
-        if t.lm_eval_name not in results:
-            raise KeyError(f"lm-eval returned no result for {t.lm_eval_name}")
-        metrics = _clean_metrics(results[t.lm_eval_name])
-        metric = _pick_metric(t.paper_metric, metrics)
-        table["tasks"][t.name] = metrics
-        table["paper_metric"][t.name] = metrics[metric]
-        table["metric_name"][t.name] = metric
-        table["source"][t.name] = t.source
-        ns = n_samples.get(t.lm_eval_name)
-        if ns is None:  # group: sum over leaf tasks
-            prefix = t.lm_eval_name + "_"
-            leaves = [v for k, v in n_samples.items() if k.startswith(prefix)]
-            ns = {"effective": sum(v.get("effective", 0) for v in leaves)} if leaves else {}
-        table["n_samples"][t.name] = ns.get("effective")
-        table["item_scores"][t.name] = _item_scores(out.get("samples", {}), t.lm_eval_name, metric)
+    table = _results_table(out, resolved)
     values = list(table["paper_metric"].values())
     table["average"] = float(sum(values) / len(values)) if values else float("nan")
     table.update(lm_eval_version=_lm_eval_version(), limit=limit, num_fewshot=num_fewshot,
@@ -322,12 +329,3 @@ def zeroshot_recovery(avg_dense: float, avg_sparse: float, avg_spon: float) -> f
         return float("nan")
     return (avg_spon - avg_sparse) / gap
 
-
-def format_table(result: dict) -> str:
-    """Markdown table of one :func:`evaluate_zeroshot` result."""
-    lines = ["| task | source | metric | value | n |", "|---|---|---|---|---|"]
-    for task, value in result.get("paper_metric", {}).items():
-        lines.append(f"| {task} | {result['source'][task]} | {result['metric_name'][task]} | "
-                     f"{value:.4f} | {result['n_samples'].get(task)} |")
-    lines.append(f"| average | | | {result.get('average', float('nan')):.4f} | |")
-    return "\n".join(lines)

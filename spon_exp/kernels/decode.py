@@ -41,8 +41,8 @@ def enable_sparse_decode(sparsifier: Sparsifier, mode: str = "ordered") -> int:
     ``mode``: ``"ordered"`` (default) accumulates every output over the kept inputs in index
     order, and ``"ordered_dense"`` computes the masked-dense product in that same order
     without skipping anything: the two give bit-identical logits, so greedy decoding with
-    ``"ordered"`` emits exactly the masked-dense reference's tokens (and on a 2-core CPU it
-    is as fast as ``"auto"``, benchmarks/sparse_matvec.py). ``"auto"`` picks split-K or
+    ``"ordered"`` emits exactly the masked-dense reference's tokens (its speed against
+    ``"auto"``: benchmarks/results/sparse_matvec.json). ``"auto"`` picks split-K or
     output split by shape and groups rows; it equals masked dense to float rounding only.
     """
     if mode not in MODES:

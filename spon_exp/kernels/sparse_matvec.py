@@ -8,8 +8,8 @@ the kernel streams only the kept rows from memory: on a memory-bound CPU matvec 
 falls roughly with the fraction of kept inputs.
 
 The kernel is a small C file compiled with the system C compiler at first use and loaded
-with :mod:`ctypes` (no pybind / torch headers: it compiles in well under a second where a
-``torch.utils.cpp_extension.load_inline`` build of the same loop takes ~40 s on 2 cores).
+with :mod:`ctypes` (no pybind / torch headers, so it compiles in a small fraction of the time
+a ``torch.utils.cpp_extension.load_inline`` build of the same loop takes).
 It is cached under ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) in a
 folder keyed by a hash of the source, flags and compiler. It is built for generic x86-64 /
 the host architecture without ``-march=native``; the inner loop is also compiled for
@@ -27,20 +27,18 @@ Two ways to split the work between ``T`` threads:
 
 ``mode="auto"`` uses split-K with more than one thread unless the output is longer than
 :data:`SPLIT_K_MAX_OUT` (a per-thread accumulator of that size no longer sits comfortably in
-L2), where it uses output split. Measured on a 2-core AMD EPYC (Zen 3, fp32, 2 threads,
-run at SCHED_FIFO priority so that other jobs on the shared box did not interleave),
-split-K was as fast or up to ~25 % faster at 4096->14336 (0-7 %), 14336->4096 (10-18 %)
-and 4096->4096 (~20 %), and 1.5-1.7x faster at short outputs (4096->1024, 14336->512):
+L2), where it uses output split. On a multi-core CPU split-K measured as fast or faster at
+Llama-3-8B's shapes and clearly faster at short outputs, the two tying only at very long
+outputs (``python benchmarks/perf/sparse_matvec.py --modes output,split_k --shapes 4096x1024,4096x14336``):
 every thread streams whole contiguous rows, where output split has both threads read halves
-of the same rows. The two tie at 2048->65536 and 1024->131072. ``autotune(...)`` measures both on a given shape and
-pins the winner for that shape.
+of the same rows. ``autotune(...)`` measures both on a given shape and pins the winner for
+that shape.
 
 A third, **ordered** kernel (``mode="ordered"``, the decode default) gives up split-K for
 exactness: each output is summed over the kept inputs in index order with chained FMAs
 (threads split the outputs), so it is bit-identical to ``mode="ordered_dense"``, the same
-sum with the zero inputs multiplied in, i.e. the masked-dense product in a fixed order. On
-the 2-core EPYC it measured as fast as ``auto`` at Llama-3-8B MLP shapes
-(``benchmarks/sparse_matvec.py``).
+sum with the zero inputs multiplied in, i.e. the masked-dense product in a fixed order. Its
+speed against ``auto``: ``benchmarks/results/sparse_matvec.json`` (README, "Benchmarks").
 
 If no compiler is available or compilation fails, everything falls back to dense
 ``F.linear`` with one logged warning.

@@ -21,7 +21,6 @@ SITE_OF = {
     "gate_proj": "gate_up_input", "up_proj": "gate_up_input",
     "down_proj": "down_proj_input",
 }
-SITES = ("qkv_input", "o_proj_input", "gate_up_input", "down_proj_input")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 

@@ -181,7 +181,7 @@ def _gguf_context(path: Path) -> int | None:
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the hub answers at all: offline, the hub client retries for ~25 s before failing."""
+    """Whether the hub answers at all: offline, the hub client retries for a long while before failing."""
     import socket
     from urllib.parse import urlparse
 
@@ -311,9 +311,3 @@ def load_model(path: str = PACKAGED, dtype: str | torch.dtype = "float32", devic
     model.eval()
     return LoadedModel(model, tokenizer, path, str(Path(folder) / gguf_file) if gguf_file else str(folder))
 
-
-def model_fingerprint(loaded: LoadedModel) -> str:
-    """What identifies the weights for caching: the resolved source plus its config."""
-    cfg = loaded.model.config.to_dict()
-    keep = {k: cfg.get(k) for k in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")}
-    return json.dumps({"source": loaded.path, **keep}, sort_keys=True)

@@ -7,6 +7,10 @@ model with sparsity off) -> ``detach()``.
 A method implements ``sparsify(proj, x, measure)`` for one projection's input and
 ``share_key(proj)``: projections of one input site whose keys are equal get the same
 sparsified tensor, so the mask of q/k/v (or gate/up) is computed once, not per consumer.
+
+A method's options are one dataclass (``Options``, extending :class:`SparsifierOptions`):
+defaults, comments and range checks (``__post_init__``) live there once; the Hydra schema
+(:mod:`spon_exp.config`), the constructor and ``describe()`` all derive from it.
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ import contextlib
 import math
 from collections import defaultdict
 from collections.abc import Hashable, Iterable, Iterator
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from spon_exp.models.adapters import DecoderBlock, Projection, find_decoder_blocks, select_projections
+from spon_exp.sparsifiers.hooks import HookSet, Switchable
 
 TOKEN_POLICIES = ("all", "last_half", "last_fraction")
 
@@ -28,6 +34,47 @@ def check_sparsity(sparsity: float) -> float:
     if not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) < 1.0:
         raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r} (e.g. sparsity=0.5 for 50 %)")
     return float(sparsity)
+
+
+@dataclass
+class SparsifierOptions:
+    """Options every sparsifier takes (``sparsifier.*`` in the config)."""
+
+    projections: str = "all"  # all / attention / mlp / down_proj (from Python also a list of names)
+    token_policy: str = "all"  # all / last_half / last_fraction (prefill tokens sparsified)
+    token_fraction: float = 0.5  # for last_fraction
+
+    def __post_init__(self) -> None:
+        if self.token_policy not in TOKEN_POLICIES:
+            raise ValueError(f"token_policy must be one of {TOKEN_POLICIES}, got {self.token_policy!r}")
+        if not 0.0 < self.token_fraction <= 1.0:
+            raise ValueError(f"token_fraction must be in (0, 1], got {self.token_fraction}")
+
+
+@dataclass(frozen=True)
+class TokenPolicy:
+    """Which tokens of a forward are sparsified: a trailing run of them; a single (decode)
+    token always is.
+
+    ``kind``: ``all``; ``last_half``; ``last_fraction`` (the last ``ceil(T·fraction)``, at
+    least one). ``dense_first_fraction`` ``f`` also keeps the leading tokens of a
+    multi-token forward dense by sparsifying at most the last ``int(T·(1 − f))`` (WINA's
+    reference prefill, f = 0.01); the fewer sparsified tokens win.
+    """
+
+    kind: str = "all"
+    fraction: float = 0.5
+    dense_first_fraction: float = 0.0
+
+    def sparsified(self, num_tokens: int) -> int:
+        """How many trailing tokens of a forward of ``num_tokens`` are sparsified."""
+        if self.kind == "all" or num_tokens == 1:
+            n = num_tokens
+        else:
+            n = max(1, math.ceil(num_tokens * (0.5 if self.kind == "last_half" else float(self.fraction))))
+        if self.dense_first_fraction > 0 and num_tokens > 1:
+            n = min(n, int(num_tokens * (1.0 - self.dense_first_fraction)))
+        return n
 
 
 class _SharedInput:
@@ -39,40 +86,34 @@ class _SharedInput:
         self.x, self.key, self.out, self.remaining, self.dropped, self.seen = x, key, out, remaining, dropped, seen
 
 
-class Switchable:
-    """Hooks that can be switched off without detaching them (``enabled`` / ``disabled()``)."""
-
-    enabled: bool = True
-
-    @contextlib.contextmanager
-    def disabled(self) -> Iterator[None]:
-        """Inside, every hook passes its tensor through untouched (the dense model)."""
-        previous, self.enabled = self.enabled, False
-        try:
-            yield
-        finally:
-            self.enabled = previous
-
-
 class Sparsifier(Switchable):
-    """Base class: hook management, shared-input caching, token policy, sparsity accounting."""
+    """Base class: hook management, shared-input caching, token policy, sparsity accounting.
+
+    ``Sparsifier(sparsity, options)`` with ``options`` an instance of the class's ``Options``,
+    or ``Sparsifier(sparsity, **fields of Options)``: ``TealSparsifier(0.5, allocation="greedy")``.
+    """
 
     name = "base"
+    Options: type[SparsifierOptions] = SparsifierOptions
+    #: False for the dense no-op: its sparse model is the dense one, so a run evaluates only
+    #: the dense variant and trains no SPON
+    sparsifies: bool = True
 
-    def __init__(self, sparsity: float = 0.5, projections: str | list[str] = "all",
-                 token_policy: str = "all", token_fraction: float = 0.5):
+    def __init__(self, sparsity: float = 0.5, options: SparsifierOptions | None = None, seed: int = 0, **kwargs):
         self.sparsity = check_sparsity(sparsity)
-        if token_policy not in TOKEN_POLICIES:
-            raise ValueError(f"token_policy must be one of {TOKEN_POLICIES}, got {token_policy!r}")
-        if not 0.0 < token_fraction <= 1.0:
-            raise ValueError(f"token_fraction must be in (0, 1], got {token_fraction}")
-        self.projection_set = projections
-        self.token_policy = token_policy
-        self.token_fraction = 0.5 if token_policy == "last_half" else float(token_fraction)
-        self.enabled = True
+        if options is None:
+            options = self.Options(**kwargs)
+        elif kwargs:
+            raise TypeError(f"Pass {self.Options.__name__} or its fields as keywords, not both (got {sorted(kwargs)})")
+        elif not isinstance(options, self.Options):
+            raise TypeError(f"{self.name} sparsifier options must be {self.Options.__name__}, got {type(options).__name__}")
+        self.options = options
+        self.seed = seed  # calibration sampling
+        self.tokens = TokenPolicy(options.token_policy, options.token_fraction)
+        self.hooks = HookSet()
+        self._attached = False
         self.blocks: list[DecoderBlock] = []
         self.projections: list[Projection] = []
-        self._handles: list = []
         self._shared: dict[tuple[int, str], _SharedInput] = {}
         self._consumers: dict[tuple[int, str, Hashable], int] = {}
         self._measuring = False
@@ -80,25 +121,37 @@ class Sparsifier(Switchable):
         self._seen: dict[str, float] = defaultdict(float)
 
     # ----------------------------------------------------------------- lifecycle
+    @property
+    def enabled(self) -> bool:  # switching the sparsifier switches its hooks (``disabled()``)
+        return self.hooks.enabled
+
+    @enabled.setter
+    def enabled(self, on: bool) -> None:
+        self.hooks.enabled = on
+
     def attach(self, model: nn.Module) -> Sparsifier:
-        if self._handles:
+        if self._attached:
             raise RuntimeError(f"{self.name} sparsifier is already attached; detach() it first")
         self.blocks = find_decoder_blocks(model)
-        self.projections = select_projections(self.blocks, self.projection_set)
-        for proj in self.projections:
-            self._handles.append(proj.module.register_forward_pre_hook(self._make_hook(proj)))
+        self.projections = select_projections(self.blocks, self.options.projections)
+        self.register_hooks()
         self._refresh_consumers()
+        self._attached = True
         return self
 
+    def register_hooks(self) -> None:
+        """Put the method's hooks (into :attr:`hooks`) on the selected projections."""
+        for proj in self.projections:
+            self.hooks.pre(proj.module, self._make_hook(proj))
+
     def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self.hooks.remove()
         self._shared.clear()
+        self._attached = False
 
     @property
     def attached(self) -> bool:
-        return bool(self._handles)
+        return self._attached
 
     def calibrate(self, model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
         """Fit the method's statistics on calibration token batches. Default: nothing to fit."""
@@ -137,8 +190,8 @@ class Sparsifier(Switchable):
                 self.load_state_dict(state)
 
     def describe(self) -> dict:
-        return {"name": self.name, "sparsity": self.sparsity, "token_policy": self.token_policy,
-                "token_fraction": self.token_fraction, "projections": self.projection_set}
+        """Name, sparsity and options: ``build_sparsifier(**describe())`` rebuilds it (an export's meta)."""
+        return {"name": self.name, "sparsity": self.sparsity, **asdict(self.options)}
 
     # ------------------------------------------------------------------ hooks
     def _refresh_consumers(self) -> None:
@@ -151,9 +204,7 @@ class Sparsifier(Switchable):
 
     def sparsified_tokens(self, num_tokens: int) -> int:
         """How many trailing tokens of a forward are sparsified (a decode token always is)."""
-        if self.token_policy == "all" or num_tokens == 1:
-            return num_tokens
-        return max(1, math.ceil(num_tokens * self.token_fraction))
+        return self.tokens.sparsified(num_tokens)
 
     def _apply(self, proj: Projection, x: torch.Tensor) -> torch.Tensor:
         tokens = x.shape[-2] if x.dim() >= 2 else 1
@@ -172,7 +223,7 @@ class Sparsifier(Switchable):
 
     def _make_hook(self, proj: Projection):
         def hook(module, args):
-            if not self.enabled or not args:
+            if not args:
                 return None
             x = args[0]
             key = self.share_key(proj)
@@ -230,7 +281,7 @@ class Sparsifier(Switchable):
 def run_batches(model: nn.Module, batches: Iterable[torch.Tensor], desc: str | None = None) -> None:
     """Forward token batches through the decoder blocks without gradients (calibration
     passes). The LM head is skipped: hooks only read the blocks, and a large vocabulary's
-    logits cost a fifth of the packaged model's forward."""
+    logits are a sizeable share of a small model's forward."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device

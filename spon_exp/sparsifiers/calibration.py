@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from spon_exp.models.adapters import Projection
-from spon_exp.sparsifiers.base import Sparsifier, run_batches
+from spon_exp.sparsifiers.base import Sparsifier, SparsifierOptions, run_batches
+from spon_exp.sparsifiers.hooks import HookSet
 
 # dense: thresholds from dense activations only (TEAL's reference). sparse: then refine them
 # on the activations the sparse model really sees (upstream sparsity shifts downstream
@@ -30,8 +32,21 @@ CALIBRATION_CONTEXTS = ("dense", "sparse")
 HISTOGRAM_BINS = 10_000  # TEAL's reference: 1st-99th percentile split linearly + 2 tail bins
 # Values kept per site and pass. A quantile of a uniform sample of 2**20 values lands within
 # ±0.1 % (two standard deviations, sqrt(s(1-s)/n)) of the target sparsity, and kthvalue over
-# it costs a quarter of what 2**22 did: on the packaged model that was 13 of 43 s of calibration.
+# it costs a quarter of what 2**22 did (README "Running at scale" has the measured effect).
 MAX_CALIBRATION_VALUES = 2**20
+
+
+@dataclass
+class CalibratedOptions(SparsifierOptions):
+    """Options of the methods that calibrate thresholds (TEAL, WINA's threshold mode, R-Sparse)."""
+
+    calibration_context: str = "sparse"  # dense = TEAL reference; sparse = refine on sparse activations
+    refine_passes: int = 2  # sparse context: passes refining the thresholds on sparse activations
+    max_calibration_values: int = MAX_CALIBRATION_VALUES  # per input site and pass; a uniform sample above
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        calibration_passes(self.calibration_context, self.refine_passes)  # validates both
 
 
 def site_group(proj: Projection) -> Hashable:
@@ -57,13 +72,13 @@ class SiteRecorder:
         self.seed = seed
         self.score = score
         self._generators: dict[torch.device, torch.Generator] = {}
-        self._handles = []
+        self.hooks = HookSet()
         first_of_group: dict[Hashable, Projection] = {}
         for p in projections:
             first_of_group.setdefault(group(p), p)
         for key, p in first_of_group.items():
             # prepend: record the raw input, before any sparsifier hook changes it
-            self._handles.append(p.module.register_forward_pre_hook(self._hook(key, p), prepend=True))
+            self.hooks.pre(p.module, self._hook(key, p), prepend=True)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         g = self._generators.get(device)
@@ -86,9 +101,7 @@ class SiteRecorder:
         return hook
 
     def remove(self):
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self.hooks.remove()
 
     def site_values(self, key) -> torch.Tensor:
         return torch.cat(self.values[key])

@@ -26,12 +26,14 @@ same outputs (up to rounding) and keeps SPON's α in the original input space.
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from spon_exp.models.adapters import Projection
-from spon_exp.sparsifiers.base import Sparsifier, run_batches
+from spon_exp.sparsifiers.base import Sparsifier, SparsifierOptions, run_batches
+from spon_exp.sparsifiers.hooks import HookSet
 from spon_exp.sparsifiers.scoring import keep_count, topk_mask
 
 ROTATED_SITES = ("qkv_input", "gate_up_input")
@@ -58,27 +60,33 @@ def site_sparsities(sparsity: float, split: str, rotated_params: int, other_para
     return min(1.0, low * scale * sparsity), min(1.0, high * scale * sparsity)
 
 
+@dataclass
+class LarosaOptions(SparsifierOptions):
+    """LaRoSA's options (``sparsifier=larosa``)."""
+
+    split: str = "reference"  # reference (0.8s rotated / 1.2s o,down) / balanced (same ratio, hits s) / even
+    damping: float = 0.01  # added to the covariance diagonal, times its mean
+    rotation_dtype: str = "float32"  # float32 / float64 (the reference rotates in float64)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.split not in SPLITS:
+            raise ValueError(f"LaRoSA split must be one of {SPLITS}, got {self.split!r}")
+        if self.damping < 0:
+            raise ValueError(f"damping must be >= 0, got {self.damping}")
+        if self.rotation_dtype not in ROTATION_DTYPES:
+            raise ValueError(f"rotation_dtype must be one of {sorted(ROTATION_DTYPES)}, got {self.rotation_dtype!r}")
+
+
 class LarosaSparsifier(Sparsifier):
     name = "larosa"
+    Options = LarosaOptions
+    options: LarosaOptions
 
-    def __init__(self, sparsity: float = 0.5, split: str = "reference", damping: float = 0.01,
-                 rotation_dtype: str = "float32", **kwargs):
-        super().__init__(sparsity, **kwargs)
-        if split not in SPLITS:
-            raise ValueError(f"LaRoSA split must be one of {SPLITS}, got {split!r}")
-        if damping < 0:
-            raise ValueError(f"damping must be >= 0, got {damping}")
-        if rotation_dtype not in ROTATION_DTYPES:
-            raise ValueError(f"rotation_dtype must be one of {sorted(ROTATION_DTYPES)}, got {rotation_dtype!r}")
-        self.split = split
-        self.damping = float(damping)
-        self.rotation_dtype = rotation_dtype
+    def __init__(self, sparsity: float = 0.5, options: LarosaOptions | None = None, **kwargs):
+        super().__init__(sparsity, options, **kwargs)
         self.rotations: dict[tuple[int, str], torch.Tensor] = {}
         self._layer_sparsities: dict[int, tuple[float, float]] = {}
-
-    def describe(self) -> dict:
-        return {**super().describe(), "split": self.split, "damping": self.damping,
-                "rotation_dtype": self.rotation_dtype}
 
     def is_rotated(self, proj: Projection) -> bool:
         return proj.site in ROTATED_SITES
@@ -96,14 +104,13 @@ class LarosaSparsifier(Sparsifier):
             layer = [p for p in self.projections if p.layer == proj.layer]
             rotated = sum(p.num_params for p in layer if self.is_rotated(p))
             other = sum(p.num_params for p in layer if not self.is_rotated(p))
-            pair = self._layer_sparsities[proj.layer] = site_sparsities(self.sparsity, self.split, rotated, other)
+            pair = self._layer_sparsities[proj.layer] = site_sparsities(self.sparsity, self.options.split, rotated, other)
         return pair[0] if self.is_rotated(proj) else pair[1]
 
     # ----------------------------------------------------------- calibration
     def calibrate(self, model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
         """Rotations from the dense inputs of every rotated site (one pass)."""
         sums: dict[tuple[int, str], torch.Tensor] = {}
-        handles = []
         first: dict[tuple[int, str], Projection] = {}
         for p in self.projections:
             if self.is_rotated(p):
@@ -116,16 +123,12 @@ class LarosaSparsifier(Sparsifier):
                 sums[site] = h if site not in sums else sums[site] + h
             return hook
 
-        for site, p in first.items():
-            handles.append(p.module.register_forward_pre_hook(make(site), prepend=True))
-        try:
-            with self.disabled():
-                run_batches(model, batches, desc="LaRoSA covariance")
-        finally:
-            for h in handles:
-                h.remove()
-        dtype = ROTATION_DTYPES[self.rotation_dtype]
-        self.rotations = {site: rotation_from_covariance(h, self.damping).to(dtype) for site, h in sums.items()}
+        with HookSet() as covariance, self.disabled():
+            for site, p in first.items():
+                covariance.pre(p.module, make(site), prepend=True)
+            run_batches(model, batches, desc="LaRoSA covariance")
+        dtype = ROTATION_DTYPES[self.options.rotation_dtype]
+        self.rotations = {site: rotation_from_covariance(h, self.options.damping).to(dtype) for site, h in sums.items()}
 
     # -------------------------------------------------------------- masking
     def sparsify(self, proj, x, measure):
@@ -154,7 +157,7 @@ class LarosaSparsifier(Sparsifier):
             if not k.startswith("rotation."):
                 raise ValueError(f"Unexpected LaRoSA state key {k!r}")
             layer, site = k.removeprefix("rotation.").split(".", 1)
-            rotations[(int(layer), site)] = v.to(ROTATION_DTYPES[self.rotation_dtype])
+            rotations[(int(layer), site)] = v.to(ROTATION_DTYPES[self.options.rotation_dtype])
         needed = {(p.layer, p.site) for p in self.projections if self.is_rotated(p)}
         missing = sorted(needed - set(rotations))
         if missing:

@@ -25,6 +25,7 @@ The reference evaluation sparsifies only the last 10 % of the tokens:
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +33,7 @@ from torch import nn
 
 from spon_exp.models.adapters import Projection
 from spon_exp.sparsifiers.base import Sparsifier
-from spon_exp.sparsifiers.calibration import (MAX_CALIBRATION_VALUES, calibration_passes, exact_threshold,
-                                              record_inputs)
+from spon_exp.sparsifiers.calibration import CalibratedOptions, calibration_passes, exact_threshold, record_inputs
 from spon_exp.sparsifiers.scoring import ColumnNorms
 
 
@@ -82,34 +82,35 @@ def low_rank_factors(weight: torch.Tensor, rank: int, method: str = "auto",
     return v[:, :rank].T.contiguous(), (u[:, :rank] * s[:rank]).contiguous()
 
 
+@dataclass
+class RSparseOptions(CalibratedOptions):
+    """R-Sparse's options (``sparsifier=rsparse``)."""
+
+    sparse_share: float = 0.95  # rho: budget share of kept channels; 1 = plain sparsity, no rank path
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.sparse_share <= 1.0:
+            raise ValueError(f"sparse_share must be in (0, 1] (1 = plain sparsity, no low-rank path), "
+                             f"got {self.sparse_share}")
+
+
 class RSparseSparsifier(Sparsifier):
     name = "rsparse"
+    Options = RSparseOptions
+    options: RSparseOptions
 
-    def __init__(self, sparsity: float = 0.5, sparse_share: float = 0.95, calibration_context: str = "sparse",
-                 refine_passes: int = 2, max_calibration_values: int = MAX_CALIBRATION_VALUES, seed: int = 0,
-                 **kwargs):
-        super().__init__(sparsity, **kwargs)
-        if not 0.0 < sparse_share <= 1.0:
-            raise ValueError(f"sparse_share must be in (0, 1] (1 = plain sparsity, no low-rank path), got {sparse_share}")
-        calibration_passes(calibration_context, refine_passes)  # validates both
-        self.sparse_share = float(sparse_share)
-        self.calibration_context = calibration_context
-        self.refine_passes = int(refine_passes)
-        self.max_calibration_values = max_calibration_values
-        self.seed = seed
+    def __init__(self, sparsity: float = 0.5, options: RSparseOptions | None = None, **kwargs):
+        super().__init__(sparsity, options, **kwargs)
         self.thresholds: dict[str, float] = {}
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.column_norms = ColumnNorms()
         self._inputs: dict[str, torch.Tensor] = {}  # original input, pre-hook -> forward hook
 
-    def describe(self) -> dict:
-        return {**super().describe(), "sparse_share": self.sparse_share,
-                "calibration_context": self.calibration_context, "refine_passes": self.refine_passes}
-
     # ----------------------------------------------------------------- budget
     def rank(self, proj: Projection) -> int:
         lin = proj.module
-        return rsparse_rank(lin.in_features, lin.out_features, self.sparsity, self.sparse_share)
+        return rsparse_rank(lin.in_features, lin.out_features, self.sparsity, self.options.sparse_share)
 
     def keep_fraction(self, proj: Projection) -> float:
         lin = proj.module
@@ -124,11 +125,13 @@ class RSparseSparsifier(Sparsifier):
     # ------------------------------------------------------------------ hooks
     def attach(self, model: nn.Module) -> RSparseSparsifier:
         self.column_norms.clear()
-        super().attach(model)
-        for proj in self.projections:
-            self._handles.append(proj.module.register_forward_pre_hook(self._stash_hook(proj), prepend=True))
-            self._handles.append(proj.module.register_forward_hook(self._low_rank_hook(proj)))
-        return self
+        return super().attach(model)
+
+    def register_hooks(self) -> None:
+        super().register_hooks()
+        for proj in self.projections:  # prepend: stash the input before the masking pre-hook changes it
+            self.hooks.pre(proj.module, self._stash_hook(proj), prepend=True)
+            self.hooks.post(proj.module, self._low_rank_hook(proj))
 
     def detach(self) -> None:
         super().detach()
@@ -136,7 +139,7 @@ class RSparseSparsifier(Sparsifier):
 
     def _stash_hook(self, proj: Projection):
         def hook(module, args):
-            if self.enabled and args and proj.key in self.factors and self.factors[proj.key][0].shape[0] > 0:
+            if args and proj.key in self.factors and self.factors[proj.key][0].shape[0] > 0:
                 self._inputs[proj.key] = args[0]
             return None
         return hook
@@ -144,7 +147,7 @@ class RSparseSparsifier(Sparsifier):
     def _low_rank_hook(self, proj: Projection):
         def hook(module, args, output):
             x = self._inputs.pop(proj.key, None)
-            if x is None or not self.enabled:
+            if x is None:
                 return None
             down, up = self.factors[proj.key]
             dropped_part = x - args[0]  # x ⊙ (1 − m); zero on tokens the token policy keeps dense
@@ -163,10 +166,10 @@ class RSparseSparsifier(Sparsifier):
     def calibrate(self, model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
         batches = list(batches)
         self.compute_factors()
-        passes = calibration_passes(self.calibration_context, self.refine_passes)
+        passes = calibration_passes(self.options.calibration_context, self.options.refine_passes)
         for i in range(passes):
             recorder = record_inputs(self, model, batches, dense=(i == 0), desc=f"R-Sparse calibration {i + 1}/{passes}",
-                                     max_values=self.max_calibration_values, seed=self.seed,
+                                     max_values=self.options.max_calibration_values, seed=self.seed,
                                      score=self.score, group=lambda p: p.key)
             for p in self.projections:
                 self.thresholds[p.key] = exact_threshold(recorder.site_values(p.key), 1.0 - self.keep_fraction(p))
@@ -204,7 +207,7 @@ class RSparseSparsifier(Sparsifier):
                 raise ValueError(f"Saved R-Sparse state lacks {p.key} (model/projection mismatch)")
             if down.shape[0] != self.rank(p) or down.shape[1] != p.module.in_features or up.shape[0] != p.module.out_features:
                 raise ValueError(f"Saved R-Sparse factors of {p.key} have shapes {tuple(down.shape)}/{tuple(up.shape)}, "
-                                 f"expected rank {self.rank(p)} for sparsity {self.sparsity} and sparse_share {self.sparse_share}")
+                                 f"expected rank {self.rank(p)} for sparsity {self.sparsity} and sparse_share {self.options.sparse_share}")
             device = p.module.weight.device
             self.factors[p.key] = (down.float().to(device), up.float().to(device))
         self.column_norms.clear()

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,14 +37,42 @@ from torch import nn
 
 from spon_exp.models.adapters import DecoderBlock, Projection
 from spon_exp.sparsifiers.base import Sparsifier
-from spon_exp.sparsifiers.calibration import (MAX_CALIBRATION_VALUES, SiteRecorder, calibration_passes,
-                                              exact_threshold, histogram_threshold, record_inputs,
-                                              threshold_from_sorted)
+from spon_exp.sparsifiers.calibration import (CalibratedOptions, SiteRecorder, calibration_passes, exact_threshold,
+                                              histogram_threshold, record_inputs, threshold_from_sorted)
+from spon_exp.sparsifiers.hooks import HookSet
 
 log = logging.getLogger(__name__)
 
 THRESHOLD_MODES = ("exact", "histogram")
 ALLOCATIONS = ("uniform", "greedy")
+
+
+@dataclass
+class TealOptions(CalibratedOptions):
+    """TEAL's options (``sparsifier=teal``; the module docstring describes each)."""
+
+    threshold_mode: str = "exact"  # exact |x| quantile / histogram (TEAL's icdf(0.5+s/2))
+    allocation: str = "uniform"  # uniform / greedy (TEAL's block-wise search)
+    greedy_step: float = 0.05  # greedy: each step raises one projection by greedy_step / w_p
+    greedy_last_fraction: float = 0.25  # greedy: block error over the last fraction of tokens
+    greedy_sequences: Optional[int] = None  # greedy: calibration sequences searched on (null = all)
+    greedy_max_sparsity: Optional[float] = None  # greedy: extend the lookup to this (null = the target)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.threshold_mode not in THRESHOLD_MODES:
+            raise ValueError(f"threshold_mode must be one of {THRESHOLD_MODES}, got {self.threshold_mode!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if not 0.0 < self.greedy_step <= 1.0:
+            raise ValueError(f"greedy_step must be in (0, 1], got {self.greedy_step}")
+        if not 0.0 < self.greedy_last_fraction <= 1.0:
+            raise ValueError(f"greedy_last_fraction must be in (0, 1], got {self.greedy_last_fraction}")
+        if self.greedy_sequences is not None and self.greedy_sequences < 1:
+            raise ValueError(f"greedy_sequences must be >= 1 or null (all calibration sequences), "
+                             f"got {self.greedy_sequences}")
+        if self.greedy_max_sparsity is not None and not 0.0 <= self.greedy_max_sparsity < 1.0:
+            raise ValueError(f"greedy_max_sparsity must be in [0, 1) or null (the target), got {self.greedy_max_sparsity}")
 
 
 # ---------------------------------------------------------------- greedy allocation
@@ -111,8 +141,9 @@ class BlockInputs:
         self.calls: dict[int, list[tuple[tuple, dict]]] = {b.index: [] for b in blocks}
         self.sequences: dict[int, int] = dict.fromkeys(self.calls, 0)
         self.max_sequences = max_sequences
-        self._handles = [b.module.register_forward_pre_hook(self._hook(b.index), with_kwargs=True, prepend=True)
-                         for b in blocks]
+        self.hooks = HookSet()
+        for b in blocks:
+            self.hooks.pre(b.module, self._hook(b.index), with_kwargs=True, prepend=True)
 
     def _hook(self, index: int):
         def hook(module, args, kwargs):
@@ -128,9 +159,7 @@ class BlockInputs:
         return hook
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self.hooks.remove()
 
     def outputs(self, block: DecoderBlock) -> list[torch.Tensor]:
         """Re-run ``block`` on every captured call (sparsifier hooks apply as set)."""
@@ -154,46 +183,15 @@ def block_output_error(outputs: list[torch.Tensor], targets: list[torch.Tensor],
 
 class TealSparsifier(Sparsifier):
     name = "teal"
+    Options = TealOptions
+    options: TealOptions
 
-    def __init__(self, sparsity: float = 0.5, threshold_mode: str = "exact", allocation: str = "uniform",
-                 calibration_context: str = "sparse", refine_passes: int = 2,
-                 greedy_step: float = 0.05, greedy_last_fraction: float = 0.25,
-                 greedy_sequences: int | None = None, greedy_max_sparsity: float | None = None,
-                 max_calibration_values: int = MAX_CALIBRATION_VALUES, seed: int = 0, **kwargs):
-        super().__init__(sparsity, **kwargs)
-        calibration_passes(calibration_context, refine_passes)  # validates both
-        self.calibration_context = calibration_context
-        self.refine_passes = int(refine_passes)
-        if threshold_mode not in THRESHOLD_MODES:
-            raise ValueError(f"threshold_mode must be one of {THRESHOLD_MODES}, got {threshold_mode!r}")
-        if allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
-        if not 0.0 < greedy_step <= 1.0:
-            raise ValueError(f"greedy_step must be in (0, 1], got {greedy_step}")
-        if not 0.0 < greedy_last_fraction <= 1.0:
-            raise ValueError(f"greedy_last_fraction must be in (0, 1], got {greedy_last_fraction}")
-        if greedy_sequences is not None and greedy_sequences < 1:
-            raise ValueError(f"greedy_sequences must be >= 1 or null (all calibration sequences), got {greedy_sequences}")
-        if greedy_max_sparsity is not None and not 0.0 <= greedy_max_sparsity < 1.0:
-            raise ValueError(f"greedy_max_sparsity must be in [0, 1) or null (the target), got {greedy_max_sparsity}")
-        self.threshold_mode = threshold_mode
-        self.allocation = allocation
-        self.greedy_step = float(greedy_step)
-        self.greedy_last_fraction = float(greedy_last_fraction)
-        self.greedy_sequences = greedy_sequences
-        self.greedy_max_sparsity = greedy_max_sparsity
-        self.max_calibration_values = max_calibration_values
-        self.seed = seed
+    def __init__(self, sparsity: float = 0.5, options: TealOptions | None = None, **kwargs):
+        super().__init__(sparsity, options, **kwargs)
         self.thresholds: dict[str, float] = {}
         # per layer: rows (block sparsity, block error, sparsity of each greedy_names entry)
         self.greedy_lookup: dict[int, torch.Tensor] = {}
         self.greedy_report: dict[int, dict[str, float]] = {}
-
-    def describe(self) -> dict:
-        return {**super().describe(), "threshold_mode": self.threshold_mode, "allocation": self.allocation,
-                "calibration_context": self.calibration_context, "refine_passes": self.refine_passes,
-                "greedy_step": self.greedy_step, "greedy_last_fraction": self.greedy_last_fraction,
-                "greedy_sequences": self.greedy_sequences, "greedy_max_sparsity": self.greedy_max_sparsity}
 
     def share_key(self, proj: Projection) -> Hashable:
         return self.thresholds.get(proj.key)
@@ -214,24 +212,24 @@ class TealSparsifier(Sparsifier):
         return lookup[int(torch.argmin((lookup[:, 0] - self.sparsity).abs()))]
 
     def target_sparsity(self, proj: Projection) -> float:
-        if self.allocation == "uniform":
+        if self.options.allocation == "uniform":
             return self.sparsity
         row = self.greedy_row(proj.layer)
         return float(row[2 + self.greedy_names(proj.layer).index(proj.name)])
 
     def threshold_for(self, values: torch.Tensor, sparsity: float) -> float:
-        if self.threshold_mode == "exact":
+        if self.options.threshold_mode == "exact":
             return exact_threshold(values, sparsity)
         return histogram_threshold(values, sparsity)
 
     # ----------------------------------------------------------- calibration
     def calibrate(self, model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
         batches = list(batches)
-        passes = calibration_passes(self.calibration_context, self.refine_passes)
-        capture = BlockInputs(self.blocks, self.greedy_sequences) if self.allocation == "greedy" else None
+        passes = calibration_passes(self.options.calibration_context, self.options.refine_passes)
+        capture = BlockInputs(self.blocks, self.options.greedy_sequences) if self.options.allocation == "greedy" else None
         try:
             recorder = record_inputs(self, model, batches, dense=True, desc=f"TEAL calibration 1/{passes}",
-                                     max_values=self.max_calibration_values, seed=self.seed)
+                                     max_values=self.options.max_calibration_values, seed=self.seed)
         finally:
             if capture is not None:
                 capture.remove()
@@ -240,7 +238,7 @@ class TealSparsifier(Sparsifier):
         self._fit_thresholds(recorder)
         for i in range(1, passes):
             recorder = record_inputs(self, model, batches, dense=False, desc=f"TEAL calibration {i + 1}/{passes}",
-                                     max_values=self.max_calibration_values, seed=self.seed)
+                                     max_values=self.options.max_calibration_values, seed=self.seed)
             self._fit_thresholds(recorder)
 
     def _greedy_search(self, capture: BlockInputs, recorder: SiteRecorder) -> None:
@@ -248,7 +246,7 @@ class TealSparsifier(Sparsifier):
         the search are exact quantiles of the dense site values."""
         from tqdm.auto import tqdm
 
-        goal = max(self.sparsity, self.greedy_max_sparsity or 0.0)
+        goal = max(self.sparsity, self.options.greedy_max_sparsity or 0.0)
         for block in tqdm(self.blocks, desc="TEAL greedy allocation", leave=False):
             names = self.greedy_names(block.index)
             if not names:
@@ -263,13 +261,13 @@ class TealSparsifier(Sparsifier):
                     self.thresholds[p.key] = threshold_from_sorted(sorted_mags[p.site], s)
                 self._refresh_consumers()
                 self._shared.clear()
-                return block_output_error(capture.outputs(block), targets, self.greedy_last_fraction)
+                return block_output_error(capture.outputs(block), targets, self.options.greedy_last_fraction)
 
             lookup = self.greedy_lookup.get(block.index)
             if lookup is None or lookup.shape[1] != 2 + len(names):
                 lookup = torch.zeros(1, 2 + len(names), dtype=torch.float64)
             if float(lookup[-1, 0]) < goal - 1e-9:
-                rows = greedy_trajectory(relative_sizes(block, names), self.greedy_step, goal, error,
+                rows = greedy_trajectory(relative_sizes(block, names), self.options.greedy_step, goal, error,
                                          start=lookup[-1, 2:].tolist())
                 if rows:
                     extra = torch.tensor([[f, e, *s] for f, e, s in rows], dtype=torch.float64)

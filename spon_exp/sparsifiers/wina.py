@@ -14,8 +14,9 @@ Masks:
 The reference keeps the first 1 % of each prefill dense: it sparsifies only the last
 ``int(0.99·T)`` tokens of a multi-token forward (so at least one token stays dense) and
 always sparsifies a single decode token. ``dense_first_fraction=0.01`` reproduces exactly
-that; the default 0 sparsifies every token, like the other methods here. It combines with
-the common ``token_policy`` (the fewer sparsified tokens win).
+that; the default 0 sparsifies every token, like the other methods here. It is a parameter
+of the common token policy (:class:`~spon_exp.sparsifiers.base.TokenPolicy`) and combines
+with ``token_policy`` (the fewer sparsified tokens win).
 
 With column norms the score differs between q/k/v (and gate/up), so a projection that uses
 its norm gets its own mask; projections scored by ``|x|`` alone on one site share theirs.
@@ -24,14 +25,16 @@ its norm gets its own mask; projections scored by ``|x|`` alone on one site shar
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import nn
 
 from spon_exp.models.adapters import PROJECTIONS, Projection
 from spon_exp.sparsifiers.base import Sparsifier
-from spon_exp.sparsifiers.calibration import (MAX_CALIBRATION_VALUES, calibration_passes, exact_threshold,
-                                              record_inputs, site_group)
+from spon_exp.sparsifiers.calibration import (CalibratedOptions, calibration_passes, exact_threshold, record_inputs,
+                                              site_group)
 from spon_exp.sparsifiers.scoring import ColumnNorms, keep_count, topk_mask
 
 MODES = ("topk", "threshold")
@@ -53,27 +56,35 @@ def resolve_norm_projections(which) -> tuple[str, ...]:
     return names
 
 
+@dataclass
+class WinaOptions(CalibratedOptions):
+    """WINA's options (``sparsifier=wina``); the calibration options apply to threshold mode."""
+
+    mode: str = "topk"  # topk (per token, k = int(in*(1-s)), reference) / threshold (calibrated)
+    # projections scoring |x_i|*||W[:,i]||: reference k_proj + gate_proj; "all"; "none"; or a list
+    norm_projections: Any = field(default_factory=lambda: list(REFERENCE_NORM_PROJECTIONS))
+    dense_first_fraction: float = 0.0  # leading prefill tokens kept dense (reference: 0.01)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.dense_first_fraction < 1.0:
+            raise ValueError(f"dense_first_fraction must be in [0, 1) (reference: 0.01), got {self.dense_first_fraction}")
+        if self.mode not in MODES:
+            raise ValueError(f"WINA mode must be one of {MODES}, got {self.mode!r}")
+        if not isinstance(self.norm_projections, str):
+            self.norm_projections = list(self.norm_projections)
+        resolve_norm_projections(self.norm_projections)  # validates the names
+
+
 class WinaSparsifier(Sparsifier):
     name = "wina"
+    Options = WinaOptions
+    options: WinaOptions
 
-    def __init__(self, sparsity: float = 0.5, mode: str = "topk",
-                 norm_projections: str | list[str] = REFERENCE_NORM_PROJECTIONS,
-                 dense_first_fraction: float = 0.0, calibration_context: str = "sparse", refine_passes: int = 2,
-                 max_calibration_values: int = MAX_CALIBRATION_VALUES, seed: int = 0, **kwargs):
-        super().__init__(sparsity, **kwargs)
-        if not 0.0 <= dense_first_fraction < 1.0:
-            raise ValueError(f"dense_first_fraction must be in [0, 1) (reference: 0.01), got {dense_first_fraction}")
-        self.dense_first_fraction = float(dense_first_fraction)
-        if mode not in MODES:
-            raise ValueError(f"WINA mode must be one of {MODES}, got {mode!r}")
-        calibration_passes(calibration_context, refine_passes)  # validates both
-        self.mode = mode
-        self.norm_projections = list(norm_projections) if not isinstance(norm_projections, str) else norm_projections
-        self._norm_names = set(resolve_norm_projections(norm_projections))
-        self.calibration_context = calibration_context
-        self.refine_passes = int(refine_passes)
-        self.max_calibration_values = max_calibration_values
-        self.seed = seed
+    def __init__(self, sparsity: float = 0.5, options: WinaOptions | None = None, **kwargs):
+        super().__init__(sparsity, options, **kwargs)
+        self.tokens = replace(self.tokens, dense_first_fraction=self.options.dense_first_fraction)
+        self._norm_names = set(resolve_norm_projections(self.options.norm_projections))
         self.thresholds: dict[str, float] = {}
         self.column_norms = ColumnNorms()
 
@@ -81,23 +92,12 @@ class WinaSparsifier(Sparsifier):
         self.column_norms.clear()
         return super().attach(model)
 
-    def describe(self) -> dict:
-        return {**super().describe(), "mode": self.mode, "norm_projections": self.norm_projections,
-                "dense_first_fraction": self.dense_first_fraction, "calibration_context": self.calibration_context,
-                "refine_passes": self.refine_passes}
-
-    def sparsified_tokens(self, num_tokens: int) -> int:
-        n = super().sparsified_tokens(num_tokens)
-        if self.dense_first_fraction > 0 and num_tokens > 1:  # the reference's last int(0.99·T) tokens
-            n = min(n, int(num_tokens * (1.0 - self.dense_first_fraction)))
-        return n
-
     def uses_norm(self, proj: Projection) -> bool:
         return proj.name in self._norm_names
 
     def share_key(self, proj: Projection) -> Hashable:
         own = proj.name if self.uses_norm(proj) else "magnitude"
-        return own if self.mode == "topk" else (own, self.thresholds.get(proj.key))
+        return own if self.options.mode == "topk" else (own, self.thresholds.get(proj.key))
 
     def score(self, proj: Projection, x: torch.Tensor) -> torch.Tensor:
         """``|x_i|·‖W[:, i]‖₂`` (or ``|x_i|``), in float32."""
@@ -112,13 +112,13 @@ class WinaSparsifier(Sparsifier):
 
     # ----------------------------------------------------------- calibration
     def calibrate(self, model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
-        if self.mode == "topk":
+        if self.options.mode == "topk":
             return  # top-k needs no statistics
         batches = list(batches)
-        passes = calibration_passes(self.calibration_context, self.refine_passes)
+        passes = calibration_passes(self.options.calibration_context, self.options.refine_passes)
         for i in range(passes):
             recorder = record_inputs(self, model, batches, dense=(i == 0), desc=f"WINA calibration {i + 1}/{passes}",
-                                     max_values=self.max_calibration_values, seed=self.seed,
+                                     max_values=self.options.max_calibration_values, seed=self.seed,
                                      score=self.score, group=self.score_group)
             cache: dict = {}
             for p in self.projections:
@@ -131,7 +131,7 @@ class WinaSparsifier(Sparsifier):
     # -------------------------------------------------------------- masking
     def sparsify(self, proj, x, measure):
         score = self.score(proj, x)
-        if self.mode == "topk":
+        if self.options.mode == "topk":
             mask = topk_mask(score, keep_count(x.shape[-1], self.sparsity))
         else:
             tau = self.thresholds.get(proj.key)
@@ -150,7 +150,7 @@ class WinaSparsifier(Sparsifier):
         unknown = [k for k in state if not k.startswith("threshold.")]
         if unknown:
             raise ValueError(f"Unexpected WINA state keys {unknown[:5]}")
-        if self.mode == "threshold":
+        if self.options.mode == "threshold":
             missing = [p.key for p in self.projections if p.key not in self.thresholds]
             if missing:
                 raise ValueError(f"Saved WINA thresholds lack projections {missing[:5]} (model/projection mismatch)")

@@ -8,7 +8,7 @@
 receives ``b + W·Σα`` as its bias (``torch.nn.utils.parametrize``), exactly the tensor that
 folding later stores. Adding ``W·Σα`` to the output instead rounds differently from a GEMM
 with that bias, and a thresholded model turns such last-bit differences into flipped
-threshold decisions that cascade (perplexity moved by 4 % on the packaged model). So the
+threshold decisions that cascade (benchmarks/perf/fold_exactness.py measures it). So the
 trained, evaluated and folded models compute bit-identical logits in every dtype.
 """
 
@@ -23,7 +23,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from spon_exp.models.adapters import Projection, select_projections
-from spon_exp.sparsifiers.base import Sparsifier, Switchable, run_batches
+from spon_exp.sparsifiers.base import Sparsifier, run_batches
+from spon_exp.sparsifiers.hooks import HookSet, Switchable
 
 INITS = ("zero", "mean_dropped")
 
@@ -146,13 +147,10 @@ class Spon(nn.Module, Switchable):
                 counts[proj.key] += resid.shape[0]
             return pre_hook
 
-        handles = [p.module.register_forward_pre_hook(make(p), prepend=True) for p in self.projections]
-        try:
-            with self.disabled():
-                run_batches(model, batches, desc="SPON mean-dropped init")
-        finally:
-            for h in handles:
-                h.remove()
+        with HookSet() as hooks, self.disabled():
+            for p in self.projections:
+                hooks.pre(p.module, make(p), prepend=True)
+            run_batches(model, batches, desc="SPON mean-dropped init")
         for p in self.projections:
             mean = (sums[p.key] / max(counts[p.key], 1)).float()
             self.alpha(p).copy_((mean / self.count).expand(self.count, -1).to(self.alpha(p).device))

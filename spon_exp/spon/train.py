@@ -15,8 +15,9 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,25 +33,40 @@ SCHEDULES = ("constant", "cosine", "linear")
 
 
 @dataclass
-class TrainConfig:
-    lr: float = 3e-4  # defaults measured on the packaged model: see spon_exp.config.SponConfig
-    steps: int | None = 150  # optimiser steps; None -> use epochs
-    epochs: float | None = None
+class TrainOptions:
+    """The training settings a config chooses (``spon.*``: :class:`spon_exp.config.SponConfig`
+    extends this class, and :meth:`TrainConfig.from_options` reads them back)."""
+
+    # Defaults chosen by measurement: benchmarks/quality/tune_spon.py, record in
+    # benchmarks/results/spon_tuning.jsonl (README "Benchmarks").
+    lr: float = 3e-4
+    steps: Optional[int] = 150  # optimiser steps; null -> use epochs
+    epochs: Optional[float] = None
     batch_size: int = 1
     weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    schedule: str = "constant"
+    schedule: str = "constant"  # constant / cosine / linear
     warmup_steps: int = 0
-    max_grad_norm: float | None = None
+    max_grad_norm: Optional[float] = None
     gradient_checkpointing: bool = False
     logits_chunk_tokens: int = 1024
     # Keep the teacher's final hidden states of each training sequence (computed, dense, the first
     # time the sequence is drawn): a revisit costs no teacher forward, for N x L x hidden floats
     # (64 x 256 x 576: 38 MB). Off for corpora too large to hold: the teacher then runs every step.
     cache_teacher: bool = True
+    checkpoint_every: int = 0  # steps between resumable training checkpoints; 0 = none
+
+
+@dataclass
+class TrainConfig(TrainOptions):
+    betas: tuple[float, float] = (0.9, 0.999)
     seed: int = 0
-    checkpoint_every: int = 0  # steps; 0 = no periodic checkpoint
     log_every: int = 1
+
+    @classmethod
+    def from_options(cls, options, **extra) -> TrainConfig:
+        """The :class:`TrainOptions` fields of ``options`` (a ``spon`` config node) plus ``extra``
+        (``seed=cfg.seed``)."""
+        return cls(**{f.name: getattr(options, f.name) for f in fields(TrainOptions)}, **extra)
 
 
 @dataclass

@@ -3,16 +3,16 @@ per sparsifier and sparsity, on the evaluation split (disjoint from calibration)
 
 A thin driver around the project's own machinery: it launches the sweep
 ``sweeps/quality_cpu.yaml`` for the chosen methods (finished runs are skipped, so the
-methods can be run one invocation at a time: one method's four runs took ~23 minutes on
-2 cores, all sixteen ~60 minutes with ``--jobs 2``), then builds the tables and plots with
-``spon-exp-collect`` and writes a JSON summary.
+methods can be run one invocation at a time; the last timings are in the README's
+"Benchmarks" section), then builds the tables and plots with ``spon-exp-collect`` and writes
+a JSON summary (``benchmarks/results/quality/``).
 
-    python benchmarks/quality_sweep.py --methods teal --sparsities 0.25 0.5 0.6 0.7
-    python benchmarks/quality_sweep.py --methods teal wina rsparse larosa --jobs 2
+    python benchmarks/quality/quality_sweep.py --methods teal --sparsities 0.25 0.5 0.6 0.7
+    python benchmarks/quality/quality_sweep.py --methods teal wina rsparse larosa --jobs 2
 
-``--jobs N`` splits the methods between N concurrent sweeps of one thread each: on a 2-core
-CPU two single-thread training processes do ~1.4x the work of one two-thread process
-(measured 4.2 s vs 3.05 s per training step of 256 tokens).
+``--jobs N`` splits the methods between N concurrent sweeps of one thread each: on a small
+CPU, single-thread training processes side by side get more done than one process using
+every core (batch-1 steps parallelise poorly).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from spon_exp.collect import read_runs, write_plots, write_tables
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TARGETS = {0.5: 0.60, 0.6: 0.80}  # gap-closure targets (issue: quality sweep)
 
 

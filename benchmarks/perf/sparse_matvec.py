@@ -9,13 +9,13 @@ from the kernel simply streaming memory faster than torch's dense gemv.
 
 2-thread timings are only meaningful on an otherwise idle machine: while other processes
 keep both cores busy, every 2-thread parallel region (torch's and this kernel's) waits for
-a scheduler tick now and then (4 ms steps), which swamps a ~10 ms matvec. On a shared box,
-``chrt -f 10 python benchmarks/sparse_matvec.py`` (real-time priority, needs
+a scheduler tick now and then, as long as a matvec of these shapes. On a shared box,
+``chrt -f 10 python benchmarks/perf/sparse_matvec.py`` (real-time priority, needs
 CAP_SYS_NICE) gives numbers close to an idle machine; the JSON records the load average
 and the scheduling policy.
 
-    python benchmarks/sparse_matvec.py                      # Llama-3-8B MLP shapes
-    python benchmarks/sparse_matvec.py --modes auto,output,split_k,ordered --repeats 100
+    python benchmarks/perf/sparse_matvec.py                      # Llama-3-8B MLP shapes
+    python benchmarks/perf/sparse_matvec.py --modes auto,output,split_k,ordered --repeats 100
 
 ``ordered`` is the kernel whose result is bit-identical to the masked-dense product taken
 in the same order (``ordered_dense``): what exact-token sparse decoding uses.
@@ -30,16 +30,15 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from spon_exp.kernels import choose_mode, kernel_available, kernel_info, sparse_matvec
 
-from spon_exp.kernels import choose_mode, kernel_available, kernel_info, sparse_matvec  # noqa: E402
+OUT = Path(__file__).resolve().parents[1] / "results" / "sparse_matvec.json"
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -90,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--modes", default="auto,ordered",
                    help="sparse variants to time: any of auto,output,split_k,ordered,ordered_dense")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="benchmarks/results/sparse_matvec.json")
+    p.add_argument("--out", default=str(OUT))
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)

@@ -18,9 +18,9 @@ JSON goes to ``benchmarks/results/scale_<device>[_small].json``. Only the librar
 used (no Hydra, W&B, lm-eval, datasets), so it runs on a bare GPU node with torch and
 transformers.
 
-    python benchmarks/scale.py --small                                   # < 1 min on CPU (a test runs it)
-    python benchmarks/scale.py --device cuda --dtype bfloat16 --shape llama3_8b
-    python benchmarks/scale.py --device cuda --dtype bfloat16 --shape llama3_70b --layers 10
+    python benchmarks/perf/scale.py --small                                   # a tiny shape on the CPU (a test runs it)
+    python benchmarks/perf/scale.py --device cuda --dtype bfloat16 --shape llama3_8b
+    python benchmarks/perf/scale.py --device cuda --dtype bfloat16 --shape llama3_70b --layers 10
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 METHODS = ("teal", "wina", "rsparse", "larosa")
 PAPER_EVAL_TOKENS = 290_000  # WikiText-2 test split, Llama-3 tokenizer (~287k)
 PAPER_SPON_STEPS = 150
@@ -197,7 +197,7 @@ def main() -> None:
     ap.add_argument("--ppl-batch", type=int, default=4)
     ap.add_argument("--train-steps", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--small", action="store_true", help="a tiny shape on the CPU, < 1 min: checks the script runs")
+    ap.add_argument("--small", action="store_true", help="a tiny shape on the CPU: checks the script runs")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.small:

@@ -3,7 +3,7 @@
 Every setting tried is appended to benchmarks/results/spon_tuning.jsonl with its
 perplexities and gap closure, so the chosen defaults are backed by a record.
 
-    python benchmarks/tune_spon.py --sparsity 0.5 --grid default
+    python benchmarks/quality/tune_spon.py --sparsity 0.5 --grid default
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--train-seq-len", type=int, default=256)
     parser.add_argument("--num-sequences", type=int, default=64)
     parser.add_argument("--eval-sequences", type=int, default=32)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "spon_tuning.jsonl"))
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results" / "spon_tuning.jsonl"))
     args = parser.parse_args()
 
     lm = load_model()

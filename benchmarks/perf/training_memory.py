@@ -1,7 +1,7 @@
 """Scale notes: memory of SPON α training against model size, sequence length and vocabulary.
 
 1. Measures exactly the bytes autograd saves for the student's backward
-   (``spon_exp.spon.memory.saved_activation_bytes``) on tiny Llama models of several widths,
+   (``memory_model.saved_activation_bytes``, beside this script) on tiny Llama models of several widths,
    fits ``bytes = tokens x layers x 4 B x (a·H + b·I + c)``, and checks the fit on the packaged
    SmolLM2-135M at two sequence lengths (a model it was not fitted on).
 2. Runs a few real training steps of the packaged model in a subprocess and compares the rise
@@ -11,7 +11,7 @@
    KL's three [chunk, vocab] buffers, teacher cache) to Llama-3-8B and Llama-3-70B, bf16, one
    2048-token sequence, with and without gradient checkpointing.
 
-    python benchmarks/training_memory.py [--rss-batch 1 --rss-seq-len 512]
+    python benchmarks/perf/training_memory.py [--rss-batch 1 --rss-seq-len 512]
 
 Writes benchmarks/results/training_memory.json.
 """
@@ -30,9 +30,11 @@ import torch
 from spon_exp.models.loading import load_model, tiny_random_config
 from spon_exp.sparsifiers import build_sparsifier
 from spon_exp.spon import Spon, TrainConfig, train_alpha
-from spon_exp.spon.memory import estimate_training_memory, fit_activation_coefficients, saved_activation_bytes
 
-OUT = Path(__file__).parent / "results" / "training_memory.json"
+# the script's folder is on sys.path when it runs, so its sibling module imports by name
+from memory_model import estimate_training_memory, fit_activation_coefficients, saved_activation_bytes
+
+OUT = Path(__file__).resolve().parents[1] / "results" / "training_memory.json"
 GB = 1024**3
 
 # Public configs (hidden, intermediate, layers, vocab, parameters)

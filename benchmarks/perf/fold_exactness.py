@@ -12,7 +12,7 @@ evaluation tokens, per dtype:
 Prints perplexity before / after folding, max |Δlogit| and argmax agreement, and writes
 ``benchmarks/results/fold_exactness.json``.
 
-    python benchmarks/fold_exactness.py --dtypes float32 bfloat16
+    python benchmarks/perf/fold_exactness.py --dtypes float32 bfloat16
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from spon_exp.models.loading import load_model
 from spon_exp.sparsifiers import build_sparsifier
 from spon_exp.spon import Spon, TrainConfig, fold_alpha, train_alpha
 
-RESULTS = Path(__file__).resolve().parent / "results" / "fold_exactness.json"
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "fold_exactness.json"
 
 
 @torch.no_grad()

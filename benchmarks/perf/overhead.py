@@ -10,7 +10,7 @@ Prints, measured side by side in one run:
   - peak resident memory of the training process                      target <= 6 GB
 and writes the numbers to benchmarks/results/overhead.json.
 
-    python benchmarks/overhead.py [--batch 4 --seq-len 512 --repeats 5]
+    python benchmarks/perf/overhead.py [--batch 4 --seq-len 512 --repeats 5]
 
 Forward timings interleave dense / sparse / folded repeats and report medians, so drift of
 the machine's load hits all three alike. Training runs in a subprocess so its peak RSS is
@@ -37,7 +37,7 @@ from spon_exp.spon import Spon, TrainConfig, fold_alpha
 from spon_exp.spon.alpha import dense_mode
 from spon_exp.spon.train import final_hidden, kl_loss
 
-OUT = Path(__file__).parent / "results" / "overhead.json"
+OUT = Path(__file__).resolve().parents[1] / "results" / "overhead.json"
 
 
 def timed(fn) -> float:

@@ -5,9 +5,9 @@ which would point at a label-mapping bug (floor: uniform chance; for BoolQ the s
 the worse constant answer, since BoolQ is 62 % "yes"). Example (offline, 200 documents per task,
 20 per MMLU subject):
 
-    .venv/bin/python benchmarks/zeroshot_packaged.py --limit 200 --mmlu-limit 20 \
+    .venv/bin/python benchmarks/quality/zeroshot_packaged.py --limit 200 --mmlu-limit 20 \
         --tasks piqa,hellaswag,arc_easy,arc_challenge,winogrande,boolq,openbookqa,lambada_openai,mmlu \
-        --out results/zeroshot_packaged.json
+        --out benchmarks/results/zeroshot_packaged.json
 """
 
 from __future__ import annotations

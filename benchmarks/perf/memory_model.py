@@ -16,8 +16,9 @@ Training holds, besides the runtime itself:
 
 :func:`estimate_training_memory` adds these up for any model size; the coefficients
 ``a, b, c`` come from :func:`fit_activation_coefficients` over measured configurations
-(``benchmarks/training_memory.py`` fits them on tiny models and checks the fit on the
-packaged model).
+(``training_memory.py`` beside it fits them on tiny models and checks the fit on the packaged
+model). Used by that script (``from memory_model import ...``) and by ``tests/test_memory.py``
+(``from benchmarks.perf.memory_model import ...``, from the repository root).
 """
 
 from __future__ import annotations
