@@ -119,6 +119,11 @@ class Sparsifier(Switchable):
         self._measuring = False
         self._dropped: dict[str, float] = defaultdict(float)
         self._seen: dict[str, float] = defaultdict(float)
+        self._init_state()
+
+    def _init_state(self) -> None:
+        """A method's own per-instance state (thresholds, rotations, ...), set up once the
+        options are in place: methods override this rather than ``__init__``."""
 
     # ----------------------------------------------------------------- lifecycle
     @property

@@ -81,10 +81,8 @@ class LarosaOptions(SparsifierOptions):
 class LarosaSparsifier(Sparsifier):
     name = "larosa"
     Options = LarosaOptions
-    options: LarosaOptions
 
-    def __init__(self, sparsity: float = 0.5, options: LarosaOptions | None = None, **kwargs):
-        super().__init__(sparsity, options, **kwargs)
+    def _init_state(self) -> None:
         self.rotations: dict[tuple[int, str], torch.Tensor] = {}
         self._layer_sparsities: dict[int, tuple[float, float]] = {}
 

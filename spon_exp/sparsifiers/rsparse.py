@@ -98,10 +98,8 @@ class RSparseOptions(CalibratedOptions):
 class RSparseSparsifier(Sparsifier):
     name = "rsparse"
     Options = RSparseOptions
-    options: RSparseOptions
 
-    def __init__(self, sparsity: float = 0.5, options: RSparseOptions | None = None, **kwargs):
-        super().__init__(sparsity, options, **kwargs)
+    def _init_state(self) -> None:
         self.thresholds: dict[str, float] = {}
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.column_norms = ColumnNorms()

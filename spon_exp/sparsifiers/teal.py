@@ -184,10 +184,8 @@ def block_output_error(outputs: list[torch.Tensor], targets: list[torch.Tensor],
 class TealSparsifier(Sparsifier):
     name = "teal"
     Options = TealOptions
-    options: TealOptions
 
-    def __init__(self, sparsity: float = 0.5, options: TealOptions | None = None, **kwargs):
-        super().__init__(sparsity, options, **kwargs)
+    def _init_state(self) -> None:
         self.thresholds: dict[str, float] = {}
         # per layer: rows (block sparsity, block error, sparsity of each greedy_names entry)
         self.greedy_lookup: dict[int, torch.Tensor] = {}

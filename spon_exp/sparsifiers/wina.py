@@ -79,10 +79,8 @@ class WinaOptions(CalibratedOptions):
 class WinaSparsifier(Sparsifier):
     name = "wina"
     Options = WinaOptions
-    options: WinaOptions
 
-    def __init__(self, sparsity: float = 0.5, options: WinaOptions | None = None, **kwargs):
-        super().__init__(sparsity, options, **kwargs)
+    def _init_state(self) -> None:
         self.tokens = replace(self.tokens, dense_first_fraction=self.options.dense_first_fraction)
         self._norm_names = set(resolve_norm_projections(self.options.norm_projections))
         self.thresholds: dict[str, float] = {}
