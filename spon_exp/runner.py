@@ -62,8 +62,10 @@ class Timer:
 
 
 def sparsifier_kwargs(cfg: DictConfig) -> dict:
+    """The sparsifier's constructor arguments; ``seed`` seeds its calibration sampling (the
+    README's ``seed=``: batch order and subsampling)."""
     kwargs = {k: v for k, v in plain(cfg.sparsifier).items() if k != "name"}
-    return {"sparsity": cfg.sparsity, **kwargs}
+    return {"sparsity": cfg.sparsity, "seed": cfg.seed, **kwargs}
 
 
 def is_done(run_dir: Path, chash: str) -> bool:

@@ -208,3 +208,20 @@ def test_cli_bad_input_exits_nonzero_with_one_clear_line(override, message, tmp_
     assert proc.returncode != 0
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_run_seed_seeds_the_calibration_sample(tmp_path):
+    from spon_exp.runner import sparsifier_kwargs
+    from spon_exp.sparsifiers import build_sparsifier
+    from spon_exp.spon.fold import read_sparse_state
+
+    cfg = strip_hydra(compose_cfg(SMALL + ["seed=3"], tmp_path))
+    assert build_sparsifier(cfg.sparsifier.name, **sparsifier_kwargs(cfg)).seed == 3
+    thresholds = {}
+    for seed in (0, 1, 1):  # a sample of 500 values per site: the seed decides which
+        overrides = SMALL + ["logger=none", f"seed={seed}", "sparsifier.max_calibration_values=500", "spon=off"]
+        results = run(strip_hydra(compose_cfg(overrides, tmp_path)), tmp_path / f"run{seed}-{len(thresholds)}")
+        state = read_sparse_state(tmp_path / "outputs" / "cache" / "sparsifier" / results["cache"]["sparsifier_key"])[1]
+        thresholds.setdefault(seed, []).append({k: float(v) for k, v in state.items() if k.startswith("threshold.")})
+    assert thresholds[1][0] == thresholds[1][1]
+    assert thresholds[0][0] != thresholds[1][0]
