@@ -7,7 +7,8 @@ from spon_exp.sparsifiers import build_sparsifier
 from spon_exp.spon import (FoldMismatchError, Spon, TrainConfig, export_checkpoint, fold_alpha, fold_alpha_checked,
                            load_sparse_state, save_sparse_state, train_alpha)
 from spon_exp.spon.alpha import dense_mode
-from spon_exp.spon.train import AlphaTrainingError, final_hidden, kl_loss
+from spon_exp.models.head import final_hidden
+from spon_exp.spon.train import AlphaTrainingError, kl_loss
 from tests.helpers import FAMILIES, random_ids, tiny
 
 

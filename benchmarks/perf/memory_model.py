@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from spon_exp.spon.train import final_hidden
+from spon_exp.models.head import final_hidden
 
 KL_CHUNK_BUFFERS = 3  # [chunk, vocab] float32 buffers alive at once in the chunked KL (4 with soft-capping)
 

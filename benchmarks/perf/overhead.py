@@ -35,7 +35,8 @@ from spon_exp.models.loading import load_model
 from spon_exp.sparsifiers import build_sparsifier
 from spon_exp.spon import Spon, TrainConfig, fold_alpha
 from spon_exp.spon.alpha import dense_mode
-from spon_exp.spon.train import final_hidden, kl_loss
+from spon_exp.models.head import final_hidden
+from spon_exp.spon.train import kl_loss
 
 OUT = Path(__file__).resolve().parents[1] / "results" / "overhead.json"
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spon_exp.spon.alpha import dense_mode
-from spon_exp.spon.train import _head_and_softcap, _logits, final_hidden
+from spon_exp.models.head import chunked_logits, final_hidden
 
 PROTOCOLS = ("chunks", "sliding")
 
@@ -62,14 +62,12 @@ class BlockNLL:
 def _nll_rows(model: nn.Module, ids: torch.Tensor, score_from: int, chunk: int) -> torch.Tensor:
     """Per row of ``ids``, the summed next-token NLL over positions >= score_from
     (targets ids[:, score_from+1:]), as float64 [rows]."""
-    head, cap = _head_and_softcap(model)
     h = final_hidden(model, ids)[:, score_from:-1]
     rows, length = h.shape[0], h.shape[1]
     h = h.reshape(-1, h.shape[-1])
     targets = ids[:, score_from + 1:].reshape(-1)
     losses = torch.empty(h.shape[0], dtype=torch.float64)
-    for s in range(0, h.shape[0], chunk):
-        z = _logits(head, h[s:s + chunk], cap)
+    for s, z in chunked_logits(model, h, chunk):
         losses[s:s + chunk] = F.cross_entropy(z, targets[s:s + chunk].to(z.device), reduction="none").double().cpu()
     return losses.view(rows, length).sum(1)
 

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from spon_exp.models.adapters import ATTENTION, MLP, find_decoder_blocks
+from spon_exp.models.head import chunked_logits, final_hidden
 from spon_exp.sparsifiers import Sparsifier, build_sparsifier
 from spon_exp.spon.alpha import Spon
 from spon_exp.tracking.store import write_atomic, write_entry
@@ -52,15 +53,9 @@ class FoldMismatchError(RuntimeError):
 
 @torch.no_grad()
 def _max_abs_logit_diff(model: nn.Module, hidden_a: torch.Tensor, hidden_b: torch.Tensor, chunk: int) -> float:
-    from spon_exp.spon.train import _head_and_softcap, _logits
-
-    head, cap = _head_and_softcap(model)
     a, b = hidden_a.reshape(-1, hidden_a.shape[-1]), hidden_b.reshape(-1, hidden_b.shape[-1])
-    worst = 0.0
-    for s in range(0, a.shape[0], chunk):
-        diff = (_logits(head, a[s:s + chunk], cap) - _logits(head, b[s:s + chunk], cap)).abs().max()
-        worst = max(worst, float(diff))
-    return worst
+    pairs = zip(chunked_logits(model, a, chunk), chunked_logits(model, b, chunk))
+    return max(float((za - zb).abs().max()) for (_, za), (_, zb) in pairs)
 
 
 @torch.no_grad()
@@ -71,8 +66,6 @@ def fold_alpha_checked(model: nn.Module, spon: Spon, ids: torch.Tensor, checked_
     Returns ``(biases, {"max_abs_logit_diff", "checked_on"})``; raises
     :class:`FoldMismatchError` when any logit differs (the folded model would not be the
     model whose numbers were reported)."""
-    from spon_exp.spon.train import final_hidden
-
     if not spon.enabled:
         raise RuntimeError("Switch SPON on before folding it: the check compares against the SPON model")
     ids = ids.to(next(model.parameters()).device)

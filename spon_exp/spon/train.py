@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spon_exp.models.head import final_hidden, head_and_softcap
 from spon_exp.sparsifiers.base import Sparsifier
 from spon_exp.spon.alpha import Spon, dense_mode
 from spon_exp.tracking.store import read_entry, write_entry
@@ -94,19 +95,6 @@ class TrainingInterrupted(KeyboardInterrupt):
         super().__init__(f"interrupted at step {step}; re-run the same command to resume from step {resume_step}")
 
 
-def _head_and_softcap(model: nn.Module):
-    head = model.get_output_embeddings()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return head, cap
-
-
-def _logits(head: nn.Module, h: torch.Tensor, cap: float | None) -> torch.Tensor:
-    z = head(h).float()
-    if cap:
-        z = torch.tanh(z / cap) * cap
-    return z
-
-
 class _ChunkedKL(torch.autograd.Function):
     """sum_t KL(softmax(head(h_t)) ‖ softmax(head(h_s))) with dL/dh_s computed chunk-wise
     in the forward pass (the head weight is frozen, so h_s is the only input needing grad)."""
@@ -148,15 +136,9 @@ class _ChunkedKL(torch.autograd.Function):
         return grad * grad_output.to(grad.dtype), None, None, None, None, None
 
 
-def final_hidden(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Last hidden states before the LM head (the base model's output, final norm applied)."""
-    out = model.get_decoder()(input_ids=input_ids, use_cache=False)
-    return out.last_hidden_state
-
-
 def kl_loss(model: nn.Module, h_student: torch.Tensor, h_teacher: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
     """Mean over tokens of KL(teacher ‖ student) from final hidden states, chunked."""
-    head, cap = _head_and_softcap(model)
+    head, cap = head_and_softcap(model)
     hs = h_student.reshape(-1, h_student.shape[-1])
     ht = h_teacher.reshape(-1, h_teacher.shape[-1])
     total = _ChunkedKL.apply(hs, ht, head.weight, head.bias, cap, chunk_tokens)
