@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from spon_exp import hub
 from spon_exp.assets import packaged_path
 from spon_exp.config import ConfigError, validate
 from spon_exp.data.corpora import check_corpus_size
@@ -97,7 +98,7 @@ def test_context_is_read_from_packaged_and_gguf_models_without_loading_weights(t
 
 
 def test_a_hub_id_is_not_checked_while_offline(monkeypatch):
-    monkeypatch.setattr(loading, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0, refresh=False: False)
     assert model_context_length("no-such-org-xyz/no-such-model") is None
 
 

@@ -16,7 +16,8 @@ import pytest
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("datasets")
 
-from spon_exp.evaluation import offline_data, zeroshot  # noqa: E402
+from spon_exp import hub  # noqa: E402
+from spon_exp.evaluation import offline_data  # noqa: E402
 from spon_exp.evaluation.zeroshot import (  # noqa: E402
     DEFAULT_TASKS, PAPER_METRIC, SUPPORTED_TASKS, evaluate_zeroshot, resolve_tasks,
     zeroshot_recovery,
@@ -93,11 +94,11 @@ def test_resolve_tasks_names_and_sources():
 
 
 def test_auto_source_offline_when_hub_disabled(monkeypatch):
-    monkeypatch.setattr(zeroshot, "_HUB_REACHABLE", None)
+    monkeypatch.setattr(hub, "_HUB_REACHABLE", None)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert zeroshot.hub_reachable() is False
+    assert hub.hub_reachable() is False
     assert [t.source for t in resolve_tasks(DEFAULT_TASKS)] == ["offline"] * 5
-    monkeypatch.setattr(zeroshot, "_HUB_REACHABLE", True)
+    monkeypatch.setattr(hub, "_HUB_REACHABLE", True)
     assert [t.source for t in resolve_tasks(["piqa"])] == ["hub"]
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from spon_exp import hub
 from spon_exp.assets import SMOLLM2, cache_dir, packaged_path
 from spon_exp.tracking.store import read_entry, write_entry
 
@@ -180,23 +181,6 @@ def _gguf_context(path: Path) -> int | None:
                                  f"(a partial download?); give a valid .gguf file, a model folder or a hub id.") from e
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the hub answers at all: offline, the hub client retries for a long while before failing."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def model_context_length(path: str) -> int | None:
     """The model's number of positions (``max_position_embeddings``), read from its config
     without loading weights; None when it cannot be known (a hub id while offline)."""
@@ -223,7 +207,7 @@ def model_context_length(path: str) -> int | None:
         return _context_of(AutoConfig.from_pretrained(path, local_files_only=True))
     except Exception:  # noqa: BLE001
         pass
-    if not _hub_reachable():
+    if not hub.hub_reachable():
         log.info("Hub unreachable: the sequence lengths are not checked against %s's context", path)
         return None
     try:
