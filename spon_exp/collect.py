@@ -22,7 +22,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from spon_exp.tracking.wandb_logger import interval
+from spon_exp.tracking.intervals import format_with_interval, interval
 
 log = logging.getLogger(__name__)
 
@@ -189,21 +189,17 @@ def _fmt(x, digits=2) -> str:
 def _pm(x, ci, digits=2) -> str:
     """``30.58 ± 0.90``: the value and the half-width ``(hi - lo) / 2`` of its interval, or
     the plain value when the run has no interval (older runs)."""
-    pair = interval(ci)
-    if _missing(x) or pair is None:
-        return _fmt(x, digits)
-    return f"{x:.{digits}f} ± {(pair[1] - pair[0]) / 2:.{digits}f}"
+    return "-" if _missing(x) else format_with_interval(x, ci, digits)
 
 
 def _pct(x, ci) -> str:
     """A fraction in percent, ``55.9 % ± 4.1`` with an interval; without one the plain
     ``56 %`` these tables always showed (so tables of older runs do not change)."""
-    pair = interval(ci)
     if _missing(x):
         return "-"
-    if pair is None:
+    if interval(ci) is None:
         return f"{x * 100:.0f} %"
-    return f"{x * 100:.1f} % ± {(pair[1] - pair[0]) * 50:.1f}"
+    return format_with_interval(x, ci, 1, 100, " %")
 
 
 def _g(x) -> str:

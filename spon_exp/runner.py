@@ -579,7 +579,7 @@ def _zeroshot_summary(per_variant: dict, boot) -> dict:
 
 def summary_table(results: dict) -> str:
     """The short table printed at the end of a run (± half the 95 % interval)."""
-    from spon_exp.evaluation.uncertainty import format_with_interval
+    from spon_exp.tracking.intervals import format_with_interval
 
     measured = results["sparsity"].get("measured")
     lines = [f"spon-exp run {results['config_hash']}  [{results['status']}]",

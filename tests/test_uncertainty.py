@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from spon_exp.evaluation.perplexity import BlockNLL
-from spon_exp.evaluation.uncertainty import (Bootstrap, format_with_interval, perplexity_intervals,
-                                             zeroshot_intervals)
+from spon_exp.evaluation.uncertainty import Bootstrap, perplexity_intervals, zeroshot_intervals
+from spon_exp.tracking.intervals import format_with_interval
 
 
 def blocks_from(per_token_nll: torch.Tensor, tokens: int = 50) -> BlockNLL:

@@ -104,17 +104,3 @@ def zeroshot_intervals(items: Mapping[str, Mapping[str, torch.Tensor]], boot: Bo
         gap = dense - sparse
         out["recovery_ci"] = boot.interval(_ratio(spon - sparse, gap, gap != 0))
     return out
-
-
-def half_width(interval: list[float] | None) -> float | None:
-    return None if interval is None else (interval[1] - interval[0]) / 2
-
-
-def format_with_interval(value: float | None, interval: list[float] | None, digits: int = 3, scale: float = 1.0,
-                         suffix: str = "") -> str:
-    """``30.580 ± 0.902`` (± the interval's half-width; the interval itself may be asymmetric)."""
-    if value is None:
-        return "-"
-    text = f"{value * scale:.{digits}f}{suffix}"
-    hw = half_width(interval)
-    return text if hw is None else f"{text} ± {hw * scale:.{digits}f}"

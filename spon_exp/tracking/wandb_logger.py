@@ -7,8 +7,9 @@ Offline by default (``logger=wandb_offline``): the run is written under the run 
 from __future__ import annotations
 
 import logging
-import math
 import os
+
+from spon_exp.tracking.intervals import interval
 
 log = logging.getLogger(__name__)
 
@@ -23,18 +24,6 @@ def grouping_keys(cfg) -> dict:
         "calib_corpus": cfg.calib.corpus,
         "seed": cfg.seed,
     }
-
-
-def interval(ci) -> tuple[float, float] | None:
-    """``(lo, hi)`` of a stored 95 % interval, or None when there is none: runs written before
-    intervals existed have no ``*_ci`` keys, and a statistic without a defined value (e.g. gap
-    closure with no gap) stores ``null``. Shared with ``spon-exp-collect``."""
-    if not isinstance(ci, (list, tuple)) or len(ci) != 2:
-        return None
-    lo, hi = ci
-    if not all(isinstance(v, (int, float)) and not math.isnan(v) for v in (lo, hi)):
-        return None
-    return float(lo), float(hi)
 
 
 def _ci_keys(key: str, ci) -> dict:
