@@ -424,7 +424,8 @@ class Evaluation:
                                                              desc=f"perplexity {corpus} ({variant})")
                 if counting:
                     m = measure.measured_sparsity()
-                    self.measured = {"measured": m["model"], "per_layer": m["per_layer"], "measured_on": corpus}
+                    self.measured = {"measured": m["model"], "per_layer": m["per_layer"],
+                                     "per_projection": m["per_projection"], "measured_on": corpus}
                 self._logged(corpus, variant)
         if self.zeroshot_tasks:
             from spon_exp.evaluation.zeroshot import evaluate_zeroshot
