@@ -2,12 +2,19 @@
 
 ``enable_sparse_decode(sparsifier)`` gives every projection the sparsifier hooks a
 transposed, contiguous copy of its weight (``weight_t``, each input's column one contiguous
-row) and switches the module to :class:`SparseDecodeLinear`, whose forward calls
-:func:`spon_exp.kernels.sparse_matvec.sparse_linear`: for a single token (batch 1 decode)
-only the rows of kept inputs are read; for anything else (prefill, batch > 1) it computes
-the dense product, so results are always those of the masked-dense model. The sparsifier's
-hooks stay where they are (the module object is the same, only its class changes), and
+row) and switches the module to :class:`SparseDecodeLinear`, whose forward calls the
+``spon_exp::sparse_linear`` op (:mod:`spon_exp.kernels.ops`): on the CPU the C kernel reads
+only the rows of kept inputs for a single token, on CUDA the Triton GEMV does so for 1 to 8
+tokens (the union of their kept inputs); prefill and larger batches compute the dense
+product, so results are always those of the masked-dense model. The sparsifier's hooks stay
+where they are (the module object is the same, only its class changes), and
 ``disable_sparse_decode`` restores ``nn.Linear`` and frees the copies.
+
+Every method whose hooks hand the projection an input with exact zeros decodes this way:
+TEAL, WINA (threshold and top-k), and R-Sparse, whose pre-hook gives the op the masked
+input and whose forward hook adds the low-rank term of the dropped channels to the op's
+output. LaRoSA's hook-path input ``topk(xQ)Qᵀ`` has almost no zeros in the original basis
+(its rotation is not folded into the weights), so it decodes correctly but at dense speed.
 
 Fold SPON alphas into the biases first (``fold_alpha``): decoding then costs exactly the
 sparse model's work.
@@ -18,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from spon_exp.kernels.sparse_matvec import sparse_linear
+from spon_exp.kernels.ops import sparse_linear
 from spon_exp.sparsifiers.base import Sparsifier
 
 
@@ -26,7 +33,7 @@ MODES = ("ordered", "auto", "ordered_dense")
 
 
 class SparseDecodeLinear(nn.Linear):
-    """An ``nn.Linear`` that also holds ``weight_t = weight.T`` and skips zero inputs at batch 1."""
+    """An ``nn.Linear`` that also holds ``weight_t = weight.T`` and skips zero inputs when decoding."""
 
     weight_t: torch.Tensor
     decode_mode: str = "ordered"
@@ -38,12 +45,15 @@ class SparseDecodeLinear(nn.Linear):
 def enable_sparse_decode(sparsifier: Sparsifier, mode: str = "ordered") -> int:
     """Switch the sparsifier's projections to the sparse decode path; returns how many.
 
-    ``mode``: ``"ordered"`` (default) accumulates every output over the kept inputs in index
-    order, and ``"ordered_dense"`` computes the masked-dense product in that same order
+    ``mode``: ``"ordered"`` (default) accumulates every output over the kept inputs in a
+    fixed order, and ``"ordered_dense"`` computes the masked-dense product in that same order
     without skipping anything: the two give bit-identical logits, so greedy decoding with
-    ``"ordered"`` emits exactly the masked-dense reference's tokens (its speed against
-    ``"auto"``: benchmarks/results/sparse_matvec.json). ``"auto"`` picks split-K or
-    output split by shape and groups rows; it equals masked dense to float rounding only.
+    ``"ordered"`` emits exactly the masked-dense reference's tokens. On the CPU ``"auto"``
+    picks split-K or output split by shape and groups rows (equal to masked dense to float
+    rounding only; its speed against ``"ordered"``: benchmarks/results/sparse_matvec.json);
+    on CUDA the Triton GEMV always sums in its one fixed order, so ``"auto"`` is
+    ``"ordered"`` there. Against torch's own dense product (another summation order) the
+    logits agree to float rounding, in bf16 to a few units in the last place.
     """
     if mode not in MODES:
         raise ValueError(f"sparse decode mode must be one of {', '.join(MODES)}; got {mode!r}")

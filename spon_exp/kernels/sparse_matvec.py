@@ -42,6 +42,9 @@ speed against ``auto``: ``benchmarks/results/sparse_matvec.json`` (README, "Benc
 
 If no compiler is available or compilation fails, everything falls back to dense
 ``F.linear`` with one logged warning.
+
+This is the CPU backend of the ``spon_exp::sparse_linear`` op (:mod:`spon_exp.kernels.ops`),
+which the decode path calls.
 """
 
 from __future__ import annotations
@@ -65,7 +68,6 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "sparse_matvec",
-    "sparse_linear",
     "kernel_available",
     "kernel_info",
     "choose_mode",
@@ -553,26 +555,6 @@ def sparse_matvec(
     if nk < 0:
         raise MemoryError("sparse_matvec: allocation failed in the kernel")
     return y.reshape(out_shape)
-
-
-def sparse_linear(
-    x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None, mode: str = "auto"
-) -> torch.Tensor:
-    """Decode-time linear layer with a transposed weight: ``x @ weight_t + bias``.
-
-    ``x`` has shape ``[..., in]``. With exactly one token (``x.numel() == in``, e.g. batch 1
-    and sequence 1) the sparse kernel is used; otherwise (prefill, batch > 1) this is dense
-    ``F.linear(x, weight_t.T, bias)``, which is correct for any batch.
-    """
-    if weight_t.dim() != 2:
-        raise ValueError(f"weight_t must be 2-D [in, out], got shape {tuple(weight_t.shape)}")
-    if x.shape[-1] != weight_t.shape[0]:
-        raise ValueError(
-            f"x has {x.shape[-1]} features, weight_t expects {weight_t.shape[0]}"
-        )
-    if x.numel() == weight_t.shape[0]:
-        return sparse_matvec(x, weight_t, bias, mode=mode)
-    return F.linear(x, weight_t.t(), bias)
 
 
 def autotune(
