@@ -91,6 +91,10 @@ class PplConfig:
     window: int = 512  # sliding: scored tokens per window
     max_tokens: Optional[int] = None  # sliding: evaluate only the first N tokens of the stream
     batch_size: int = 4
+    # where a BOS token goes: auto (the tokenizer's add_bos_token: per chunk for chunks, at the
+    # stream start for sliding) / none / chunk (before every block or window) / stream (once)
+    bos: str = "auto"
+    score_first_window: bool = True  # sliding: false leaves the first context + 1 tokens unscored (TEAL)
 
 
 @dataclass
@@ -216,6 +220,12 @@ def validate(cfg) -> None:
         (cfg.eval.ppl.protocol in ("chunks", "sliding"), f"eval.ppl.protocol must be chunks or sliding, got {cfg.eval.ppl.protocol!r}"),
         (cfg.eval.ppl.context >= 0, f"eval.ppl.context must be >= 0, got {cfg.eval.ppl.context}"),
         (cfg.eval.ppl.window >= 1, f"eval.ppl.window must be >= 1, got {cfg.eval.ppl.window}"),
+        (cfg.eval.ppl.bos in ("auto", "none", "chunk", "stream"),
+         f"eval.ppl.bos must be auto, none, chunk or stream, got {cfg.eval.ppl.bos!r}"),
+        (cfg.eval.ppl.score_first_window or cfg.eval.ppl.max_tokens is None
+         or cfg.eval.ppl.max_tokens > cfg.eval.ppl.context + 1,
+         f"eval.ppl.score_first_window=false leaves the first eval.ppl.context + 1 = {cfg.eval.ppl.context + 1} tokens "
+         f"unscored, so eval.ppl.max_tokens={cfg.eval.ppl.max_tokens} scores nothing; raise eval.ppl.max_tokens"),
         (cfg.spon.checkpoint_every >= 0, f"spon.checkpoint_every must be >= 0 (0 = never), got {cfg.spon.checkpoint_every}"),
         (cfg.spon.init in ("zero", "mean_dropped"), f"spon.init must be zero or mean_dropped, got {cfg.spon.init!r}"),
         (cfg.spon.schedule in ("constant", "cosine", "linear"), f"spon.schedule must be constant, cosine or linear, got {cfg.spon.schedule!r}"),
@@ -255,6 +265,11 @@ def _check_lengths_and_corpora(cfg) -> None:
     from spon_exp.models.loading import model_context_length, tokenizer_without_weights
 
     p = cfg.eval.ppl
+    if p.bos in ("chunk", "stream"):
+        tokenizer = tokenizer_without_weights(cfg.model.path)
+        if tokenizer is not None and getattr(tokenizer, "bos_token_id", None) is None:
+            raise ConfigError(f"eval.ppl.bos={p.bos} needs a BOS token and the tokenizer of {cfg.model.path} has none; "
+                              f"use eval.ppl.bos=none (or auto)")
     try:
         positions = model_context_length(cfg.model.path)
     except (ValueError, OSError) as e:  # an unreadable config.json / GGUF, an unknown tiny family
@@ -265,6 +280,19 @@ def _check_lengths_and_corpora(cfg) -> None:
         for key, value in lengths:
             if value > positions:
                 raise ConfigError(f"{key}={value} is longer than the model's context: {where}; use {key}={positions} or less")
+        # a BOS in front of a block (or of every window) feeds one token more
+        bos_extra = int(p.bos == "chunk" or (p.bos == "stream" and p.protocol == "chunks"))
+        fed = p.seq_len if p.protocol == "chunks" else p.context + p.window + 1
+        if p.bos == "auto" and p.protocol == "chunks" and fed == positions:  # only at the limit is the tokenizer asked
+            from spon_exp.evaluation.perplexity import tokenizer_adds_bos
+
+            tokenizer = tokenizer_without_weights(cfg.model.path)
+            bos_extra = int(tokenizer is not None and tokenizer_adds_bos(tokenizer))
+        if bos_extra and fed == positions:  # (longer than the context: the checks around say so)
+            raise ConfigError(f"eval.ppl.bos puts a BOS token in front of {'a block' if p.protocol == 'chunks' else 'every window'}, "
+                              f"so each forward feeds {fed + 1} tokens and {where}; shorten "
+                              f"{'eval.ppl.seq_len' if p.protocol == 'chunks' else 'eval.ppl.context'} by one "
+                              f"or use eval.ppl.bos=none")
         if p.protocol == "sliding" and p.context + p.window + 1 > positions:
             window = min(p.window, (positions - 1) // 2)  # keep the window if half the context holds it
             fix = (f"eval.ppl.context={positions - p.window - 1} or less" if window == p.window else

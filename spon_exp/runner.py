@@ -396,12 +396,14 @@ class Evaluation:
     per-document scores, per variant."""
 
     def __init__(self, cfg: DictConfig, model, tokenizer, timer: Timer, metrics: MetricsWriter):
-        from spon_exp.evaluation.perplexity import PerplexityProtocol
+        from spon_exp.evaluation.perplexity import PerplexityProtocol, resolve_bos
 
         self.model, self.tokenizer, self.timer, self.metrics = model, tokenizer, timer, metrics
         p = cfg.eval.ppl
+        bos, bos_token_id = resolve_bos(p.bos, p.protocol, tokenizer)  # "auto": the tokenizer's add_bos_token
         self.protocol = PerplexityProtocol(protocol=p.protocol, seq_len=p.seq_len, context=p.context,
-                                           window=p.window, batch_size=p.batch_size)
+                                           window=p.window, batch_size=p.batch_size, bos=bos,
+                                           bos_token_id=bos_token_id, score_first_window=p.score_first_window)
         self.data = {c: _ppl_data(tokenizer, c, cfg) for c in p.corpora}
         self.corpora = list(self.data)
         self.zeroshot_cfg = cfg.eval.zeroshot
@@ -491,6 +493,7 @@ class Evaluation:
 
         boot = Bootstrap(self.bootstrap.resamples, self.bootstrap.confidence, self.bootstrap.seed)
         out: dict = {"ppl": {}, "ppl_ci": {}, "gap_closure": {}, "gap_closure_ci": {},
+                     "ppl_protocol": self.protocol.describe(),
                      "uncertainty": {"method": "paired bootstrap", "units": "perplexity: evaluation blocks; "
                                      "zero-shot: documents, within each task", "confidence": boot.confidence,
                                      "resamples": boot.resamples, "seed": boot.seed,

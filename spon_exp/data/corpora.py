@@ -67,8 +67,14 @@ def _wikitext2(split: str) -> list[str]:
     import datasets
 
     ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="train" if split == "calibration" else "test")
-    # WikiText is one document: keep it whole (joined by newlines) as the usual protocol does.
-    return ["".join(ds["text"])]
+    return [join_wikitext_rows(ds["text"])]
+
+
+def join_wikitext_rows(rows: list[str]) -> str:
+    """WikiText-2 as one document, its rows joined with ``"\n\n"`` as the references do
+    (GPTQ / SparseGPT / Wanda / LaRoSA: ``"\n\n".join(rows)``; TEAL appends ``"\n\n"`` to
+    every row, the same text plus a trailing separator)."""
+    return "\n\n".join(rows)
 
 
 def _c4(split: str) -> list[str]:
@@ -199,9 +205,14 @@ def load_passages(name: str, split: str) -> list[str]:
     return _hash_split(_read_local(_local_path(name)), split)
 
 
+# Bumped when a built-in corpus's text changes, so nothing cached from the old text (token
+# streams, thresholds, alphas, dense baselines: spon_exp.tracking.identity) is read back.
+BUILTIN_TEXT_VERSION = {"wikitext2": "rows-joined-by-blank-line"}
+
+
 def _corpus_identity(name: str) -> str:
     if name in BUILTIN:
-        return name
+        return f"{name}@{BUILTIN_TEXT_VERSION[name]}" if name in BUILTIN_TEXT_VERSION else name
     path = Path(name).expanduser().resolve()
     digest = hashlib.sha1(path.read_bytes()).hexdigest()[:12]
     return f"{path.name}-{digest}"

@@ -4,8 +4,26 @@ Two protocols:
 - ``chunks`` (default): non-overlapping blocks of ``seq_len`` tokens, every token after
   the first of each block scored;
 - ``sliding``: TEAL's sliding window over the token stream — each window scores
-  ``window`` tokens with up to ``context`` earlier tokens as context and the next window
-  starts where it ended (TEAL: 2048 context + 512 scored, stride 512).
+  ``window`` tokens with up to ``context`` earlier tokens (plus the token just before the
+  window) as context and the next window starts where it ended. ``score_first_window=False``
+  leaves the first ``context + 1`` tokens of the stream unscored, so every scored token
+  sees a full context: TEAL's reference (``utils/eval_ppl.py``: 2560-token windows, the
+  last 512 scored) is ``context=2047, window=512, score_first_window=False, bos=stream``.
+  TEAL also drops the stream's tail beyond the last multiple of 512 tokens; spon-exp scores
+  it as a shorter last window.
+
+A BOS policy says where a beginning-of-sequence token goes (it is fed, never scored):
+- ``none``: nowhere (blocks and windows start with text);
+- ``chunk``: before every ``chunks`` block and every ``sliding`` window, as a tokenizer that
+  adds BOS does when each chunk is encoded on its own; the first text token of each chunk
+  is then scored too (predicted from BOS alone);
+- ``stream``: once, before the first text token of the evaluation stream (the text encoded
+  as one sequence, as TEAL and the GPTQ-style WikiText scripts do): the first ``chunks``
+  block gets it, and the ``sliding`` windows whose context reaches the stream start.
+- ``auto`` (the config default) follows the tokenizer's own ``add_bos_token``: ``chunk``
+  for ``chunks``, ``stream`` for ``sliding`` when it adds one, ``none`` otherwise
+  (:func:`resolve_bos`). The text blocks are the same under every policy, so perplexities
+  differ only by what the BOS does (and by the first token of a chunk being scored).
 Logits are computed in chunks from the final hidden states (never a full [B, T, V] copy).
 """
 
@@ -22,6 +40,7 @@ from spon_exp.spon.alpha import dense_mode
 from spon_exp.models.head import chunked_logits, final_hidden
 
 PROTOCOLS = ("chunks", "sliding")
+BOS_POLICIES = ("none", "chunk", "stream")  # as resolved; the config also accepts "auto"
 
 
 @dataclass
@@ -32,10 +51,51 @@ class PerplexityProtocol:
     window: int = 512  # sliding: scored tokens per window (= the stride)
     batch_size: int = 4
     logits_chunk_tokens: int = 2048
+    bos: str = "none"  # none / chunk / stream (resolve "auto" with resolve_bos first)
+    bos_token_id: int | None = None  # needed unless bos == "none"
+    score_first_window: bool = True  # sliding: False leaves the first context + 1 tokens unscored (TEAL)
 
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"perplexity protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if self.bos not in BOS_POLICIES:
+            raise ValueError(f"BOS policy must be one of {BOS_POLICIES} (resolve 'auto' with resolve_bos), got {self.bos!r}")
+        if self.bos != "none" and self.bos_token_id is None:
+            raise ValueError(f"BOS policy {self.bos!r} needs the tokenizer's bos_token_id; this tokenizer has none "
+                             f"(use bos='none')")
+
+    def describe(self) -> dict:
+        """What results.json records about how perplexity was computed."""
+        out = {"protocol": self.protocol, "bos": self.bos, "bos_token_id": self.bos_token_id}
+        if self.protocol == "chunks":
+            out["seq_len"] = self.seq_len
+        else:
+            out.update(context=self.context, window=self.window, score_first_window=self.score_first_window)
+        return out
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts a BOS token in front of a text it encodes."""
+    if getattr(tokenizer, "bos_token_id", None) is None:
+        return False
+    flag = getattr(tokenizer, "add_bos_token", None)
+    if flag is not None:
+        return bool(flag)
+    ids = tokenizer("a")["input_ids"]  # no flag (some fast tokenizers): ask the tokenizer itself
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def resolve_bos(policy: str, protocol: str, tokenizer) -> tuple[str, int | None]:
+    """``(none | chunk | stream, bos_token_id)`` for a configured policy: ``auto`` follows the
+    tokenizer's ``add_bos_token`` (``chunk`` for ``chunks``, ``stream`` for ``sliding``)."""
+    if policy not in ("auto", *BOS_POLICIES):
+        raise ValueError(f"eval.ppl.bos must be auto, none, chunk or stream, got {policy!r}")
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if policy == "auto":
+        policy = ("chunk" if protocol == "chunks" else "stream") if tokenizer_adds_bos(tokenizer) else "none"
+    if policy != "none" and bos_id is None:
+        raise ValueError(f"eval.ppl.bos={policy} needs a BOS token, and this tokenizer has none; use eval.ppl.bos=none")
+    return policy, (int(bos_id) if policy != "none" else None)
 
 
 @dataclass
@@ -72,32 +132,79 @@ def _nll_rows(model: nn.Module, ids: torch.Tensor, score_from: int, chunk: int) 
     return losses.view(rows, length).sum(1)
 
 
+def _with_bos(ids: torch.Tensor, bos_token_id: int) -> torch.Tensor:
+    """``ids`` ([rows, T]) with a BOS column in front."""
+    return torch.cat([torch.full_like(ids[:, :1], bos_token_id), ids], dim=1)
+
+
+def _chunk_batches(blocks: torch.Tensor, batch_size: int, bos: str, bos_token_id: int | None):
+    """``(input ids, score_from)`` of each forward over ``[N, L]`` blocks under a BOS policy:
+    with a BOS in front of a block all its L tokens are targets, without it L - 1."""
+    blocks = blocks.long()
+    if bos == "stream" and blocks.shape[0]:  # only the first block starts the stream: a forward of its own
+        yield _with_bos(blocks[:1], bos_token_id), 0
+        blocks = blocks[1:]
+    for s in range(0, blocks.shape[0], batch_size):
+        rows = blocks[s:s + batch_size]
+        yield (_with_bos(rows, bos_token_id), 0) if bos == "chunk" else (rows, 0)
+
+
 def block_nll_chunks(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4, chunk: int = 2048,
-                     desc: str | None = None) -> BlockNLL:
+                     desc: str | None = None, bos: str = "none", bos_token_id: int | None = None) -> BlockNLL:
+    """Each ``[N, L]`` block's summed NLL; its scored tokens are L - 1, or L where ``bos``
+    puts a BOS in front of it (every block for ``chunk``, the first for ``stream``)."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
-    sums = [_nll_rows(model, blocks[s:s + batch_size].to(device), 0, chunk)
-            for s in tqdm(range(0, blocks.shape[0], batch_size), desc=desc, disable=desc is None, leave=False)]
-    nll = torch.cat(sums)
-    return BlockNLL(nll, torch.full_like(nll, blocks.shape[1] - 1, dtype=torch.int64))
+    batches = list(_chunk_batches(blocks, batch_size, bos, bos_token_id))
+    sums, tokens = [], []
+    for ids, score_from in tqdm(batches, desc=desc, disable=desc is None, leave=False):
+        sums.append(_nll_rows(model, ids.to(device), score_from, chunk))
+        tokens += [ids.shape[1] - 1 - score_from] * ids.shape[0]
+    return BlockNLL(torch.cat(sums), torch.tensor(tokens, dtype=torch.int64))
+
+
+def _sliding_windows(n: int, context: int, window: int, bos: str, score_first_window: bool):
+    """``(first, last, begin, bos_in_front)`` of every window over a stream of ``n`` text tokens
+    (BOS not counted): targets are positions [first, last) and the input is the text
+    [begin, last), with a BOS in front where ``bos_in_front``."""
+    has_bos_start = bos != "none"  # a BOS before position 0 makes the first text token a target
+    start = 0 if has_bos_start else 1
+    if not score_first_window:  # the first context + 1 tokens (counting a stream-start BOS) are context only
+        start = context + (0 if bos == "stream" else 1)
+    for first in range(start, n, window):
+        last = min(first + window, n)
+        if bos == "stream":  # the stream is BOS + text: the BOS is the token at text position -1
+            begin = first - 1 - context
+            yield first, last, max(0, begin), begin < 0
+        else:
+            yield first, last, max(0, first - 1 - context), bos == "chunk"
 
 
 def block_nll_sliding(model: nn.Module, stream: torch.Tensor, context: int = 2048, window: int = 512,
-                      chunk: int = 2048, desc: str | None = None) -> BlockNLL:
-    """Every token of ``stream`` (after the first) scored exactly once, in windows of
-    ``window`` targets, each predicted with up to ``context`` earlier tokens as context."""
+                      chunk: int = 2048, desc: str | None = None, bos: str = "none", bos_token_id: int | None = None,
+                      score_first_window: bool = True) -> BlockNLL:
+    """Every token of ``stream`` scored exactly once (the first only after a BOS), in windows
+    of ``window`` targets, each predicted with up to ``context`` earlier tokens (and the one
+    just before the window) as context; ``bos`` as in the module docstring. Without
+    ``score_first_window`` the first ``context + 1`` stream tokens (a stream-start BOS
+    counted) are context only."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
     stream = stream.reshape(-1).long()
-    if stream.numel() < 2:
-        raise ValueError("Token stream needs at least 2 tokens for perplexity")
+    windows = list(_sliding_windows(stream.numel(), context, window, bos, score_first_window))
+    if not windows:
+        need = (f"more than {context + 1} tokens, as the first context + 1 are unscored (score_first_window=false)"
+                if not score_first_window else "at least 2 tokens")
+        raise ValueError(f"Token stream of {stream.numel()} tokens is too short for sliding perplexity: it needs {need}")
     nll, tokens = [], []
-    for first in tqdm(range(1, stream.numel(), window), desc=desc, disable=desc is None, leave=False):
-        last = min(first + window, stream.numel())  # targets are positions [first, last)
-        begin = max(0, first - 1 - context)
-        nll.append(_nll_rows(model, stream[begin:last].unsqueeze(0).to(device), first - 1 - begin, chunk))
+    for first, last, begin, bos_in_front in tqdm(windows, desc=desc, disable=desc is None, leave=False):
+        ids = stream[begin:last].unsqueeze(0)
+        score_from = first - 1 - begin
+        if bos_in_front:
+            ids, score_from = _with_bos(ids, bos_token_id), score_from + 1
+        nll.append(_nll_rows(model, ids.to(device), score_from, chunk))
         tokens.append(last - first)
     return BlockNLL(torch.cat(nll), torch.tensor(tokens, dtype=torch.int64))
 
@@ -105,17 +212,23 @@ def block_nll_sliding(model: nn.Module, stream: torch.Tensor, context: int = 204
 def block_nll(model: nn.Module, data: torch.Tensor, protocol: PerplexityProtocol, desc: str | None = None) -> BlockNLL:
     """Per-block NLL of the model in its current state (hooks as they are) on ``data``:
     ``[N, L]`` blocks for ``chunks``, a 1-D token stream for ``sliding``."""
-    if protocol.protocol == "chunks":
-        return block_nll_chunks(model, data, protocol.batch_size, protocol.logits_chunk_tokens, desc)
-    return block_nll_sliding(model, data, protocol.context, protocol.window, protocol.logits_chunk_tokens, desc)
+    p = protocol
+    if p.protocol == "chunks":
+        return block_nll_chunks(model, data, p.batch_size, p.logits_chunk_tokens, desc, p.bos, p.bos_token_id)
+    return block_nll_sliding(model, data, p.context, p.window, p.logits_chunk_tokens, desc, p.bos, p.bos_token_id,
+                             p.score_first_window)
 
 
 def first_batch(data: torch.Tensor, protocol: PerplexityProtocol) -> torch.Tensor:
-    """The first forward an evaluation makes (the fold check runs on it)."""
-    if protocol.protocol == "chunks":
-        return data[: protocol.batch_size]
-    stream = data.reshape(-1)
-    return stream[: min(stream.numel(), 1 + protocol.window)].unsqueeze(0)
+    """The first forward an evaluation makes (the fold check runs on it), BOS included."""
+    p = protocol
+    if p.protocol == "chunks":
+        return next(_chunk_batches(data[: p.batch_size], p.batch_size, p.bos, p.bos_token_id))[0]
+    stream = data.reshape(-1).long()
+    first, last, begin, bos_in_front = next(_sliding_windows(stream.numel(), p.context, p.window, p.bos,
+                                                             p.score_first_window))
+    ids = stream[begin:last].unsqueeze(0)
+    return _with_bos(ids, p.bos_token_id) if bos_in_front else ids
 
 
 def perplexity(model: nn.Module, data: torch.Tensor, protocol: PerplexityProtocol, desc: str | None = None) -> float:

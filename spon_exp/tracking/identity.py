@@ -33,6 +33,15 @@ def config_hash(cfg: DictConfig) -> str:
     return _digest(c)
 
 
+def _text_versions(corpora) -> dict:
+    """``{"text": {corpus: version}}`` for built-in corpora whose text was changed once (see
+    ``spon_exp.data.corpora.BUILTIN_TEXT_VERSION``), else ``{}``: keys of other corpora stay as they were."""
+    from spon_exp.data.corpora import BUILTIN_TEXT_VERSION
+
+    versions = {c: BUILTIN_TEXT_VERSION[c] for c in corpora if c in BUILTIN_TEXT_VERSION}
+    return {"text": versions} if versions else {}
+
+
 def sparsifier_key(cfg: DictConfig) -> str:
     """What calibrated thresholds depend on: weights, method, target, calibration data, seed."""
     c = plain(cfg)
@@ -40,6 +49,7 @@ def sparsifier_key(cfg: DictConfig) -> str:
         "model": {k: c["model"][k] for k in ("path", "dtype")},
         "sparsifier": c["sparsifier"], "sparsity": c["sparsity"], "seed": c["seed"],
         "calib": {k: c["calib"][k] for k in ("corpus", "seq_len", "threshold_sequences", "batch_size")},
+        **_text_versions([c["calib"]["corpus"]]),
     })
 
 
@@ -57,7 +67,8 @@ def dense_key(cfg: DictConfig) -> str:
     c = plain(cfg)
     return _digest({
         "model": {k: c["model"].get(k) for k in ("path", "dtype", "device", "device_map")},
-        "ppl": c["eval"]["ppl"], "zeroshot": c["eval"]["zeroshot"],
+        "ppl": c["eval"]["ppl"], "zeroshot": c["eval"]["zeroshot"],  # every protocol option (bos, ...) included
+        **_text_versions(c["eval"]["ppl"]["corpora"]),
     })
 
 
