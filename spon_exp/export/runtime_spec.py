@@ -1,0 +1,107 @@
+"""Translate an attached, loaded sparsifier into what the export's runtime reads.
+
+The runtime (``modeling_spon_sparse.py``, copied into the export) knows three masks
+(``hardshrink`` on ``|x|``, a score ``threshold``, per-token ``topk``), a score of ``|x|`` or
+``|x|·‖W[:, i]‖₂``, a rotation of the input site, and R-Sparse's low-rank path. Each method
+states here, per projection, which of them it uses and with what numbers; a new method adds
+its translator to :data:`TRANSLATORS` (an export of a method without one stops with a clear
+error). Everything else is generic:
+
+- a projection is rotated when the method's state holds ``rotation.{layer}.{site}`` for its
+  input site; the masked rotated input is multiplied back by ``Qᵀ`` only when the method's
+  description says ``rotation == "runtime"`` (LaRoSA before that option existed: runtime);
+- the token policy, the sharing of one masked input per site (``share_key``) and the folded
+  biases come from the base class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+
+import torch
+
+from spon_exp.models.adapters import Projection
+from spon_exp.sparsifiers import Sparsifier
+from spon_exp.sparsifiers.scoring import keep_count
+
+#: must equal ``FORMAT`` in modeling_spon_sparse.py
+FORMAT = "spon-exp-sparse-runtime/1"
+
+
+class NotExportableError(ValueError):
+    """The run's sparsifier has no translation into the export runtime."""
+
+
+def _teal(sp, p: Projection, tensors: dict) -> dict:
+    return {"mask": "hardshrink", "threshold": float(sp.thresholds[p.key])}
+
+
+def _wina(sp, p: Projection, tensors: dict) -> dict:
+    entry: dict = {"score_float32": True}
+    if sp.uses_norm(p):
+        entry["column_norm"] = _put(tensors, f"column_norm.{p.key}", sp.column_norms(p))
+    if sp.options.mode == "topk":
+        entry.update(mask="topk", keep=keep_count(p.module.in_features, sp.sparsity))
+    else:
+        entry.update(mask="threshold", threshold=float(sp.thresholds[p.key]))
+    return entry
+
+
+def _rsparse(sp, p: Projection, tensors: dict) -> dict:
+    entry = {"mask": "threshold", "threshold": float(sp.thresholds[p.key]), "score_float32": True,
+             "column_norm": _put(tensors, f"column_norm.{p.key}", sp.column_norms(p))}
+    down, up = sp.factors[p.key]
+    if down.shape[0] > 0:
+        entry["low_rank"] = [_put(tensors, f"factor_down.{p.key}", down), _put(tensors, f"factor_up.{p.key}", up)]
+    return entry
+
+
+def _larosa(sp, p: Projection, tensors: dict) -> dict:
+    return {"mask": "topk", "keep": keep_count(p.module.in_features, sp.site_sparsity(p))}
+
+
+TRANSLATORS: dict[str, Callable[[Sparsifier, Projection, dict], dict]] = {
+    "teal": _teal, "wina": _wina, "rsparse": _rsparse, "larosa": _larosa,
+}
+
+
+def _put(tensors: dict, name: str, value: torch.Tensor) -> str:
+    tensors[name] = value.detach().cpu().contiguous().clone()
+    return name
+
+
+def rotate_back(description: dict) -> bool:
+    """Whether a rotated site's masked input is multiplied back by ``Qᵀ`` at run time."""
+    default = "runtime" if description.get("name") == "larosa" else "folded"
+    return description.get("rotation", default) == "runtime"
+
+
+def runtime_spec(sparsifier: Sparsifier, biases: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(spec, tensors)``: the JSON the runtime reads and the tensors it needs, for a
+    sparsifier attached to the model with its state loaded, and the folded ``biases``
+    (keyed ``<layer>.<projection>``)."""
+    translate = TRANSLATORS.get(sparsifier.name)
+    if translate is None:
+        raise NotExportableError(f"The export runtime has no translation for sparsifier {sparsifier.name!r} "
+                                 f"(it knows {sorted(TRANSLATORS)}); add one to spon_exp/export/runtime_spec.py")
+    state = sparsifier.state_dict()
+    description = sparsifier.describe()
+    tensors: dict[str, torch.Tensor] = {}
+    entries = []
+    for p in sparsifier.projections:
+        entry = {"module": p.module_path, "key": p.key, "site": f"{p.layer}.{p.site}",
+                 "share": repr(sparsifier.share_key(p)), **translate(sparsifier, p, tensors)}
+        rotation = state.get(f"rotation.{p.layer}.{p.site}")
+        if rotation is not None:
+            entry["rotation"] = f"rotation.{p.layer}.{p.site}"
+            tensors.setdefault(entry["rotation"], rotation.detach().cpu().contiguous().clone())
+        entries.append(entry)
+    paths = {p.key: p.module_path for b in sparsifier.blocks for p in b.projections.values()}
+    bias_modules = []
+    for key, b in sorted((biases or {}).items()):
+        tensors[f"bias.{paths[key]}"] = b.detach().cpu().contiguous().clone()
+        bias_modules.append(paths[key])
+    spec = {"format": FORMAT, "sparsifier": description, "token_policy": asdict(sparsifier.tokens),
+            "rotate_back": rotate_back(description), "projections": entries, "biases": bias_modules}
+    return spec, tensors
