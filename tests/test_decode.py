@@ -76,3 +76,57 @@ def test_unknown_decode_mode_is_rejected(sparse_model):
     _, sp = sparse_model
     with pytest.raises(ValueError, match="ordered_dense"):
         enable_sparse_decode(sp, mode="turbo")
+
+
+THRESHOLD_METHODS = {"teal": ("teal", {}), "rsparse": ("rsparse", {}), "wina_threshold": ("wina", {"mode": "threshold"})}
+
+
+@pytest.mark.parametrize("method", sorted(THRESHOLD_METHODS))
+def test_every_threshold_method_decodes_through_the_op(method):
+    # R-Sparse: the op computes the masked part, its forward hook still adds the low-rank term
+    name, options = THRESHOLD_METHODS[method]
+    model = tiny("llama").model
+    sp = build_sparsifier(name, sparsity=0.5, **options).attach(model)
+    sp.calibrate(model, [random_ids(4, 32)])
+    prompt = random_ids(1, 5, seed=11)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        masked = model.generate(prompt, **kwargs)
+        with sp.measuring():
+            model(prompt)
+        assert sp.measured_sparsity()["model"] > 0.3  # the op really is handed zeros
+        runs = {}
+        for mode in ("ordered", "ordered_dense"):
+            enable_sparse_decode(sp, mode=mode)
+            runs[mode] = model.generate(prompt, **kwargs)
+    disable_sparse_decode(sp)
+    assert torch.equal(runs["ordered"].sequences, runs["ordered_dense"].sequences)
+    assert all(torch.equal(a, b) for a, b in zip(runs["ordered"].logits, runs["ordered_dense"].logits))
+    for a, b in zip(runs["ordered"].logits, masked.logits):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_decode_step_sees_one_op_per_projection(sparse_model):
+    from transformers import StaticCache
+
+    model, sp = sparse_model
+    enable_sparse_decode(sp)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    prompt = random_ids(1, 6, seed=12)
+    with torch.no_grad():
+        token = model(prompt, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        eager_cache = StaticCache(config=model.config, max_cache_len=16)
+        model(prompt, cache=eager_cache, use_cache=True)
+        step = torch.compile(model.forward, backend=record, fullgraph=True)  # fullgraph: hooks trace too
+        compiled = step(input_ids=token, cache=cache, use_cache=True).logits
+        eager = model(input_ids=token, cache=eager_cache, use_cache=True).logits
+    disable_sparse_decode(sp)
+    targets = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    assert sum(t.startswith("spon_exp.sparse_linear") for t in targets) == len(sp.projections)
+    assert torch.allclose(compiled, eager, rtol=1e-5, atol=1e-5)  # dynamo's own graph: rounding only
