@@ -100,10 +100,15 @@ class PplConfig:
 @dataclass
 class ZeroshotConfig:
     tasks: list[str] = field(default_factory=list)  # empty = no zero-shot evaluation
-    batch_size: int = 16
+    batch_size: Any = 16  # an int, or lm-eval's auto / auto:N (largest batch that fits, detected N times)
     num_fewshot: int = 0
     limit: Optional[int] = None
-    source: str = "auto"  # auto / hub / offline
+    # offline: spon-exp's packaged copies (same data everywhere, no network); hub: lm-eval's
+    # own tasks, data from the hub or, with HF_DATASETS_OFFLINE=1, the local hub cache
+    source: str = "offline"
+    apply_chat_template: bool = False  # lm-eval's option: prompts through the tokenizer's chat template
+    fewshot_as_multiturn: bool = True  # lm-eval's option (and default): few-shot examples as chat turns
+    log_samples: bool = False  # per-item table of dense / sparse / +SPON answers: zeroshot_samples.csv (+ W&B table)
 
 
 @dataclass
@@ -239,13 +244,7 @@ def validate(cfg) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    if cfg.eval.zeroshot.tasks:  # unknown task names fail here, before the model loads
-        from spon_exp.evaluation.zeroshot import resolve_tasks
-
-        try:
-            resolve_tasks(list(cfg.eval.zeroshot.tasks), source=cfg.eval.zeroshot.source)
-        except (ValueError, RuntimeError) as e:
-            raise ConfigError(str(e)) from None
+    _check_zeroshot(cfg)
     from spon_exp.sparsifiers import build_sparsifier
 
     if cfg.sparsifier.name not in REGISTRY:
@@ -256,6 +255,33 @@ def validate(cfg) -> None:
     except (ValueError, TypeError) as e:
         raise ConfigError(f"sparsifier={cfg.sparsifier.name}: {e}") from None
     _check_lengths_and_corpora(cfg)
+
+
+def _check_zeroshot(cfg) -> None:
+    """Task names, source and lm-eval options, before the model loads."""
+    import logging
+
+    from spon_exp.evaluation.zeroshot import check_batch_size, resolve_tasks
+    from spon_exp.models.loading import tokenizer_without_weights
+
+    z = cfg.eval.zeroshot
+    try:
+        check_batch_size(z.batch_size)
+        if not z.tasks:
+            set_options = [k for k, default in (("apply_chat_template", False), ("log_samples", False)) if z[k] != default]
+            if set_options:
+                logging.getLogger(__name__).warning("eval.zeroshot.%s set but eval.zeroshot.tasks is empty: no zero-shot "
+                                                    "evaluation runs (e.g. eval=zeroshot or eval.zeroshot.tasks=[piqa])",
+                                                    " / ".join(set_options))
+            return
+        resolve_tasks(list(z.tasks), source=z.source)  # unknown task names fail here
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(str(e)) from None
+    if z.apply_chat_template:
+        tokenizer = tokenizer_without_weights(cfg.model.path)
+        if tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(f"eval.zeroshot.apply_chat_template=true needs a chat template and the tokenizer of "
+                              f"{cfg.model.path} has none; use eval.zeroshot.apply_chat_template=false")
 
 
 def _check_lengths_and_corpora(cfg) -> None:

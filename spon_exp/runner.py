@@ -242,6 +242,8 @@ def _run_stages(ctx: RunContext) -> None:
         _sparse_eval(ctx, evaluation, sparsifier)
     biases = _spon_stage(ctx, model, sparsifier, calib, evaluation, "spon" in variants) if use_spon else None
     results.update(evaluation.summary())
+    if cfg.eval.zeroshot.log_samples and evaluation.zeroshot:
+        results["zeroshot"]["samples"] = _sample_table(ctx, evaluation)
     evaluation.save_units(ctx.run_dir / UNITS_FILE)
     if sparsifier is not None and cfg.save_export:
         _export(ctx, model, tokenizer, sparsifier, biases)
@@ -292,6 +294,26 @@ def _spon_stage(ctx: RunContext, model, sparsifier, calib: torch.Tensor, evaluat
     if evaluate:
         evaluation.run("spon")
     return biases
+
+
+SAMPLES_FILE = "zeroshot_samples.csv"
+
+
+def _sample_table(ctx: RunContext, evaluation: Evaluation) -> dict:
+    """``eval.zeroshot.log_samples``: every evaluated document with the dense / sparse / +SPON
+    answers side by side, into the run folder (and a W&B table); returns what results.json
+    records of it (the file and, per task, how many answers differ)."""
+    from spon_exp.evaluation.zeroshot import SAMPLE_COLUMNS, sample_table, sample_table_summary, write_sample_table
+
+    rows = sample_table(evaluation.zeroshot)
+    write_sample_table(ctx.run_dir / SAMPLES_FILE, rows)
+    if ctx.tracker is not None:
+        ctx.tracker.log_table("zeroshot/samples", SAMPLE_COLUMNS, rows)
+    differing = sum(bool(r["differs"]) for r in rows)
+    log.info("zero-shot samples: %d documents, %d with differing answers -> %s", len(rows), differing,
+             ctx.run_dir / SAMPLES_FILE)
+    return {"file": SAMPLES_FILE, "documents": len(rows), "documents_differing": differing,
+            "per_task": sample_table_summary(rows)}
 
 
 def _export(ctx: RunContext, model, tokenizer, sparsifier, biases) -> None:
@@ -436,7 +458,9 @@ class Evaluation:
             with self.timer.stage(f"eval_zeroshot_{variant}"):
                 self.zeroshot[variant] = evaluate_zeroshot(self.model, self.tokenizer, self.zeroshot_tasks,
                                                            batch_size=z.batch_size, num_fewshot=z.num_fewshot,
-                                                           limit=z.limit, source=z.source)
+                                                           limit=z.limit, source=z.source, log_samples=z.log_samples,
+                                                           apply_chat_template=z.apply_chat_template,
+                                                           fewshot_as_multiturn=z.fewshot_as_multiturn)
 
     def restore(self, variant: str, blocks: dict, zeroshot: dict | None) -> None:
         """Take a variant's results from a cache instead of evaluating it."""
@@ -559,7 +583,7 @@ def _zeroshot_summary(per_variant: dict, boot) -> dict:
     from spon_exp.evaluation.uncertainty import zeroshot_intervals
     from spon_exp.evaluation.zeroshot import zeroshot_recovery
 
-    out = {"variants": {}, "average": {}, "source": {}, "lm_eval_version": None}
+    out = {"variants": {}, "average": {}, "source": {}, "lm_eval_version": None, "batch_sizes": {}}
     for variant, r in per_variant.items():
         out["variants"][variant] = {task: {**metrics, "paper_metric": r["paper_metric"][task]}
                                     for task, metrics in r["tasks"].items()}
@@ -567,6 +591,9 @@ def _zeroshot_summary(per_variant: dict, boot) -> dict:
         out["source"] = r.get("source", {})
         out["lm_eval_version"] = r.get("lm_eval_version")
         out["limit"] = r.get("limit")
+        for key in ("num_fewshot", "batch_size", "apply_chat_template", "fewshot_as_multiturn"):  # lm-eval's settings
+            out[key] = r.get(key)
+        out["batch_sizes"][variant] = r.get("batch_sizes")  # what batch_size=auto chose
     avg = out["average"]
     if {"dense", "sparse", "spon"} <= avg.keys():
         recovery = zeroshot_recovery(avg["dense"], avg["sparse"], avg["spon"])

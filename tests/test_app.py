@@ -74,6 +74,7 @@ def test_typos_and_wrong_types_fail_at_compose_time(bad):
     ("eval.ppl.corpora=[wikipedia,nonsense]", "Unknown corpus 'nonsense'"),
     ("spon.count=-1", "spon.count must be >= 0"),
     ("eval.zeroshot.tasks=[pica]", "piqa"),
+    ("eval.zeroshot.batch_size=big", "batch_size must be a positive integer, auto or auto:N"),
 ])
 def test_validate_rejects_bad_values(override, message):
     with pytest.raises(ConfigError, match=message):

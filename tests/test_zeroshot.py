@@ -73,7 +73,7 @@ def test_unknown_task_fails_fast_with_close_matches():
     with pytest.raises(ValueError, match="hellaswag"):
         resolve_tasks(["piqa", "hellaswg"], source="offline")
     with pytest.raises(ValueError, match="arc_easy"):
-        resolve_tasks("arc-easy", source="auto")
+        resolve_tasks("arc-easy", source="hub")
     # before the model is touched: model=None would fail on first use
     with pytest.raises(ValueError, match="winogrande"):
         evaluate_zeroshot(None, None, ["winogrand"], source="offline")
@@ -93,13 +93,26 @@ def test_resolve_tasks_names_and_sources():
         resolve_tasks(["piqa"], source="somewhere")
 
 
-def test_auto_source_offline_when_hub_disabled(monkeypatch):
-    monkeypatch.setattr(hub, "_HUB_REACHABLE", None)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert hub.hub_reachable() is False
+def test_source_is_explicit_and_hf_datasets_offline_keeps_its_meaning(monkeypatch):
+    # offline copies by default, whatever the network does: never chosen by probing the hub
+    monkeypatch.setattr(hub, "hub_reachable", lambda *a, **k: pytest.fail("the source must not probe the hub"))
     assert [t.source for t in resolve_tasks(DEFAULT_TASKS)] == ["offline"] * 5
-    monkeypatch.setattr(hub, "_HUB_REACHABLE", True)
-    assert [t.source for t in resolve_tasks(["piqa"])] == ["hub"]
+    # HF_DATASETS_OFFLINE=1 means "datasets reads the local hub cache": the hub tasks stay hub tasks
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert [(t.lm_eval_name, t.source) for t in resolve_tasks(["piqa", "hellaswag"], source="hub")] == [
+        ("piqa", "hub"), ("hellaswag", "hub")]
+    with pytest.raises(ValueError, match="source=auto is gone.*source=offline.*source=hub"):
+        resolve_tasks(["piqa"], source="auto")
+
+
+def test_batch_size_accepts_lm_evals_auto():
+    from spon_exp.evaluation.zeroshot import check_batch_size
+
+    assert check_batch_size(16) == 16 and check_batch_size("8") == 8
+    assert check_batch_size("auto") == "auto" and check_batch_size("auto:4") == "auto:4"
+    for bad in (0, -1, "automatic", "auto:0", "auto:x", True, 2.5):
+        with pytest.raises(ValueError, match="positive integer, auto or auto:N"):
+            check_batch_size(bad)
 
 
 def test_zeroshot_recovery():
@@ -366,3 +379,68 @@ def test_offline_end_to_end_tiny_model():
     assert result["limit"] == 6 and result["num_fewshot"] == 0
     assert result["lm_eval_version"] == lm_eval.__version__
     assert not loaded.model.training
+
+
+# --------------------------------------------------------------------------- (d) lm-eval's conventions
+def test_compact_sample_answer_follows_the_paper_metric():
+    from spon_exp.evaluation.zeroshot import _compact_sample
+
+    sample = {"doc_id": "3", "target": 1, "arguments": [("Q: x\nA:", " ab"), ("Q: x\nA:", " abcdef")],
+              "filtered_resps": [(-4.0, False), (-9.0, False)], "acc": 0.0, "acc_norm": 1.0}
+    # acc: highest log-likelihood (-4 > -9) -> choice 0; acc_norm: per character -4/2 = -2 < -9/6 = -1.5 -> choice 1
+    assert _compact_sample("piqa", sample, "acc", " ")["answer"] == 0
+    row = _compact_sample("piqa", sample, "acc_norm", " ")
+    assert (row["answer"], row["answer_text"], row["correct"], row["doc_id"]) == (1, " abcdef", 1.0, 3)
+    assert row["prompt"] == "Q: x\nA:" and row["choices"] == [" ab", " abcdef"]
+    lambada = {"doc_id": 0, "target": " signs", "arguments": [("text", " signs")],
+               "filtered_resps": [(-32.9, False)], "acc": 0}
+    assert _compact_sample("lambada_openai", lambada, "acc", " ")["answer"] is None  # not multiple choice
+
+
+def test_sample_table_marks_where_answers_differ():
+    from spon_exp.evaluation.zeroshot import sample_table, sample_table_summary
+
+    def variant(answers, correct):
+        return {"samples": {"piqa": [{"task": "piqa", "doc_id": i, "prompt": f"p{i}", "target": 0, "choices": ["a", "b"],
+                                      "answer": a, "correct": c} for i, (a, c) in enumerate(zip(answers, correct))]}}
+
+    rows = sample_table({"dense": variant([0, 1, 0], [1.0, 0.0, 1.0]), "sparse": variant([0, 0, 1], [1.0, 1.0, 0.0]),
+                         "spon": variant([0, 1, 1], [1.0, 0.0, 0.0])})
+    assert [r["differs"] for r in rows] == ["", "sparse", "sparse,spon"]
+    assert (rows[2]["dense_answer"], rows[2]["sparse_answer"], rows[2]["spon_answer"]) == (0, 1, 1)
+    assert sample_table_summary(rows) == {"piqa": {"documents": 3, "dense_vs_sparse": 2, "dense_vs_spon": 1,
+                                                   "sparse_vs_spon": 1}}
+
+
+@needs_data
+def test_smoke_run_with_auto_batch_chat_template_and_samples(tmp_path):
+    """The acceptance command: batch_size=auto, apply_chat_template, log_samples on the smoke
+    experiment (with two tasks, a few documents each), W&B offline."""
+    import csv
+    import glob
+    import json
+
+    from spon_exp.runner import run
+    from tests.test_app import compose_cfg, strip_hydra
+    from tests.wandb_offline import read_offline_run
+
+    cfg = strip_hydra(compose_cfg(["experiment=smoke", "logger=wandb_offline", "eval.zeroshot.tasks=[piqa,arc_easy]",
+                                   "eval.zeroshot.limit=4", "eval.zeroshot.batch_size=auto",
+                                   "eval.zeroshot.apply_chat_template=true", "eval.zeroshot.log_samples=true"], tmp_path))
+    results = run(cfg, tmp_path / "run")
+    zs = results["zeroshot"]
+    assert results["status"] == "ok"
+    assert zs["batch_size"] == "auto" and all(zs["batch_sizes"][v] for v in ("dense", "sparse", "spon"))
+    assert zs["apply_chat_template"] is True and zs["fewshot_as_multiturn"] is True
+    assert zs["source"] == {"piqa": "offline", "arc_easy": "offline"}
+    rows = list(csv.DictReader(open(tmp_path / "run" / zs["samples"]["file"])))
+    assert len(rows) == zs["samples"]["documents"] == 8
+    assert {r["task"] for r in rows} == {"piqa", "arc_easy"}
+    assert all(r["prompt"].startswith("<|user|>\n") for r in rows)  # the byte tokenizer's chat template was applied
+    for r in rows:  # each variant's answer agrees with the correctness lm-eval scored
+        for v in ("dense", "sparse", "spon"):
+            assert (int(r[f"{v}_answer"]) == int(r["target"])) == (float(r[f"{v}_correct"]) == 1.0)
+    assert sum(bool(r["differs"]) for r in rows) == zs["samples"]["documents_differing"]
+    logged = read_offline_run(glob.glob(str(tmp_path / "run" / "wandb" / "offline-run-*" / "*.wandb"))[0])
+    history = logged["history"]  # a table is logged as nested keys
+    assert history["zeroshot/samples/_type"] == ["table-file"] and history["zeroshot/samples/nrows"] == [8]

@@ -33,7 +33,7 @@ def _wandb_records(path):
 
 
 def read_offline_run(run_file, wait_s: float = 30.0) -> dict:
-    """``{"summary": {...}, "config": {...}}`` of an offline W&B run file.
+    """``{"summary": {...}, "config": {...}, "history": {key: [values]}}`` of an offline W&B run file.
 
     wandb's service process may still be writing the file when ``finish()`` has returned:
     wait (up to ``wait_s``) until the run's ``exit`` record is on disk."""
@@ -47,9 +47,13 @@ def read_offline_run(run_file, wait_s: float = 30.0) -> dict:
         records = list(_wandb_records(run_file))
     summary: dict = {}
     config: dict = {}
+    history: dict = {}  # key -> the values logged under it, in order
     for record in records:
         kind = record.WhichOneof("record_type")
-        if kind == "summary":
+        if kind == "history":
+            for item in record.history.item:
+                history.setdefault(item.key or "/".join(item.nested_key), []).append(json.loads(item.value_json))
+        elif kind == "summary":
             for item in record.summary.update:
                 summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
         elif kind == "config":
@@ -61,4 +65,4 @@ def read_offline_run(run_file, wait_s: float = 30.0) -> dict:
             for item in record.run.summary.update:
                 summary[item.key] = json.loads(item.value_json)
     config = {k: (v.get("value") if isinstance(v, dict) and "value" in v else v) for k, v in config.items()}
-    return {"summary": summary, "config": config}
+    return {"summary": summary, "config": config, "history": history}

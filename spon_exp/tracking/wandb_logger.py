@@ -148,6 +148,20 @@ class Tracker:
         if self.run is not None:
             self.run.log(data, step=step)
 
+    def log_table(self, key: str, columns: list[str], rows: list[dict]) -> None:
+        """A table (one row per dict, values by column; lists and dicts as JSON text)."""
+        if self.run is None:
+            return
+        import json
+
+        import wandb
+
+        def cell(value):
+            return json.dumps(value, ensure_ascii=False) if isinstance(value, (list, dict)) else value
+
+        self.run.log({key: wandb.Table(columns=columns, data=[[cell(r.get(c)) for c in columns] for r in rows],
+                                            allow_mixed_types=True)})
+
     def finish(self, results: dict, ok: bool) -> None:
         if self.run is None:
             return
