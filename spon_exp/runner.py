@@ -158,13 +158,13 @@ class _Attempt:
             self.results_file.unlink()
 
 
-def _initial_results(cfg: DictConfig, chash: str, timer: Timer) -> dict:
+def _initial_results(cfg: DictConfig, identity: RunIdentity, timer: Timer) -> dict:
     return {
-        "status": "running", "error": None, "config_hash": chash, "spon_exp_version": __version__,
+        "status": "running", "error": None, "config_hash": identity.config_hash, "spon_exp_version": __version__,
         "started_at": datetime.now(timezone.utc).isoformat(), "finished_at": None,
         "model": {"path": cfg.model.path, "name": cfg.model.name, "dtype": cfg.model.dtype},
         "sparsifier": cfg.sparsifier.name, "spon_count": cfg.spon.count, "calib_corpus": cfg.calib.corpus,
-        "seed": cfg.seed, "sweep_name": cfg.sweep_name,
+        "seed": cfg.seed, "sweep_name": cfg.sweep_name, "wandb_run_id": identity.wandb_run_id,
         "sparsity": {"target": cfg.sparsity, "measured": None},
         "ppl": {}, "gap_closure": {}, "timings": timer.timings, "cache": {},
     }
@@ -186,14 +186,14 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     guard_run_dir(run_dir, identity.config_hash)
     metrics = MetricsWriter(run_dir / METRICS)
     timer = Timer(metrics)
-    ctx = RunContext(cfg, run_dir, identity, _initial_results(cfg, identity.config_hash, timer), timer, metrics)
+    ctx = RunContext(cfg, run_dir, identity, _initial_results(cfg, identity, timer), timer, metrics)
     attempt = _Attempt(cfg, run_dir, identity.config_hash)
     attempt.start(ctx.results)
     ok = False
     try:
         t_total = time.perf_counter()
         validate(cfg)
-        ctx.tracker = Tracker(cfg, identity.config_hash, run_dir, plain(cfg))
+        ctx.tracker = Tracker(cfg, identity.wandb_run_id, run_dir, plain(cfg), identity.config_hash)
         _run_stages(ctx)
         ctx.results["timings"]["total"] = time.perf_counter() - t_total
         ctx.results["status"] = "ok"
@@ -571,6 +571,7 @@ def _train(ctx: RunContext, model, sparsifier, spon, calib, checkpoint_dir) -> d
         dropped = metrics.forget_steps("train", step)
         if dropped:
             log.info("metrics.jsonl: dropped %d train records of an earlier attempt (step >= %d)", dropped, step)
+        tracker.replay_history(before_step=step)  # offline W&B: the earlier attempt's steps, into this attempt's run
 
     result = train_alpha(model, sparsifier, spon, calib, tcfg, on_step=on_step, on_start=on_start,
                          checkpoint_path=checkpoint_dir)

@@ -140,8 +140,9 @@ def test_end_to_end_run_folder_and_offline_wandb(tmp_path):
     assert [e["step"] for e in events if e["event"] == "train"] == [0, 1, 2]
     # the offline W&B run carries the same numbers in its summary
     run_file = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "*.wandb"))
-    assert len(run_file) == 1 and on_disk["config_hash"] in run_file[0]
+    assert len(run_file) == 1 and on_disk["wandb_run_id"] in run_file[0]
     offline = read_offline_run(run_file[0])
+    assert offline["config"]["config_hash"] == on_disk["config_hash"]
     for key, value in summary_from_results(on_disk).items():
         assert offline["summary"][key] == pytest.approx(value) if isinstance(value, float) else offline["summary"][key] == value
     assert offline["config"]["sparsifier_name"] == "teal" and offline["config"]["spon_count"] == 1

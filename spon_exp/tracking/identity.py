@@ -72,6 +72,13 @@ def dense_key(cfg: DictConfig) -> str:
     })
 
 
+def wandb_run_id(sweep_name: str, chash: str) -> str:
+    """The W&B run id: one per (sweep name, config hash). Stable (a re-launched sweep or a
+    requeued job continues its W&B run), and distinct for one config run in two sweeps (the
+    config hash leaves ``sweep_name`` out, so it cannot be the id)."""
+    return _digest({"sweep_name": sweep_name, "config_hash": chash})
+
+
 #: A swept value longer than this, or holding a path separator, is shortened in folder names.
 MAX_DIRNAME_VALUE = 48
 
@@ -116,13 +123,15 @@ def flat_dirname(override_dirname: str, item_sep: str = ",", kv_sep: str = "=") 
 @dataclass(frozen=True)
 class RunIdentity:
     """Everything a run is known by, computed once from its config: the run's hash (its
-    folder, W&B id, skip-if-done check) and the cache keys of what it reuses."""
+    skip-if-done check), its W&B run id (sweep + hash) and the cache keys of what it reuses."""
 
     config_hash: str
     sparsifier_key: str
     alpha_key: str
     dense_key: str
+    wandb_run_id: str
 
     @classmethod
     def of(cls, cfg: DictConfig) -> RunIdentity:
-        return cls(config_hash(cfg), sparsifier_key(cfg), alpha_key(cfg), dense_key(cfg))
+        chash = config_hash(cfg)
+        return cls(chash, sparsifier_key(cfg), alpha_key(cfg), dense_key(cfg), wandb_run_id(cfg.sweep_name, chash))

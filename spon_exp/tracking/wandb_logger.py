@@ -1,13 +1,27 @@
-"""Weights & Biases tracking: one W&B run per spon-exp run, id from the config hash.
+"""Weights & Biases tracking: one W&B run per spon-exp run.
+
+The run id is :func:`spon_exp.tracking.identity.wandb_run_id`: one per (sweep name, config
+hash), stable across re-launches and SLURM requeues, distinct when one config runs in two
+sweeps. The config hash itself is in the W&B config (``config_hash``).
 
 Offline by default (``logger=wandb_offline``): the run is written under the run folder's
-``wandb/`` and uploaded later with ``wandb sync <run folder>/wandb/offline-run-*``.
+``wandb/`` and uploaded later with ``wandb sync <run folder>/wandb/offline-run-*``. wandb
+cannot append to an offline run, so a later attempt of the same run (a SLURM requeue, a
+re-launch after a failure) resumes it this way: the new attempt's W&B run first re-logs the
+training history the run folder's ``metrics.jsonl`` kept from earlier attempts (each step
+once, up to where this attempt resumes), and when it finishes it takes the place of the
+earlier attempt's folder: one ``offline-run-*-<id>`` folder per run, holding the whole
+history and the final summary, so ``wandb sync`` uploads one complete run. Online, W&B's own
+``resume="allow"`` continues the run on the server.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
+from pathlib import Path
 
 from spon_exp.tracking.intervals import interval
 
@@ -79,7 +93,7 @@ def results_from_summary(summary: dict, config: dict, state: str | None = None, 
     summary and config (the inverse of :func:`summary_from_results` and :func:`grouping_keys`),
     so runs known only on W&B fill the same tables, intervals included."""
     results = {
-        "status": summary.get("status", state), "config_hash": run_id,
+        "status": summary.get("status", state), "config_hash": config.get("config_hash") or run_id,
         "model": {"name": config.get("model_name")}, "sparsifier": config.get("sparsifier_name"),
         "calib_corpus": config.get("calib_corpus"), "spon_count": config.get("spon_count"),
         "seed": config.get("seed"),
@@ -126,23 +140,57 @@ def _ci_from_summary(summary: dict, key: str) -> list | None:
     return None if lo is None or hi is None else [lo, hi]
 
 
+def offline_run_dirs(run_dir, run_id: str) -> list[Path]:
+    """The offline W&B folders of run ``run_id`` under a run folder, oldest first."""
+    found = [p for p in (Path(run_dir) / "wandb").glob(f"offline-run-*-{run_id}*")
+             if p.is_dir() and not p.name.endswith(".replaced")]
+    return sorted(found, key=lambda p: p.name)
+
+
 class Tracker:
     """No-op unless ``logger.backend == "wandb"``."""
 
-    def __init__(self, cfg, run_id: str, run_dir, config: dict):
+    def __init__(self, cfg, run_id: str, run_dir, config: dict, config_hash: str | None = None):
         self.run = None
+        self.run_dir = Path(run_dir)
+        self.earlier: list[Path] = []  # offline folders of earlier attempts, replaced at finish
+        self.replay_pending = False
         if cfg.logger.backend != "wandb":
             return
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
+        if cfg.logger.mode == "offline":
+            self.earlier = offline_run_dirs(self.run_dir, run_id)
+            self.replay_pending = bool(self.earlier)
         self.run = wandb.init(
             project=cfg.logger.project, entity=cfg.logger.entity, id=run_id, resume="allow",
             group=cfg.logger.group or cfg.sweep_name, job_type=cfg.sparsifier.name,
             name=f"{cfg.model.name}-{cfg.sparsifier.name}-s{cfg.sparsity}-spon{cfg.spon.count}-seed{cfg.seed}",
             tags=list(cfg.logger.tags), dir=str(run_dir), mode=cfg.logger.mode,
-            config={**config, **grouping_keys(cfg)},
+            config={**config, **grouping_keys(cfg), "config_hash": config_hash, "sweep_name": cfg.sweep_name},
         )
+        if self.earlier:
+            log.info("W&B offline run %s: resuming the earlier attempt in %s", run_id, self.earlier[0].name)
+
+    def replay_history(self, before_step: int | None = None) -> int:
+        """Offline, in a later attempt: log the training steps earlier attempts recorded in
+        ``metrics.jsonl`` (steps below ``before_step``, where this attempt resumes; all when
+        None), once. Returns how many steps were re-logged."""
+        if self.run is None or not self.replay_pending:
+            return 0
+        self.replay_pending = False
+        metrics = self.run_dir / "metrics.jsonl"
+        steps = 0
+        for line in (metrics.read_text().splitlines() if metrics.exists() else []):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a torn last line of a killed attempt
+                continue
+            if record.get("event") == "train" and (before_step is None or record["step"] < before_step):
+                self.run.log({"train/kl": record["kl"], "train/lr": record["lr"]}, step=record["step"])
+                steps += 1
+        return steps
 
     def log(self, data: dict, step: int | None = None) -> None:
         if self.run is not None:
@@ -165,9 +213,28 @@ class Tracker:
     def finish(self, results: dict, ok: bool) -> None:
         if self.run is None:
             return
+        sync_dir = Path(self.run.settings.sync_dir)
         try:
+            self.replay_history()  # a later attempt that trained nothing (α cached): the history still belongs here
             self.run.summary.update(summary_from_results(results))
         finally:
             self.run.finish(exit_code=0 if ok else 1)
             self.run = None
+        if self.earlier:
+            self._take_place_of_earlier(sync_dir)
+
+    def _take_place_of_earlier(self, sync_dir: Path) -> None:
+        """This attempt's offline folder (which re-logged the earlier history) moves to the first
+        attempt's folder name; the earlier folders go (their history lives on in this one)."""
+        target = self.earlier[0]
+        aside = target.with_name(target.name + ".replaced")
+        shutil.rmtree(aside, ignore_errors=True)
+        target.rename(aside)  # the earlier record stays until the complete one is in place
+        sync_dir.rename(target)
+        for old in [aside, *self.earlier[1:]]:
+            shutil.rmtree(old, ignore_errors=True)
+        latest = self.run_dir / "wandb" / "latest-run"
+        if latest.is_symlink():
+            latest.unlink()
+            latest.symlink_to(target.name)
 
