@@ -273,7 +273,8 @@ def test_larosa_hand_computed_rotated_topk():
     set_weight(attn.q_proj, [[1, 0], [0, 1]])
     set_weight(attn.k_proj, [[1, 1], [1, -1]])
     set_weight(attn.o_proj, [[1, 0], [0, 1]])
-    sp = build_sparsifier("larosa", sparsity=0.5, split="even", projections=["q_proj", "k_proj", "o_proj"]).attach(model)
+    sp = build_sparsifier("larosa", sparsity=0.5, split="even", rotation="runtime",
+                          projections=["q_proj", "k_proj", "o_proj"]).attach(model)
     c = 1 / math.sqrt(2)
     sp.load_state_dict({"rotation.0.qkv_input": torch.tensor([[c, -c], [c, c]])})
     x = torch.tensor([[1.0, 0.8]])
@@ -284,6 +285,61 @@ def test_larosa_hand_computed_rotated_topk():
     assert sp._dropped["0.q_proj"] == 1 and sp._dropped["0.k_proj"] == 1
     # o_proj input is top-k'd unrotated: [0.3, -2] -> [0, -2]
     assert torch.allclose(attn.o_proj(torch.tensor([[0.3, -2.0]])), torch.tensor([[0.0, -2.0]]))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_larosa_folded_rotation_equals_runtime_and_restores_weights(family):
+    """W' = W·Q with the input rotated once computes what topk(x·Q)·Qᵀ into W does; switched
+    off it is the dense model; detach() puts the original weights back bit for bit. In float64:
+    a top-k model is chaotic, and float32 rounding differences flip a near-tied coordinate."""
+    lm = tiny(family)
+    lm.model.double()
+    ids = random_ids(2, 16)
+    original = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    with torch.no_grad():
+        dense = lm.model(ids).logits
+    runtime = build_sparsifier("larosa", sparsity=0.5, rotation="runtime", rotation_dtype="float64").attach(lm.model)
+    runtime.calibrate(lm.model, [random_ids(2, 32, seed=5)])
+    with torch.no_grad():
+        expected = lm.model(ids).logits
+    state = runtime.state_dict()
+    runtime.detach()
+    folded = build_sparsifier("larosa", sparsity=0.5, rotation_dtype="float64").attach(lm.model)
+    folded.load_state_dict(state)
+    q_weight = lm.model.model.layers[0].self_attn.q_proj.weight
+    assert not torch.equal(q_weight, original["model.layers.0.self_attn.q_proj.weight"])  # folded in
+    assert torch.equal(lm.model.model.layers[0].self_attn.o_proj.weight, original["model.layers.0.self_attn.o_proj.weight"])
+    with torch.no_grad():
+        got = lm.model(ids).logits
+        with folded.disabled():
+            folded_dense = lm.model(ids).logits
+    assert torch.allclose(got, expected, atol=1e-10, rtol=1e-10)
+    assert torch.allclose(folded_dense, dense, atol=1e-10, rtol=1e-10)
+    folded.detach()
+    for k, v in lm.model.state_dict().items():
+        assert torch.equal(v, original[k]), k
+
+
+def test_larosa_attention_rotation_for_the_mlp():
+    lm = tiny("llama")
+    sp = build_sparsifier("larosa", sparsity=0.5, mlp_rotation="attention").attach(lm.model)
+    sp.calibrate(lm.model, [random_ids(2, 32, seed=5)])
+    for layer in range(len(sp.blocks)):
+        assert torch.equal(sp.rotations[(layer, "gate_up_input")], sp.rotations[(layer, "qkv_input")])
+
+
+def test_topk_mask_ties():
+    from spon_exp.sparsifiers.scoring import topk_mask
+
+    score = torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.5], [5.0, 4.0, 3.0, 2.0, 1.0]])
+    # keep 2: row 0 ties at the cut (2.0, 2.0)
+    assert topk_mask(score, 2, "keep").tolist() == [[True, False, True, True, False], [True, True, False, False, False]]
+    broken = topk_mask(score, 2, "break")
+    assert broken.sum(-1).tolist() == [2, 2] and broken[0, 0] and broken[1].tolist() == [True, True, False, False, False]
+    assert topk_mask(score, 5).all() and not topk_mask(score, 0).any()
+    x = torch.randn(64, 96, generator=torch.Generator().manual_seed(0))
+    reference = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, x.abs().topk(40, dim=-1).indices, True)
+    assert torch.equal(topk_mask(x.abs(), 40), reference)
 
 
 def test_larosa_rotation_is_the_covariance_eigenbasis():
@@ -304,7 +360,7 @@ def test_larosa_splits():
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_larosa_measured_sparsity(family):
-    lm, sp, ids = calibrated("larosa", family, 0.5, split="even")
+    lm, sp, ids = calibrated("larosa", family, 0.5, split="even", ties="break")
     assert abs(measured(lm.model, sp, ids)["model"] - 0.5) <= 0.01
     # reference split: sparsity 0.4 on q/k/v/gate/up keeps int(64·0.6) = 38 of 64;
     # 0.6 on o/down keeps int(64·0.4) = 25 of 64 (o) and int(128·0.4) = 51 of 128 (down)
@@ -313,6 +369,10 @@ def test_larosa_measured_sparsity(family):
     per = measured(lm.model, sp, ids)["per_projection"]
     assert per["0.q_proj"] == pytest.approx(26 / 64) and per["0.o_proj"] == pytest.approx(39 / 64)
     assert per["0.down_proj"] == pytest.approx(77 / 128)
+    # the reference's ties: a query head group's first token repeats its value heads, so the
+    # o_proj input has exact ties at the cut, which "keep" keeps (lower measured sparsity)
+    sp.options.ties = "keep"
+    assert measured(lm.model, sp, ids)["per_projection"]["0.o_proj"] < 39 / 64
 
 
 # ------------------------------------------------------------------ SPON fold + export

@@ -21,6 +21,9 @@ transformers.
     python benchmarks/perf/scale.py --small                                   # a tiny shape on the CPU (a test runs it)
     python benchmarks/perf/scale.py --device cuda --dtype bfloat16 --shape llama3_8b
     python benchmarks/perf/scale.py --device cuda --dtype bfloat16 --shape llama3_70b --layers 10
+    # the CPU targets, side by side on the packaged model (real weights and text):
+    python benchmarks/perf/scale.py --shape packaged --device cpu --dtype float32 --seq-len 512 \
+        --calib-sequences 16 --methods teal teal_greedy wina rsparse larosa --skip throughput training
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ import torch
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 METHODS = ("teal", "wina", "rsparse", "larosa")
+# calibration-only rows: TEAL's greedy per-layer allocation beside its uniform one (target <= 3x)
+VARIANTS = {"teal_greedy": ("teal", {"allocation": "greedy"})}
 PAPER_EVAL_TOKENS = 290_000  # WikiText-2 test split, Llama-3 tokenizer (~287k)
 PAPER_SPON_STEPS = 150
 
@@ -54,6 +59,8 @@ SHAPES = {
     "llama3_70b": ("llama", dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                                  num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
                                  rope_theta=500000.0, max_position_embeddings=8192)),
+    # the packaged SmolLM2-135M with its real weights and calibration text: the CPU targets
+    "packaged": ("packaged", {}),
     # --small: seconds on a CPU
     "small": ("llama", dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
                             num_key_value_heads=2, vocab_size=512, max_position_embeddings=512)),
@@ -64,6 +71,11 @@ def build_model(shape: str, layers: int | None, device: str, dtype: torch.dtype)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     family, kwargs = SHAPES[shape]
+    if family == "packaged":
+        from spon_exp.models.loading import load_model
+
+        loaded = load_model(dtype=dtype, device=device)
+        return loaded.model, loaded.tokenizer
     kwargs = dict(kwargs)
     if layers:
         kwargs["num_hidden_layers"] = layers
@@ -73,7 +85,16 @@ def build_model(shape: str, layers: int | None, device: str, dtype: torch.dtype)
     with torch.device(device):  # initialise on the device: an 8B model in seconds, not minutes
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
-    return model
+    return model, None
+
+
+def token_batches(model, tokenizer, sequences: int, seq_len: int, split: str, seed: int) -> torch.Tensor:
+    """Real text for a real model (the packaged corpus), random tokens for a random one."""
+    if tokenizer is not None:
+        from spon_exp.data.corpora import token_blocks
+
+        return token_blocks(tokenizer, "wikipedia", split, seq_len, max_blocks=sequences)
+    return torch.randint(0, model.config.vocab_size, (sequences, seq_len), generator=torch.Generator().manual_seed(seed))
 
 
 class Clock:
@@ -117,23 +138,26 @@ def forward_ratio(model, sparsifier, ids: torch.Tensor, clock: Clock, repeats: i
     return {"dense_s": d, "sparse_s": s, "ratio": s / d}
 
 
-def method_stage(name: str, model, calib: torch.Tensor, args, clock: Clock) -> tuple[dict, object]:
+def method_stage(name: str, model, calib: torch.Tensor, ids: torch.Tensor, args, clock: Clock) -> tuple[dict, object]:
     from spon_exp.sparsifiers import build_sparsifier
 
-    sp = build_sparsifier(name, sparsity=args.sparsity).attach(model)
+    method, options = VARIANTS.get(name, (name, {}))
+    sp = build_sparsifier(method, sparsity=args.sparsity, **options).attach(model)
     out: dict = {}
     if name == "rsparse":
         out["svd_setup_s"] = clock.time(sp.compute_factors)
     batches = list(calib.split(args.calib_batch))
     out["calibrate_s"] = clock.time(lambda: sp.calibrate(model, batches))
-    ids = torch.randint(0, model.config.vocab_size, (4, args.seq_len), device=args.device,
-                        generator=torch.Generator(device=args.device).manual_seed(1))
     with sp.measuring(), torch.no_grad():
         model.get_decoder()(input_ids=ids[:1], use_cache=False)
     out["measured_sparsity"] = sp.measured_sparsity()["model"]
+    if name in VARIANTS:  # a calibration variant: its forward is its method's
+        print(f"{name:>11}: calibrate {out['calibrate_s']:.1f} s, measured sparsity {out['measured_sparsity']:.3f}",
+              flush=True)
+        return out, sp
     for batch in (1, 4):
         out[f"forward_{batch}x{args.seq_len}"] = forward_ratio(model, sp, ids[:batch], clock, args.repeats)
-    print(f"{name:>8}: calibrate {out['calibrate_s']:.1f} s"
+    print(f"{name:>11}: calibrate {out['calibrate_s']:.1f} s"
           + (f" (SVD {out['svd_setup_s']:.1f} s)" if "svd_setup_s" in out else "")
           + f", sparse/dense {out[f'forward_1x{args.seq_len}']['ratio']:.2f} (1x{args.seq_len}) "
           f"{out[f'forward_4x{args.seq_len}']['ratio']:.2f} (4x{args.seq_len}), measured sparsity "
@@ -188,7 +212,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="cut the layer count (70B on one GPU: ~10)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=[*METHODS, *VARIANTS],
+                    help=f"methods to calibrate and time; also {', '.join(VARIANTS)} (calibration only)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["throughput", "training"],
+                    help="stages to leave out (e.g. for the per-method CPU targets on --shape packaged)")
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--calib-sequences", type=int, default=16)
@@ -208,12 +235,12 @@ def main() -> None:
     clock = Clock(args.device)
 
     t0 = time.perf_counter()
-    model = build_model(args.shape, args.layers, args.device, dtype)
+    model, tokenizer = build_model(args.shape, args.layers, args.device, dtype)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.shape} ({model.config.num_hidden_layers} layers, {n_params / 1e9:.2f} B parameters) on "
           f"{args.device} in {args.dtype}, built in {time.perf_counter() - t0:.1f} s", flush=True)
-    calib = torch.randint(0, model.config.vocab_size, (args.calib_sequences, args.seq_len),
-                          generator=torch.Generator().manual_seed(0))
+    calib = token_batches(model, tokenizer, args.calib_sequences, args.seq_len, "calibration", seed=0)
+    ids = token_batches(model, tokenizer, 4, args.seq_len, "evaluation", seed=1).to(args.device)
     report: dict = {"shape": args.shape, "layers": model.config.num_hidden_layers, "parameters": n_params,
                     "device": args.device, "device_name": (torch.cuda.get_device_name() if clock.cuda
                                                            else platform.processor() or platform.machine()),
@@ -221,29 +248,41 @@ def main() -> None:
                     "seq_len": args.seq_len, "calib_tokens": calib.numel(), "methods": {}}
     teal = None
     for name in args.methods:  # one method attached at a time
-        report["methods"][name], sp = method_stage(name, model, calib, args, clock)
+        report["methods"][name], sp = method_stage(name, model, calib, ids, args, clock)
         sp.detach()
         teal = sp if name == "teal" else teal
-    if teal is None:
-        teal = method_stage("teal", model, calib, args, clock)[1]
-    else:
-        teal.attach(model)  # thresholds kept from its calibration
-    report["throughput"] = throughput_stage(model, teal, args, clock)
-    report["training"] = training_stage(model, teal, args, clock)
-    t = report["throughput"]
-    calibrate_s = report["methods"].get("teal", {}).get("calibrate_s")
-    projected = {
-        "calibrate_s": calibrate_s,
-        "train_alpha_s": PAPER_SPON_STEPS * report["training"]["batch1_no_checkpointing"]["step_s"],
-        "ppl_dense_s": PAPER_EVAL_TOKENS / t["dense_tokens_per_s"],
-        "ppl_sparse_s": PAPER_EVAL_TOKENS / t["sparse_tokens_per_s"],
-        "ppl_spon_s": PAPER_EVAL_TOKENS / t["sparse_tokens_per_s"],  # folded: the sparse model's cost
-    }
-    projected["total_s"] = sum(v for v in projected.values() if v is not None)
-    report["projected_paper_run"] = projected
-    print(f"projected paper run (TEAL + SPON, {PAPER_SPON_STEPS} steps, 3 x {PAPER_EVAL_TOKENS} eval tokens): "
-          f"{projected['total_s'] / 60:.1f} min", flush=True)
-    out = args.out or RESULTS / f"scale_{args.device.split(':')[0]}{'_small' if args.small else ''}.json"
+    ratios = {f"{n}_sparse_over_dense_4x{args.seq_len}": r[f"forward_4x{args.seq_len}"]["ratio"]
+              for n, r in report["methods"].items() if f"forward_4x{args.seq_len}" in r}
+    methods = report["methods"]
+    if "teal_greedy" in methods and "teal" in methods:
+        ratios["teal_greedy_over_uniform_calibration"] = methods["teal_greedy"]["calibrate_s"] / methods["teal"]["calibrate_s"]
+    report["ratios"] = ratios
+    print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()), flush=True)
+    stages = [st for st in ("throughput", "training") if st not in args.skip]
+    if stages:
+        if teal is None:
+            teal = method_stage("teal", model, calib, ids, args, clock)[1]
+        else:
+            teal.attach(model)  # thresholds kept from its calibration
+    if "throughput" in stages:
+        report["throughput"] = throughput_stage(model, teal, args, clock)
+    if "training" in stages:
+        report["training"] = training_stage(model, teal, args, clock)
+    if len(stages) == 2:
+        t = report["throughput"]
+        projected = {
+            "calibrate_s": methods.get("teal", {}).get("calibrate_s"),
+            "train_alpha_s": PAPER_SPON_STEPS * report["training"]["batch1_no_checkpointing"]["step_s"],
+            "ppl_dense_s": PAPER_EVAL_TOKENS / t["dense_tokens_per_s"],
+            "ppl_sparse_s": PAPER_EVAL_TOKENS / t["sparse_tokens_per_s"],
+            "ppl_spon_s": PAPER_EVAL_TOKENS / t["sparse_tokens_per_s"],  # folded: the sparse model's cost
+        }
+        projected["total_s"] = sum(v for v in projected.values() if v is not None)
+        report["projected_paper_run"] = projected
+        print(f"projected paper run (TEAL + SPON, {PAPER_SPON_STEPS} steps, 3 x {PAPER_EVAL_TOKENS} eval tokens): "
+              f"{projected['total_s'] / 60:.1f} min", flush=True)
+    suffix = "_small" if args.small else ("_packaged" if args.shape == "packaged" else "")
+    out = args.out or RESULTS / f"scale_{args.device.split(':')[0]}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}")

@@ -64,6 +64,9 @@ class DecoderBlock:
     module: nn.Module
     module_path: str
     projections: dict[str, Projection] = field(default_factory=dict)
+    #: the module whose input is a site's input, for the sites whose consumers all read the
+    #: container's input (qkv_input: the attention module, gate_up_input: the MLP module)
+    containers: dict[str, nn.Module] = field(default_factory=dict)
 
 
 def _find_child(parent: nn.Module, names: tuple[str, ...]) -> tuple[str, nn.Module] | None:
@@ -113,7 +116,9 @@ def find_decoder_blocks(model: nn.Module) -> list[DecoderBlock]:
                 f"Decoder block {path}.{i} of {type(model).__name__} lacks projections {missing}; "
                 f"found {sorted(projs)}."
             )
-        blocks.append(DecoderBlock(i, block, f"{path}.{i}", projs))
+        containers = {site: hit[1] for site, names in (("qkv_input", ATTENTION_CONTAINERS), ("gate_up_input", MLP_CONTAINERS))
+                      if (hit := _find_child(block, names)) is not None}
+        blocks.append(DecoderBlock(i, block, f"{path}.{i}", projs, containers))
     return blocks
 
 

@@ -3,14 +3,22 @@
 Per layer and rotated input site (``qkv_input``, ``gate_up_input``) a rotation ``Q``: the
 eigenvectors of the *uncentred* covariance ``Σ xᵀx`` of the dense calibration inputs, with
 ``0.01·mean(diag)`` added to the diagonal, ``eigh`` in float64 (as alibaba/EfficientAI
-``larosa/``). The consumers of a rotated site read ``x' = topk(x Q) Qᵀ`` (per token, keep
-the ``int(in·(1−s))`` largest rotated coordinates); the o_proj and down_proj inputs are
-top-k'd unrotated. q/k/v (and gate/up) share one sparsified input.
+``larosa/``). Per token the ``int(in·(1−s))`` largest rotated coordinates ``|x·Q|`` are kept
+(``ties="keep"``, the reference's ``>= kthvalue``, keeps every coordinate equal to the cut);
+the o_proj and down_proj inputs are top-k'd unrotated. q/k/v (and gate/up) share one
+sparsified input. ``mlp_rotation="attention"`` rotates the MLP input with the attention
+input's ``Q``, as the reference's evaluation loads it.
+
+Where the rotation lives (``rotation``):
+- ``folded`` (default, as the reference deploys it): ``W' = W·Q`` in the consumers' weights
+  and the site's input rotated once (:mod:`spon_exp.sparsifiers.rotation`); the consumers
+  read ``topk(x·Q)``. One ``d × d`` product per site; SPON's α lives in the rotated space.
+- ``runtime``: the weights stay, the consumers read ``topk(x·Q)·Qᵀ`` (two products per site).
 
 Sparsity per site (``split``):
 - ``reference``: ``0.8·s`` on the rotated sites, ``1.2·s`` on o/down (the reference code);
   the measured parameter-weighted sparsity is then below ``s`` (≈0.92·s on Llama-2-7B).
-- ``balanced``: the same 2:3 ratio, scaled per layer so that the parameter-weighted
+- ``balanced`` (default): the same 2:3 ratio, scaled per layer so that the parameter-weighted
   sparsity equals ``s`` (for comparisons at equal measured sparsity).
 - ``even``: ``s`` everywhere.
 
@@ -18,9 +26,7 @@ Accounting: the dropped count is the number of zeroed *rotated* coordinates (the
 deployment that folds ``Q`` into the weights, ``W' = W Q``, skips).
 
 Deviations from the reference: the rotation is applied in ``rotation_dtype`` (float32 by
-default; the reference rotates in float64 at run time, ``float64`` is available). Folding
-``Q`` into the weights is not implemented: this is the hook path only, which gives the
-same outputs (up to rounding) and keeps SPON's α in the original input space.
+default; the reference rotates in float64 at run time, ``float64`` is available).
 """
 
 from __future__ import annotations
@@ -34,12 +40,15 @@ from torch import nn
 from spon_exp.models.adapters import Projection
 from spon_exp.sparsifiers.base import Sparsifier, SparsifierOptions, run_batches
 from spon_exp.sparsifiers.hooks import HookSet
-from spon_exp.sparsifiers.scoring import keep_count, topk_mask
+from spon_exp.sparsifiers.rotation import FoldedRotations
+from spon_exp.sparsifiers.scoring import TIES, keep_count, topk_mask
 
 ROTATED_SITES = ("qkv_input", "gate_up_input")
 SPLITS = ("reference", "balanced", "even")
 REFERENCE_SPLIT = (0.8, 1.2)  # (rotated sites, o/down inputs)
 ROTATION_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+PLACEMENTS = ("folded", "runtime")
+MLP_ROTATIONS = ("own", "attention")
 
 
 def rotation_from_covariance(covariance: torch.Tensor, damping: float = 0.01) -> torch.Tensor:
@@ -64,9 +73,12 @@ def site_sparsities(sparsity: float, split: str, rotated_params: int, other_para
 class LarosaOptions(SparsifierOptions):
     """LaRoSA's options (``sparsifier=larosa``)."""
 
-    split: str = "reference"  # reference (0.8s rotated / 1.2s o,down) / balanced (same ratio, hits s) / even
+    split: str = "balanced"  # balanced (0.8:1.2 ratio, hits s) / reference (0.8s rotated, 1.2s o,down) / even
     damping: float = 0.01  # added to the covariance diagonal, times its mean
     rotation_dtype: str = "float32"  # float32 / float64 (the reference rotates in float64)
+    rotation: str = "folded"  # folded (W' = W·Q, one product per site) / runtime (topk(x·Q)·Qᵀ)
+    mlp_rotation: str = "own"  # own (the MLP input's covariance) / attention (the reference's evaluation)
+    ties: str = "keep"  # keep (every coordinate equal to the k-th, reference) / break (exactly k)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -76,6 +88,10 @@ class LarosaOptions(SparsifierOptions):
             raise ValueError(f"damping must be >= 0, got {self.damping}")
         if self.rotation_dtype not in ROTATION_DTYPES:
             raise ValueError(f"rotation_dtype must be one of {sorted(ROTATION_DTYPES)}, got {self.rotation_dtype!r}")
+        for name, value, allowed in (("rotation", self.rotation, PLACEMENTS), ("mlp_rotation", self.mlp_rotation,
+                                     MLP_ROTATIONS), ("ties", self.ties, TIES)):
+            if value not in allowed:
+                raise ValueError(f"LaRoSA {name} must be one of {allowed}, got {value!r}")
 
 
 class LarosaSparsifier(Sparsifier):
@@ -85,6 +101,11 @@ class LarosaSparsifier(Sparsifier):
     def _init_state(self) -> None:
         self.rotations: dict[tuple[int, str], torch.Tensor] = {}
         self._layer_sparsities: dict[int, tuple[float, float]] = {}
+        self.folded = FoldedRotations()
+
+    @property
+    def folds(self) -> bool:
+        return self.options.rotation == "folded"
 
     def is_rotated(self, proj: Projection) -> bool:
         return proj.site in ROTATED_SITES
@@ -95,6 +116,17 @@ class LarosaSparsifier(Sparsifier):
     def attach(self, model: nn.Module) -> LarosaSparsifier:
         self._layer_sparsities = {}
         return super().attach(model)
+
+    def detach(self) -> None:
+        self.folded.remove()  # the original weights back, exactly
+        super().detach()
+
+    def _install(self, rotations: dict[tuple[int, str], torch.Tensor]) -> None:
+        """Take ``rotations`` as the method's state, folded into the weights if ``rotation=folded``."""
+        self.folded.remove()
+        self.rotations = rotations
+        if self.folds:
+            self.folded.fold(self.blocks, rotations)
 
     def site_sparsity(self, proj: Projection) -> float:
         pair = self._layer_sparsities.get(proj.layer)
@@ -108,10 +140,11 @@ class LarosaSparsifier(Sparsifier):
     # ----------------------------------------------------------- calibration
     def calibrate(self, model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
         """Rotations from the dense inputs of every rotated site (one pass)."""
+        self._install({})  # covariances of the original inputs
         sums: dict[tuple[int, str], torch.Tensor] = {}
         first: dict[tuple[int, str], Projection] = {}
         for p in self.projections:
-            if self.is_rotated(p):
+            if self.is_rotated(p) and (self.options.mlp_rotation == "own" or p.site == "qkv_input"):
                 first.setdefault((p.layer, p.site), p)
 
         def make(site):
@@ -126,22 +159,26 @@ class LarosaSparsifier(Sparsifier):
                 covariance.pre(p.module, make(site), prepend=True)
             run_batches(model, batches, desc="LaRoSA covariance")
         dtype = ROTATION_DTYPES[self.options.rotation_dtype]
-        self.rotations = {site: rotation_from_covariance(h, self.options.damping).to(dtype) for site, h in sums.items()}
+        rotations = {site: rotation_from_covariance(h, self.options.damping).to(dtype) for site, h in sums.items()}
+        if self.options.mlp_rotation == "attention":
+            for p in self.projections:
+                if p.site == "gate_up_input" and (p.layer, "qkv_input") in rotations:
+                    rotations[(p.layer, p.site)] = rotations[(p.layer, "qkv_input")]
+        self._install(rotations)
 
     # -------------------------------------------------------------- masking
     def sparsify(self, proj, x, measure):
         keep = keep_count(x.shape[-1], self.site_sparsity(proj))
-        if self.is_rotated(proj):
-            q = self.rotations.get((proj.layer, proj.site))
-            if q is None:
-                raise RuntimeError(f"LaRoSA rotation for layer {proj.layer} {proj.site} is missing: "
-                                   f"call calibrate() or load_state_dict() first")
-            q = q.to(x.device)
+        if self.is_rotated(proj) and (proj.layer, proj.site) not in self.rotations:
+            raise RuntimeError(f"LaRoSA rotation for layer {proj.layer} {proj.site} is missing: "
+                               f"call calibrate() or load_state_dict() first")
+        if self.is_rotated(proj) and not self.folds:
+            q = self.rotations[(proj.layer, proj.site)].to(x.device)
             rotated = x.to(q.dtype) @ q
-            mask = topk_mask(rotated.abs(), keep)
+            mask = topk_mask(rotated.abs(), keep, self.options.ties)
             out = ((rotated * mask.to(q.dtype)) @ q.T).to(x.dtype)
-        else:
-            mask = topk_mask(x.detach().abs(), keep)
+        else:  # unrotated sites, and folded ones (their input arrives rotated)
+            mask = topk_mask(x.detach().abs(), keep, self.options.ties)
             out = x * mask.to(x.dtype)
         dropped = (~mask).sum() if measure else None
         return out, dropped
@@ -164,5 +201,5 @@ class LarosaSparsifier(Sparsifier):
             site = (p.layer, p.site)
             if site in rotations:
                 rotations[site] = rotations[site].to(p.module.weight.device)
-        self.rotations = rotations
+        self._install(rotations)
         self._refresh_consumers()

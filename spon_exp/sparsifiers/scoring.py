@@ -7,15 +7,44 @@ import torch
 from spon_exp.models.adapters import Projection
 
 
-def topk_mask(score: torch.Tensor, keep: int) -> torch.Tensor:
-    """Boolean mask of the ``keep`` highest scores along the last dimension (exactly
-    ``keep`` per row, ties broken by ``torch.topk``)."""
+TIES = ("break", "keep")
+
+
+def kth_largest(score: torch.Tensor, keep: int) -> torch.Tensor:
+    """The ``keep``-th largest score of each row (shape ``[..., 1]``), by the device's fastest
+    selection: ``kthvalue`` (a quickselect) on the CPU, ``topk(sorted=False)`` elsewhere."""
+    if score.device.type == "cpu":
+        return score.kthvalue(score.shape[-1] - keep + 1, dim=-1, keepdim=True).values
+    return score.topk(keep, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+
+
+def topk_mask(score: torch.Tensor, keep: int, ties: str = "break") -> torch.Tensor:
+    """Boolean mask of the ``keep`` highest scores along the last dimension.
+
+    ``ties="break"``: exactly ``keep`` per row (WINA's reference, ``topk`` + ``scatter``);
+    where scores tie at the cut, ``torch.topk`` picks. ``ties="keep"``: every score equal to
+    the ``keep``-th largest is kept too (LaRoSA's reference, ``|x| >= kthvalue``), so a row
+    may keep more.
+
+    Both compare against the row's ``keep``-th largest score (one selection, no sort and no
+    index scatter: ~4x cheaper than ``topk`` + ``scatter`` on a CPU); with ``break`` only the
+    rows where a tie made the mask too wide are redone with ``topk``.
+    """
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
     width = score.shape[-1]
     if keep >= width:
         return torch.ones_like(score, dtype=torch.bool)
-    mask = torch.zeros_like(score, dtype=torch.bool)
-    if keep > 0:
-        mask.scatter_(-1, score.topk(keep, dim=-1).indices, True)
+    if keep <= 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    mask = score >= kth_largest(score, keep)
+    if ties == "break":
+        rows = mask.reshape(-1, width)
+        wide = (rows.sum(dim=-1) > keep).nonzero().squeeze(-1)
+        if wide.numel():
+            exact = torch.zeros((wide.numel(), width), dtype=torch.bool, device=score.device)
+            exact.scatter_(-1, score.reshape(-1, width)[wide].topk(keep, dim=-1).indices, True)
+            rows[wide] = exact
     return mask
 
 
