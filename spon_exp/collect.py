@@ -415,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or Path(args.folders[0]) / "tables")
     written = write_tables(rows, out)
     plots = write_plots(rows, out)
+    from spon_exp.diagnostics.plots import collect_diagnostics
+
+    plots += collect_diagnostics(rows, out)  # drift and Figure-1 curves of runs diagnosed by spon-exp-diagnose
     counts = defaultdict(int)
     for r in rows:
         counts[r["status"]] += 1

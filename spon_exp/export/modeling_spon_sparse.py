@@ -93,9 +93,8 @@ class _Site:
             raise ValueError(f"{SPEC_FILE}: unknown mask {self.mask!r} for {self.name}; this runtime knows "
                              f"hardshrink, threshold and topk (export it again with the same spon-exp version)")
 
-    def sparsify(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mask == "hardshrink":  # keeps x where |x| > tau
-            return F.hardshrink(x, self.threshold) if self.threshold > 0 else x
+    def _rotated_mask(self, x: torch.Tensor):
+        """``(Q or None, input in the mask's basis, kept channels)`` for threshold and top-k masks."""
         if self.rotation is not None:
             q = self.rotation.to(x.device)
             z = x.to(q.dtype) @ q
@@ -108,6 +107,19 @@ class _Site:
         if self.column_norm is not None:
             score = score * self.column_norm.to(score.device)
         mask = topk_mask(score, self.keep) if self.mask == "topk" else score > self.threshold
+        return q, z, mask
+
+    def keep_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """The channels this projection keeps of input ``x`` (in the rotated basis where the site
+        is rotated), every token sparsified; for diagnostics."""
+        if self.mask == "hardshrink":
+            return x.abs() > self.threshold if self.threshold > 0 else torch.ones_like(x, dtype=torch.bool)
+        return self._rotated_mask(x)[2]
+
+    def sparsify(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mask == "hardshrink":  # keeps x where |x| > tau
+            return F.hardshrink(x, self.threshold) if self.threshold > 0 else x
+        q, z, mask = self._rotated_mask(x)
         out = z * mask.to(z.dtype)
         if q is not None and self.rotate_back:
             out = out @ q.T
