@@ -131,9 +131,15 @@ def _running_job_ids() -> list[str]:
 
 
 def test_preempted_training_job_is_requeued_and_resumes_to_the_same_alpha(slurm_cluster, tmp_path):
+    """... and its offline W&B run resumes into the first attempt's folder, with every step once."""
+    from datetime import datetime
+
     from safetensors.torch import load_file
 
-    common = [*SLURM_SWEEP, "spon.steps=400", "spon.checkpoint_every=2", "sweep_name=resume"]  # ~4 s of training: time to see a checkpoint
+    from tests.wandb_offline import read_offline_run
+
+    common = [*SLURM_SWEEP, "spon.steps=400", "spon.checkpoint_every=2", "sweep_name=resume",  # ~4 s of training: time to see a checkpoint
+              "logger=wandb_offline"]
     reference = _spon_exp(*common, f"paths.outputs={tmp_path / 'reference'}", cwd=tmp_path, background=True)
     interrupted = _spon_exp(*common, f"paths.outputs={tmp_path / 'interrupted'}", cwd=tmp_path, background=True)
     ckpts = tmp_path / "interrupted" / "cache" / "alpha"
@@ -145,6 +151,7 @@ def test_preempted_training_job_is_requeued_and_resumes_to_the_same_alpha(slurm_
     submitit_dir = tmp_path / "interrupted" / "sweeps" / "resume" / ".submitit"
     job_id = next(p.name.split("_")[0] for p in submitit_dir.iterdir() if p.is_dir() and p.name[0].isdigit())
     # what SLURM does on preemption: signal the job; submitit checkpoints and requeues it
+    signalled_at = time.time()
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
     deadline = time.monotonic() + 120
     while True:  # a requeued job waits for a begin time; start it now rather than in ~2 min
@@ -168,3 +175,16 @@ def test_preempted_training_job_is_requeued_and_resumes_to_the_same_alpha(slurm_
     assert a.keys() == b.keys()
     for k in a:
         assert (a[k] - b[k]).abs().max() <= 1e-6, k
+    # W&B: one offline folder, the first attempt's (named by its start, before the signal), holding
+    # the whole run: every training step once, as the uninterrupted reference logged them
+    reference = json.loads((runs["reference"] / "results.json").read_text())
+    assert resumed["wandb_run_id"] == reference["wandb_run_id"]  # same sweep, same config
+    folders = sorted((runs["interrupted"] / "wandb").glob("offline-run-*"))
+    assert [f.name.rsplit("-", 1)[1] for f in folders] == [resumed["wandb_run_id"]], folders
+    started = datetime.strptime(folders[0].name.split("-")[2], "%Y%m%d_%H%M%S").timestamp()
+    assert started < signalled_at
+    logged = read_offline_run(next(folders[0].glob("*.wandb")))
+    expected = read_offline_run(next((runs["reference"] / "wandb").glob("offline-run-*/*.wandb")))
+    assert len(logged["history"]["train/kl"]) == len(expected["history"]["train/kl"]) == 400
+    assert logged["history"]["train/kl"] == pytest.approx(expected["history"]["train/kl"], rel=1e-4, abs=1e-9)
+    assert logged["summary"]["status"] == "ok" and logged["config"]["config_hash"] == resumed["config_hash"]

@@ -69,3 +69,24 @@ def test_later_attempt_resumes_the_offline_run_in_the_same_folder(tmp_path):
     assert logged["summary"]["status"] == "ok" and logged["summary"]["ppl/wikipedia/spon"] == pytest.approx(
         results["ppl"]["wikipedia"]["spon"])
     assert logged["config"]["config_hash"] == results["config_hash"]
+
+
+def test_a_lost_wandb_service_does_not_end_the_run(tmp_path, monkeypatch, caplog):
+    """On preemption SLURM sends SIGTERM to every process of the job, wandb's service among
+    them: logging and finishing then raise ConnectionResetError, which must neither fail the
+    run nor hide the exception it is ending with."""
+    from wandb.sdk.wandb_run import Run
+
+    def lost(*args, **kwargs):
+        raise ConnectionResetError("Connection lost")
+
+    monkeypatch.setattr(Run, "log", lost)
+    monkeypatch.setattr(Run, "finish", lost)
+    cfg = strip_hydra(compose_cfg(SMALL + ["logger=wandb_offline"], tmp_path))
+    results = run(cfg, tmp_path / "run")
+    assert results["status"] == "ok"
+    assert "W&B log failed (ConnectionResetError: Connection lost)" in caplog.text
+    monkeypatch.setattr("spon_exp.runner._run_stages", lambda ctx: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # the run's own exception, not the tracker's
+        run(cfg, tmp_path / "run2")
+    assert json.loads((tmp_path / "run2" / "results.json").read_text())["status"] == "failed"

@@ -188,13 +188,25 @@ class Tracker:
             except json.JSONDecodeError:  # a torn last line of a killed attempt
                 continue
             if record.get("event") == "train" and (before_step is None or record["step"] < before_step):
-                self.run.log({"train/kl": record["kl"], "train/lr": record["lr"]}, step=record["step"])
+                self.log({"train/kl": record["kl"], "train/lr": record["lr"]}, step=record["step"])
                 steps += 1
         return steps
 
+    def _lost(self, what: str, error: Exception) -> None:
+        """W&B failed (its service process gone, e.g. killed by SLURM's SIGTERM on preemption):
+        tracking stops with a warning, the run goes on (metrics.jsonl and results.json hold every
+        figure, and a later attempt re-logs the history)."""
+        log.warning("W&B %s failed (%s: %s); tracking stops for this attempt, the run goes on",
+                    what, type(error).__name__, error)
+        self.run = None
+
     def log(self, data: dict, step: int | None = None) -> None:
-        if self.run is not None:
+        if self.run is None:
+            return
+        try:
             self.run.log(data, step=step)
+        except Exception as e:  # noqa: BLE001 - never let tracking end a run
+            self._lost("log", e)
 
     def log_table(self, key: str, columns: list[str], rows: list[dict]) -> None:
         """A table (one row per dict, values by column; lists and dicts as JSON text)."""
@@ -207,19 +219,25 @@ class Tracker:
         def cell(value):
             return json.dumps(value, ensure_ascii=False) if isinstance(value, (list, dict)) else value
 
-        self.run.log({key: wandb.Table(columns=columns, data=[[cell(r.get(c)) for c in columns] for r in rows],
-                                            allow_mixed_types=True)})
+        self.log({key: wandb.Table(columns=columns, data=[[cell(r.get(c)) for c in columns] for r in rows],
+                                   allow_mixed_types=True)})
 
     def finish(self, results: dict, ok: bool) -> None:
         if self.run is None:
             return
         sync_dir = Path(self.run.settings.sync_dir)
-        try:
-            self.replay_history()  # a later attempt that trained nothing (α cached): the history still belongs here
-            self.run.summary.update(summary_from_results(results))
-        finally:
-            self.run.finish(exit_code=0 if ok else 1)
-            self.run = None
+        self.replay_history()  # a later attempt that trained nothing (α cached): the history still belongs here
+        run, self.run = self.run, None
+        if run is None:  # lost while replaying
+            return
+        try:  # never raise from here: it would hide the exception a failing run is ending with
+            try:
+                run.summary.update(summary_from_results(results))
+            finally:
+                run.finish(exit_code=0 if ok else 1)
+        except Exception as e:  # noqa: BLE001
+            self._lost("finish", e)
+            return
         if self.earlier:
             self._take_place_of_earlier(sync_dir)
 
