@@ -130,3 +130,18 @@ def test_compiled_decode_step_sees_one_op_per_projection(sparse_model):
     targets = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
     assert sum(t.startswith("spon_exp.sparse_linear") for t in targets) == len(sp.projections)
     assert torch.allclose(compiled, eager, rtol=1e-5, atol=1e-5)  # dynamo's own graph: rounding only
+
+
+def test_dense_mode_is_nn_linear_and_switching_keeps_the_copies(sparse_model):
+    model, sp = sparse_model
+    ids = random_ids(1, 4, seed=13)
+    with torch.no_grad():
+        masked = model(ids).logits
+        enable_sparse_decode(sp)
+        copies = [p.module.weight_t for p in sp.projections]
+        enable_sparse_decode(sp, mode="dense")
+        dense_mode = model(ids).logits
+        enable_sparse_decode(sp, mode="ordered")
+    assert torch.equal(dense_mode, masked)  # nn.Linear's own product, bit for bit
+    assert all(p.module.weight_t is c for p, c in zip(sp.projections, copies))  # a mode switch copies nothing
+    disable_sparse_decode(sp)

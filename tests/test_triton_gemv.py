@@ -16,8 +16,8 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="triton is not installed")
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 import triton.language as tl  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 if not isinstance(tl.zeros, InterpretedFunction):
     pytest.skip("the Triton interpreter is off (TRITON_INTERPRET=1 must be set before triton is imported)",
@@ -75,7 +75,7 @@ def test_shapes_and_sparsities_batch1(shape, sparsity):
 
 
 def test_split_k_and_single_program_agree():
-    w, wt, x, b = _problem(2, 300, 140, 0.5, torch.float32, seed=3)
+    _, wt, x, b = _problem(2, 300, 140, 0.5, torch.float32, seed=3)
     many = triton_gemv.sparse_linear(x, wt, b, programs=64)
     one = triton_gemv.sparse_linear(x, wt, b, programs=1)
     assert triton_gemv.launch_config(2, 300, 140, 64)["split_k"] > 1
@@ -126,7 +126,7 @@ def test_bad_input_raises_one_clear_error(monkeypatch):
 
 def test_cuda_registration_routes_to_triton_and_falls_back_to_dense():
     # the op's CUDA implementation, run on CPU tensors under the interpreter
-    w, wt, x, b = _problem(3, 64, 96, 0.5, torch.bfloat16, seed=6)
+    _, wt, x, b = _problem(3, 64, 96, 0.5, torch.bfloat16, seed=6)
     lead = x.reshape(3, 1, 64)  # [batch, seq, in] as a decoder hands it over
     y = ops._cuda(lead, wt, b, "ordered")
     assert y.shape == (3, 1, 96)

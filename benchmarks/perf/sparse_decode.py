@@ -16,12 +16,33 @@ greedy sequences can part after a few tokens: the first position where they diff
 reported.
 
     python benchmarks/perf/sparse_decode.py [--sparsity 0.5 0.7 --new-tokens 64 --repeats 3]
+
+``--device cuda`` decodes greedily on a randomly initialised model of a real shape
+(``benchmarks/perf/scale.py``'s ``SHAPES``, default Llama-3-8B, bf16) with TEAL thresholds
+calibrated on random tokens, through the CUDA backend of ``spon_exp::sparse_linear`` (the
+Triton GEMV), against dense, measured side by side in one run:
+
+    python benchmarks/perf/sparse_decode.py --device cuda      # -> benchmarks/results/sparse_decode_cuda.json
+
+  - dense:           no sparsity, nn.Linear (cuBLAS)
+  - masked:          TEAL hooks zero inputs, nn.Linear still multiplies every column
+  - sparse:          TEAL hooks + the Triton GEMV skipping zeroed inputs (``ordered``)
+  - sparse_no_skip:  the same kernel reading every row (``ordered_dense``): bit-identical
+                     tokens and logits to ``sparse`` are checked
+Every decode step after the prefill is one call of the model's forward on a static KV
+cache, run eagerly and as a CUDA graph (``torch.compile(backend="cudagraphs")``: dynamo's
+graph replayed with the launch overhead gone, the same kernels as eager, so it helps dense
+and sparse alike; ``--compile-backend inductor`` uses inductor's ``reduce-overhead`` instead,
+which also fuses the elementwise work on both sides). Variants switch by decode mode and the
+sparsifier's switch, so the transposed weights are built once. Tokens/s count the
+``--new-tokens`` decode steps of every sequence in the batch; the prefill is not timed.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import platform
 import statistics
@@ -39,14 +60,168 @@ from spon_exp.sparsifiers import build_sparsifier
 OUT = Path(__file__).resolve().parents[1] / "results" / "sparse_decode.json"
 
 
+CUDA_VARIANTS = {  # name: (sparsifier on, decode mode)
+    "dense": (False, "dense"),
+    "masked": (True, "dense"),
+    "sparse": (True, "ordered"),
+    "sparse_no_skip": (True, "ordered_dense"),
+}
+
+
+def _scale_module():
+    """benchmarks/perf/scale.py (its SHAPES and build_model), loaded from its file."""
+    spec = importlib.util.spec_from_file_location("spon_exp_bench_scale", Path(__file__).with_name("scale.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_random_model(args) -> dict:
+    """Greedy decoding of a random model of a real shape on ``args.device`` (see the docstring)."""
+    from transformers import StaticCache
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = getattr(torch, args.dtype)
+    scale = _scale_module()
+    model = scale.build_model(args.shape, args.layers, args.device, dtype)
+    model = model[0] if isinstance(model, tuple) else model  # (model, tokenizer) in newer scale.py
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    calib = torch.randint(0, vocab, (args.calib_sequences, args.calib_len), generator=gen).to(device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    # one compiled graph per variant (decode mode, sparsifier switch) and batch size
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+
+    results = {"device": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
+               "torch": torch.__version__, "cuda": torch.version.cuda, "shape": args.shape,
+               "layers": model.config.num_hidden_layers, "dtype": args.dtype, "new_tokens": args.new_tokens,
+               "prompt_tokens": args.prompt_tokens, "repeats": args.repeats, "compile_backend": args.compile_backend,
+               "runs": []}
+    for s in args.sparsity:
+        sp = build_sparsifier("teal", sparsity=s).attach(model)
+        t0 = time.perf_counter()
+        sp.calibrate(model, calib.split(1))
+        calibrate_s = time.perf_counter() - t0
+        enable_sparse_decode(sp, mode="dense")
+        for batch in args.batch:
+            prompt = torch.randint(0, vocab, (batch, args.prompt_tokens), generator=gen).to(device)
+            cache = StaticCache(config=model.config, max_cache_len=args.prompt_tokens + args.new_tokens + 1)
+            steps = {"eager": model.forward}
+            if args.compile_backend != "none":
+                steps["graph"] = (torch.compile(model.forward, backend="cudagraphs", fullgraph=True)
+                                  if args.compile_backend == "cudagraphs"
+                                  else torch.compile(model.forward, mode="reduce-overhead", fullgraph=True))
+
+            def decode(step, measure=False):
+                """Prefill (eager, untimed), then ``new_tokens`` greedy steps: tokens, logits, tokens/s."""
+                cache.reset()
+                with torch.no_grad():
+                    token = model(prompt, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                    tokens, logits = [], []
+                    sync()
+                    t0 = time.perf_counter()
+                    with sp.measuring() if measure else contextlib.nullcontext():
+                        for _ in range(args.new_tokens):
+                            if step is not model.forward and cuda:
+                                torch.compiler.cudagraph_mark_step_begin()
+                            out = step(input_ids=token, cache=cache, use_cache=True).logits[:, -1]
+                            logits.append(out.float().clone())  # a graph's output buffer is reused
+                            token = out.argmax(-1, keepdim=True)
+                            tokens.append(token)
+                    sync()
+                    elapsed = time.perf_counter() - t0
+                return torch.cat(tokens, 1), logits, batch * args.new_tokens / elapsed
+
+            def switch(variant):
+                on, mode = CUDA_VARIANTS[variant]
+                sp.enabled = on
+                enable_sparse_decode(sp, mode=mode)
+
+            speeds = {(e, v): [] for e in steps for v in CUDA_VARIANTS}
+            outputs = {}
+            for (execution, variant) in speeds:  # warm-up: compiles every (execution, variant) once
+                switch(variant)
+                decode(steps[execution])
+            switch("sparse")
+            decode(model.forward, measure=True)  # eager: the hooks count what they drop
+            measured = sp.measured_sparsity()["model"]
+            for _ in range(args.repeats):  # interleaved, so clock or load drift hits all alike
+                for (execution, variant) in speeds:
+                    switch(variant)
+                    tokens, logits, tps = decode(steps[execution])
+                    speeds[(execution, variant)].append(tps)
+                    outputs[(execution, variant)] = (tokens, logits)
+            switch("sparse")
+            med = {k: statistics.median(v) for k, v in speeds.items()}
+            for execution in steps:
+                same = (torch.equal(outputs[(execution, "sparse")][0], outputs[(execution, "sparse_no_skip")][0])
+                        and all(torch.equal(a, b) for a, b in zip(outputs[(execution, "sparse")][1],
+                                                                  outputs[(execution, "sparse_no_skip")][1])))
+                diff = (outputs[(execution, "sparse")][0] != outputs[(execution, "masked")][0]).any(0).nonzero()
+                first_logits = (outputs[(execution, "sparse")][1][0] - outputs[(execution, "masked")][1][0]).abs().max()
+                row = {"sparsity": s, "batch": batch, "execution": execution, "calibrate_s": calibrate_s,
+                       "measured_sparsity_decode": measured,
+                       "tokens_per_s": {v: med[(execution, v)] for v in CUDA_VARIANTS},
+                       "all_tokens_per_s": {v: speeds[(execution, v)] for v in CUDA_VARIANTS},
+                       "sparse_over_dense": med[(execution, "sparse")] / med[(execution, "dense")],
+                       "sparse_over_masked": med[(execution, "sparse")] / med[(execution, "masked")],
+                       "sparse_identical_to_no_skip": same,
+                       "sparse_vs_masked_first_different_token": None if len(diff) == 0 else int(diff[0]),
+                       "sparse_vs_masked_first_step_max_abs_logit_diff": float(first_logits)}
+                results["runs"].append(row)
+                print(f"sparsity {s:.2f} batch {batch} {execution:>5}: "
+                      + ", ".join(f"{v} {med[(execution, v)]:.1f}" for v in CUDA_VARIANTS)
+                      + f" tok/s; sparse/dense {row['sparse_over_dense']:.2f}x; identical to no-skip {same}; "
+                      f"vs masked: first different token {row['sparse_vs_masked_first_different_token']}, "
+                      f"measured sparsity {measured:.3f}")
+        disable_sparse_decode(sp)
+        sp.detach()
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.7])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu: the packaged model (the variants above); cuda: a random model of --shape")
+    parser.add_argument("--sparsity", type=float, nargs="+", default=None,
+                        help="default 0.5 0.7 on the CPU, 0.5 on CUDA")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--shape", default=None,
+                        help="random model of this scale.py shape (default llama3_8b on CUDA; on the CPU: "
+                             "'small' runs the CUDA benchmark's code in seconds)")
+    parser.add_argument("--layers", type=int, default=None, help="cut the shape to this many layers")
+    parser.add_argument("--dtype", default=None, help="random model dtype (default bfloat16 on CUDA, float32 on the CPU)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1], help="random model: sequences decoded together (1-8 sparse)")
+    parser.add_argument("--calib-sequences", type=int, default=8)
+    parser.add_argument("--calib-len", type=int, default=512)
+    parser.add_argument("--compile-backend", choices=("cudagraphs", "inductor", "none"), default=None,
+                        help="random model: how the decode step is also run as a graph (default cudagraphs on CUDA, "
+                             "none on the CPU)")
+    parser.add_argument("--out", default=None, help="JSON (default benchmarks/results/sparse_decode[_cuda].json)")
     args = parser.parse_args()
+
+    if args.device == "cuda" or args.shape is not None:
+        if args.device == "cuda" and not torch.cuda.is_available():
+            parser.error("--device cuda needs a CUDA GPU (torch.cuda.is_available() is False)")
+        cuda = args.device == "cuda"
+        args.shape = args.shape or "llama3_8b"
+        args.sparsity = args.sparsity or [0.5]
+        args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+        args.compile_backend = args.compile_backend or ("cudagraphs" if cuda else "none")
+        if args.compile_backend != "none" and not cuda:
+            parser.error("--compile-backend needs --device cuda (CUDA graphs)")
+        results = run_random_model(args)
+        out = Path(args.out or OUT.with_name(f"sparse_decode_{args.device}_{args.shape}.json" if not cuda
+                                             else "sparse_decode_cuda.json"))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2))
+        print(f"written {out}")
+        return
+    args.sparsity = args.sparsity or [0.5, 0.7]
+    args.out = args.out or str(OUT)
 
     lm = load_model()
     model, tok = lm.model, lm.tokenizer

@@ -29,7 +29,7 @@ from spon_exp.kernels.ops import sparse_linear
 from spon_exp.sparsifiers.base import Sparsifier
 
 
-MODES = ("ordered", "auto", "ordered_dense")
+MODES = ("ordered", "auto", "ordered_dense", "dense")
 
 
 class SparseDecodeLinear(nn.Linear):
@@ -39,6 +39,8 @@ class SparseDecodeLinear(nn.Linear):
     decode_mode: str = "ordered"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.decode_mode == "dense":
+            return super().forward(x)
         return sparse_linear(x, self.weight_t, self.bias, mode=self.decode_mode)
 
 
@@ -53,7 +55,9 @@ def enable_sparse_decode(sparsifier: Sparsifier, mode: str = "ordered") -> int:
     rounding only; its speed against ``"ordered"``: benchmarks/results/sparse_matvec.json);
     on CUDA the Triton GEMV always sums in its one fixed order, so ``"auto"`` is
     ``"ordered"`` there. Against torch's own dense product (another summation order) the
-    logits agree to float rounding, in bf16 to a few units in the last place.
+    logits agree to float rounding, in bf16 to a few units in the last place. ``"dense"`` is
+    ``nn.Linear``'s own product with the original weight: the baseline a benchmark switches
+    to and back without rebuilding the copies (a mode switch only sets an attribute).
     """
     if mode not in MODES:
         raise ValueError(f"sparse decode mode must be one of {', '.join(MODES)}; got {mode!r}")
