@@ -36,8 +36,8 @@ from triton import knobs
 MAX_TOKENS = 8
 #: Outputs per program. 128 bf16 outputs = one 256-byte contiguous run per kept input row.
 BLOCK_N = 128
-#: Product tile size per loop step (tokens x inputs x outputs), kept at 8192 fp32 values so
-#: that 4 warps hold it in registers whatever the number of tokens.
+#: Accumulator tile (tokens x inputs x outputs), kept at 8192 fp32 values (64 registers a
+#: thread with 4 warps) whatever the number of tokens.
 TILE_ELEMENTS = 8192
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -51,7 +51,9 @@ def _partials(x_ptr, wt_ptr, part_ptr, tokens, in_features, out_features, stride
     offs_b = tl.arange(0, BATCH)
     n_ok = offs_n < out_features
     b_ok = offs_b < tokens
-    acc = tl.zeros((BATCH, BLOCK_N), dtype=tl.float32)
+    # one accumulator per (token, input lane, output): the loop only multiplies and adds
+    # elementwise, and the lanes are summed once at the end
+    acc = tl.zeros((BATCH, BLOCK_K, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * tiles_per_program * BLOCK_K
     for t in range(tiles_per_program):
         offs_k = k_start + t * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -64,8 +66,8 @@ def _partials(x_ptr, wt_ptr, part_ptr, tokens, in_features, out_features, stride
             keep = k_ok
         w = tl.load(wt_ptr + offs_k[:, None].to(tl.int64) * out_features + offs_n[None, :],
                     mask=keep[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(xs[:, :, None] * w[None, :, :], axis=1)
-    tl.store(part_ptr + (pid_k * tokens + offs_b[:, None]) * out_features + offs_n[None, :], acc,
+        acc += xs[:, :, None] * w[None, :, :]
+    tl.store(part_ptr + (pid_k * tokens + offs_b[:, None]) * out_features + offs_n[None, :], tl.sum(acc, axis=1),
              mask=b_ok[:, None] & n_ok[None, :])
 
 
