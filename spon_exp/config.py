@@ -307,7 +307,7 @@ def _check_lengths_and_corpora(cfg) -> None:
             if value > positions:
                 raise ConfigError(f"{key}={value} is longer than the model's context: {where}; use {key}={positions} or less")
         # a BOS in front of a block (or of every window) feeds one token more
-        bos_extra = int(p.bos == "chunk" or (p.bos == "stream" and p.protocol == "chunks"))
+        bos_extra = int(p.bos == "chunk")
         fed = p.seq_len if p.protocol == "chunks" else p.context + p.window + 1
         if p.bos == "auto" and p.protocol == "chunks" and fed == positions:  # only at the limit is the tokenizer asked
             from spon_exp.evaluation.perplexity import tokenizer_adds_bos

@@ -48,14 +48,18 @@ def test_chunks_bos_per_chunk_scores_every_token_after_a_bos(model):
     assert not torch.allclose(out.nll, plain.nll)
 
 
-def test_chunks_bos_at_stream_start_only_in_front_of_the_first_block(model):
+def test_chunks_bos_at_stream_start_tiles_like_the_references(model):
+    """LaRoSA / GPTQ-style: encode the text with BOS, cut it into blocks of L: block 0 is
+    BOS + 15 text tokens, block k starts at text token 16k - 1, the last text token is dropped."""
     blocks = random_ids(3, 16, seed=1)
+    text = blocks.reshape(-1)
     out = block_nll(model, blocks, PerplexityProtocol(seq_len=16, batch_size=2, bos="stream", bos_token_id=BOS))
-    assert out.tokens.tolist() == [16, 15, 15]
-    assert float(out.nll[0]) == pytest.approx(nll_of(model, with_bos(blocks[0])), rel=1e-6)
-    assert float(out.nll[2]) == pytest.approx(nll_of(model, blocks[2]), rel=1e-6)
+    assert out.tokens.tolist() == [15, 15, 15]
+    assert float(out.nll[0]) == pytest.approx(nll_of(model, with_bos(text[:15])), rel=1e-6)
+    assert float(out.nll[1]) == pytest.approx(nll_of(model, text[15:31]), rel=1e-6)
+    assert float(out.nll[2]) == pytest.approx(nll_of(model, text[31:47]), rel=1e-6)
     first = first_batch(blocks, PerplexityProtocol(seq_len=16, batch_size=2, bos="stream", bos_token_id=BOS))
-    assert first.tolist() == [with_bos(blocks[0]).tolist()]  # the fold check sees what the evaluation feeds
+    assert first.tolist() == [with_bos(text[:15]).tolist(), text[15:31].tolist()]  # what the fold check sees
 
 
 def test_sliding_windows_by_hand():

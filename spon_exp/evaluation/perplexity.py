@@ -18,12 +18,15 @@ A BOS policy says where a beginning-of-sequence token goes (it is fed, never sco
   adds BOS does when each chunk is encoded on its own; the first text token of each chunk
   is then scored too (predicted from BOS alone);
 - ``stream``: once, before the first text token of the evaluation stream (the text encoded
-  as one sequence, as TEAL and the GPTQ-style WikiText scripts do): the first ``chunks``
-  block gets it, and the ``sliding`` windows whose context reaches the stream start.
+  as one sequence, as TEAL, LaRoSA and the GPTQ / SparseGPT / Wanda WikiText scripts do):
+  ``chunks`` cuts that stream (BOS + text) into blocks of ``seq_len``, so the first block is
+  BOS + ``seq_len - 1`` text tokens, the others shift by one and the stream's last token is
+  dropped (as the references' tiling does); ``sliding`` feeds the BOS to the windows whose
+  context reaches the stream start.
 - ``auto`` (the config default) follows the tokenizer's own ``add_bos_token``: ``chunk``
   for ``chunks``, ``stream`` for ``sliding`` when it adds one, ``none`` otherwise
-  (:func:`resolve_bos`). The text blocks are the same under every policy, so perplexities
-  differ only by what the BOS does (and by the first token of a chunk being scored).
+  (:func:`resolve_bos`). With ``none`` and ``chunk`` the text blocks are the same, so those
+  perplexities differ only by what the BOS does (and the first token of a block being scored).
 Logits are computed in chunks from the final hidden states (never a full [B, T, V] copy).
 """
 
@@ -139,11 +142,12 @@ def _with_bos(ids: torch.Tensor, bos_token_id: int) -> torch.Tensor:
 
 def _chunk_batches(blocks: torch.Tensor, batch_size: int, bos: str, bos_token_id: int | None):
     """``(input ids, score_from)`` of each forward over ``[N, L]`` blocks under a BOS policy:
-    with a BOS in front of a block all its L tokens are targets, without it L - 1."""
+    with a BOS in front of a block all its L tokens are targets, without it L - 1. ``stream``
+    re-tiles BOS + the blocks' tokens into the same number of blocks (the last token dropped)."""
     blocks = blocks.long()
-    if bos == "stream" and blocks.shape[0]:  # only the first block starts the stream: a forward of its own
-        yield _with_bos(blocks[:1], bos_token_id), 0
-        blocks = blocks[1:]
+    if bos == "stream" and blocks.numel():
+        stream = torch.cat([torch.full_like(blocks[0, :1], bos_token_id), blocks.reshape(-1)])
+        blocks, bos = stream[: blocks.numel()].reshape(blocks.shape), "none"
     for s in range(0, blocks.shape[0], batch_size):
         rows = blocks[s:s + batch_size]
         yield (_with_bos(rows, bos_token_id), 0) if bos == "chunk" else (rows, 0)
@@ -152,7 +156,7 @@ def _chunk_batches(blocks: torch.Tensor, batch_size: int, bos: str, bos_token_id
 def block_nll_chunks(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4, chunk: int = 2048,
                      desc: str | None = None, bos: str = "none", bos_token_id: int | None = None) -> BlockNLL:
     """Each ``[N, L]`` block's summed NLL; its scored tokens are L - 1, or L where ``bos``
-    puts a BOS in front of it (every block for ``chunk``, the first for ``stream``)."""
+    puts a BOS in front of it (``chunk``); ``stream``: see :func:`_chunk_batches`."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
