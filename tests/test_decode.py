@@ -78,13 +78,15 @@ def test_unknown_decode_mode_is_rejected(sparse_model):
         enable_sparse_decode(sp, mode="turbo")
 
 
-THRESHOLD_METHODS = {"teal": ("teal", {}), "rsparse": ("rsparse", {}), "wina_threshold": ("wina", {"mode": "threshold"})}
+DECODE_METHODS = {"teal": ("teal", {}), "rsparse": ("rsparse", {}), "wina_threshold": ("wina", {"mode": "threshold"}),
+                  "larosa_folded": ("larosa", {"rotation": "folded"})}
 
 
-@pytest.mark.parametrize("method", sorted(THRESHOLD_METHODS))
+@pytest.mark.parametrize("method", sorted(DECODE_METHODS))
 def test_every_threshold_method_decodes_through_the_op(method):
-    # R-Sparse: the op computes the masked part, its forward hook still adds the low-rank term
-    name, options = THRESHOLD_METHODS[method]
+    # R-Sparse: the op computes the masked part, its forward hook still adds the low-rank term;
+    # LaRoSA with Q folded into the weights: the op skips the zeroed rotated coordinates
+    name, options = DECODE_METHODS[method]
     model = tiny("llama").model
     sp = build_sparsifier(name, sparsity=0.5, **options).attach(model)
     sp.calibrate(model, [random_ids(4, 32)])

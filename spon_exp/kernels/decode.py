@@ -11,13 +11,16 @@ where they are (the module object is the same, only its class changes), and
 ``disable_sparse_decode`` restores ``nn.Linear`` and frees the copies.
 
 Every method whose hooks hand the projection an input with exact zeros decodes this way:
-TEAL, WINA (threshold and top-k), and R-Sparse, whose pre-hook gives the op the masked
-input and whose forward hook adds the low-rank term of the dropped channels to the op's
-output. LaRoSA's hook-path input ``topk(xQ)Qᵀ`` has almost no zeros in the original basis
-(its rotation is not folded into the weights), so it decodes correctly but at dense speed.
+TEAL, WINA (threshold and top-k), R-Sparse, whose pre-hook gives the op the masked input
+and whose forward hook adds the low-rank term of the dropped channels to the op's output,
+and LaRoSA with its rotation folded into the weights (``rotation=folded``, the default: the
+projections read ``topk(x·Q)``). With ``rotation=runtime`` LaRoSA's input ``topk(x·Q)·Qᵀ``
+has almost no zeros, so it decodes correctly but at dense speed.
 
-Fold SPON alphas into the biases first (``fold_alpha``): decoding then costs exactly the
-sparse model's work.
+Enable it last: after calibration (LaRoSA folds ``Q`` into the weights there; ``weight_t``
+is a copy, so a weight changed later needs ``disable_sparse_decode`` and
+``enable_sparse_decode`` again) and after ``fold_alpha`` (SPON's parametrised bias is not a
+plain ``nn.Linear``; folded, decoding costs exactly the sparse model's work).
 """
 
 from __future__ import annotations
