@@ -84,8 +84,7 @@ def run_random_model(args) -> dict:
     cuda = device.type == "cuda"
     dtype = getattr(torch, args.dtype)
     scale = _scale_module()
-    model = scale.build_model(args.shape, args.layers, args.device, dtype)
-    model = model[0] if isinstance(model, tuple) else model  # (model, tokenizer) in newer scale.py
+    model, _ = scale.build_model(args.shape, args.layers, args.device, dtype)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     calib = torch.randint(0, vocab, (args.calib_sequences, args.calib_len), generator=gen).to(device)
