@@ -30,12 +30,13 @@ Triton GEMV), against dense, measured side by side in one run:
   - sparse_no_skip:  the same kernel reading every row (``ordered_dense``): bit-identical
                      tokens and logits to ``sparse`` are checked
 Every decode step after the prefill is one call of the model's forward on a static KV
-cache, run eagerly and as a CUDA graph (``torch.compile(backend="cudagraphs")``: dynamo's
-graph replayed with the launch overhead gone, the same kernels as eager, so it helps dense
-and sparse alike; ``--compile-backend inductor`` uses inductor's ``reduce-overhead`` instead,
-which also fuses the elementwise work on both sides). Variants switch by decode mode and the
-sparsifier's switch, so the transposed weights are built once. Tokens/s count the
-``--new-tokens`` decode steps of every sequence in the batch; the prefill is not timed.
+cache, run eagerly (all four variants) and, for dense and sparse, as a CUDA graph
+(``torch.compile(backend="cudagraphs")``: dynamo's graph of the same ops replayed without
+launch overhead, which helps dense and sparse alike; ``--compile-backend inductor`` uses
+inductor's ``reduce-overhead`` instead, which also fuses the elementwise work on both
+sides). Variants switch by decode mode and the sparsifier's switch, so the transposed
+weights are built once. Tokens/s count the ``--new-tokens`` decode steps of every sequence
+in the batch; the prefill is not timed.
 """
 
 from __future__ import annotations
@@ -66,6 +67,12 @@ CUDA_VARIANTS = {  # name: (sparsifier on, decode mode)
     "sparse": (True, "ordered"),
     "sparse_no_skip": (True, "ordered_dense"),
 }
+GRAPH_VARIANTS = ("dense", "sparse")  # each graph is one compile of the whole model: only the two compared
+
+
+def identical(a: tuple, b: tuple) -> bool:
+    """Same tokens and bit-identical logits at every step."""
+    return torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
 
 
 def _scale_module():
@@ -137,43 +144,53 @@ def run_random_model(args) -> dict:
                 sp.enabled = on
                 enable_sparse_decode(sp, mode=mode)
 
-            speeds = {(e, v): [] for e in steps for v in CUDA_VARIANTS}
+            # eager: every variant; as a graph (one compile each): dense and sparse
+            runs = [(e, v) for e in steps for v in (CUDA_VARIANTS if e == "eager" else GRAPH_VARIANTS)]
+            speeds = {run: [] for run in runs}
             outputs = {}
-            for (execution, variant) in speeds:  # warm-up: compiles every (execution, variant) once
-                switch(variant)
-                decode(steps[execution])
+            # first (measuring changes state the hooks read, which a compiled graph guards on)
             switch("sparse")
             decode(model.forward, measure=True)  # eager: the hooks count what they drop
             measured = sp.measured_sparsity()["model"]
+            for execution, variant in runs:  # warm-up: compiles every graph once
+                switch(variant)
+                decode(steps[execution])
             for _ in range(args.repeats):  # interleaved, so clock or load drift hits all alike
-                for (execution, variant) in speeds:
+                for execution, variant in runs:
                     switch(variant)
                     tokens, logits, tps = decode(steps[execution])
                     speeds[(execution, variant)].append(tps)
                     outputs[(execution, variant)] = (tokens, logits)
             switch("sparse")
-            med = {k: statistics.median(v) for k, v in speeds.items()}
             for execution in steps:
-                same = (torch.equal(outputs[(execution, "sparse")][0], outputs[(execution, "sparse_no_skip")][0])
-                        and all(torch.equal(a, b) for a, b in zip(outputs[(execution, "sparse")][1],
-                                                                  outputs[(execution, "sparse_no_skip")][1])))
-                diff = (outputs[(execution, "sparse")][0] != outputs[(execution, "masked")][0]).any(0).nonzero()
-                first_logits = (outputs[(execution, "sparse")][1][0] - outputs[(execution, "masked")][1][0]).abs().max()
+                variants = [v for e, v in runs if e == execution]
+                med = {v: statistics.median(speeds[(execution, v)]) for v in variants}
                 row = {"sparsity": s, "batch": batch, "execution": execution, "calibrate_s": calibrate_s,
-                       "measured_sparsity_decode": measured,
-                       "tokens_per_s": {v: med[(execution, v)] for v in CUDA_VARIANTS},
-                       "all_tokens_per_s": {v: speeds[(execution, v)] for v in CUDA_VARIANTS},
-                       "sparse_over_dense": med[(execution, "sparse")] / med[(execution, "dense")],
-                       "sparse_over_masked": med[(execution, "sparse")] / med[(execution, "masked")],
-                       "sparse_identical_to_no_skip": same,
-                       "sparse_vs_masked_first_different_token": None if len(diff) == 0 else int(diff[0]),
-                       "sparse_vs_masked_first_step_max_abs_logit_diff": float(first_logits)}
+                       "measured_sparsity_decode": measured, "tokens_per_s": med,
+                       "all_tokens_per_s": {v: speeds[(execution, v)] for v in variants},
+                       "sparse_over_dense": med["sparse"] / med["dense"]}
+                sparse = outputs[(execution, "sparse")]
+                if execution == "eager":
+                    no_skip, masked = outputs[("eager", "sparse_no_skip")], outputs[("eager", "masked")]
+                    diff = (sparse[0] != masked[0]).any(0).nonzero()
+                    row.update({
+                        "sparse_over_masked": med["sparse"] / med["masked"],
+                        "sparse_identical_to_no_skip": identical(sparse, no_skip),
+                        "sparse_vs_masked_first_different_token": None if len(diff) == 0 else int(diff[0]),
+                        "sparse_vs_masked_first_step_max_abs_logit_diff": float((sparse[1][0] - masked[1][0]).abs().max()),
+                    })
+                else:  # dynamo's graph of the same ops: equal to eager up to rounding
+                    eager = outputs[("eager", "sparse")]
+                    diff = (sparse[0] != eager[0]).any(0).nonzero()
+                    row.update({
+                        "sparse_vs_eager_first_different_token": None if len(diff) == 0 else int(diff[0]),
+                        "sparse_vs_eager_first_step_max_abs_logit_diff": float((sparse[1][0] - eager[1][0]).abs().max()),
+                    })
                 results["runs"].append(row)
+                checks = {k: v for k, v in row.items() if k.startswith(("sparse_identical", "sparse_vs_"))}
                 print(f"sparsity {s:.2f} batch {batch} {execution:>5}: "
-                      + ", ".join(f"{v} {med[(execution, v)]:.1f}" for v in CUDA_VARIANTS)
-                      + f" tok/s; sparse/dense {row['sparse_over_dense']:.2f}x; identical to no-skip {same}; "
-                      f"vs masked: first different token {row['sparse_vs_masked_first_different_token']}, "
-                      f"measured sparsity {measured:.3f}")
+                      + ", ".join(f"{v} {med[v]:.1f}" for v in variants)
+                      + f" tok/s; sparse/dense {row['sparse_over_dense']:.2f}x; measured sparsity {measured:.3f}; {checks}")
         disable_sparse_decode(sp)
         sp.detach()
     return results
