@@ -342,6 +342,31 @@ def test_topk_mask_ties():
     assert torch.equal(topk_mask(x.abs(), 40), reference)
 
 
+@pytest.mark.parametrize("width,keep", [(96, 40), (7, 1), (7, 6), (576, 288)])
+def test_fused_topk_kernel_equals_torch(width, keep):
+    from spon_exp.kernels import select
+    from spon_exp.sparsifiers.scoring import magnitude_topk_mask, topk_mask
+
+    if not select.available():
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(width)
+    x = torch.randn(3, 50, width, generator=g)
+    x[0, 0, :4] = 1.5  # ties at and around the cut
+    x[0, 1] = x[0, 1].round()  # many ties
+    scale = torch.rand(width, generator=g) + 0.5
+    for c in (None, scale):
+        score = x.abs() * (c if c is not None else 1.0)
+        kernel = select.topk_mask_cpu(x, keep, "keep", c)
+        assert torch.equal(kernel, topk_mask(score, keep, "keep"))
+        exact = select.topk_mask_cpu(x, keep, "break", c)
+        assert (exact.sum(-1) == keep).all()
+        assert torch.equal(exact & ~kernel, torch.zeros_like(exact))  # a subset of the tie-keeping mask
+        cut = score.masked_fill(~exact, float("inf")).amin(-1, keepdim=True)
+        assert (score.masked_fill(exact, float("-inf")) <= cut).all()  # nothing left out beats a kept one
+        assert torch.equal(magnitude_topk_mask(x, keep, "keep", c), kernel)
+    assert select.topk_mask_cpu(x.double(), keep, "keep") is None  # not float32: torch selects
+
+
 def test_larosa_rotation_is_the_covariance_eigenbasis():
     x = torch.randn(500, 6, generator=torch.Generator().manual_seed(0)) * torch.tensor([5.0, 1, 1, 0.5, 0.2, 3])
     h = x.double().T @ x.double()

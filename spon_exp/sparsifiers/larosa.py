@@ -41,7 +41,7 @@ from spon_exp.models.adapters import Projection
 from spon_exp.sparsifiers.base import Sparsifier, SparsifierOptions, run_batches
 from spon_exp.sparsifiers.hooks import HookSet
 from spon_exp.sparsifiers.rotation import FoldedRotations
-from spon_exp.sparsifiers.scoring import TIES, keep_count, topk_mask
+from spon_exp.sparsifiers.scoring import TIES, keep_count, magnitude_topk_mask
 
 ROTATED_SITES = ("qkv_input", "gate_up_input")
 SPLITS = ("reference", "balanced", "even")
@@ -175,10 +175,10 @@ class LarosaSparsifier(Sparsifier):
         if self.is_rotated(proj) and not self.folds:
             q = self.rotations[(proj.layer, proj.site)].to(x.device)
             rotated = x.to(q.dtype) @ q
-            mask = topk_mask(rotated.abs(), keep, self.options.ties)
+            mask = magnitude_topk_mask(rotated, keep, self.options.ties)
             out = ((rotated * mask.to(q.dtype)) @ q.T).to(x.dtype)
         else:  # unrotated sites, and folded ones (their input arrives rotated)
-            mask = topk_mask(x.detach().abs(), keep, self.options.ties)
+            mask = magnitude_topk_mask(x, keep, self.options.ties)
             out = x * mask.to(x.dtype)
         dropped = (~mask).sum() if measure else None
         return out, dropped

@@ -48,6 +48,26 @@ def topk_mask(score: torch.Tensor, keep: int, ties: str = "break") -> torch.Tens
     return mask
 
 
+def magnitude_topk_mask(x: torch.Tensor, keep: int, ties: str = "break",
+                        column_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`topk_mask` of the score ``|x_i|·c_i`` (``c`` = ``column_scale`` or 1), in float32.
+
+    On the CPU in float32 one fused kernel (:mod:`spon_exp.kernels.select`) scores, selects and
+    masks each row in cache; elsewhere torch computes the score tensor and selects. With
+    ``ties="break"`` the kernel takes the tied entries of lowest index, torch its own pick."""
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
+    from spon_exp.kernels.select import topk_mask_cpu
+
+    mask = topk_mask_cpu(x, keep, ties, column_scale)
+    if mask is not None:
+        return mask
+    score = x.detach().float().abs()
+    if column_scale is not None:
+        score = score * column_scale.to(score.device)
+    return topk_mask(score, keep, ties)
+
+
 def keep_count(width: int, sparsity: float) -> int:
     """Channels kept per token by top-k at ``sparsity`` (the reference's ``int(in·(1−s))``)."""
     return max(0, min(width, int(width * (1.0 - sparsity))))

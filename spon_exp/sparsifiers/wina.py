@@ -35,7 +35,7 @@ from spon_exp.models.adapters import PROJECTIONS, Projection
 from spon_exp.sparsifiers.base import Sparsifier
 from spon_exp.sparsifiers.calibration import (CalibratedOptions, calibration_passes, exact_threshold, record_inputs,
                                               site_group)
-from spon_exp.sparsifiers.scoring import ColumnNorms, keep_count, topk_mask
+from spon_exp.sparsifiers.scoring import ColumnNorms, keep_count, magnitude_topk_mask
 
 MODES = ("topk", "threshold")
 REFERENCE_NORM_PROJECTIONS = ("k_proj", "gate_proj")
@@ -128,10 +128,11 @@ class WinaSparsifier(Sparsifier):
 
     # -------------------------------------------------------------- masking
     def sparsify(self, proj, x, measure):
-        score = self.score(proj, x)
         if self.options.mode == "topk":
-            mask = topk_mask(score, keep_count(x.shape[-1], self.sparsity))
+            norms = self.column_norms(proj).to(x.device) if self.uses_norm(proj) else None
+            mask = magnitude_topk_mask(x, keep_count(x.shape[-1], self.sparsity), "break", norms)
         else:
+            score = self.score(proj, x)
             tau = self.thresholds.get(proj.key)
             if tau is None:
                 raise RuntimeError(f"WINA threshold for {proj.key} is missing: call calibrate() or load_state_dict() first")
