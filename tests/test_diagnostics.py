@@ -74,15 +74,19 @@ def test_diagnose_smoke_run(smoke_run, capsys):
     assert d["sparsity"]["per_projection"] == results["sparsity"]["per_projection"]
     assert len(d["sparsity"]["per_projection"]) == 14 and d["sparsity"]["source"].startswith("results.json")
 
-    # logged to the run's own (offline) W&B run: images and tables
+    # offline: images and tables in a W&B run of their own beside the run's (whose folder is untouched)
     files = sorted(glob.glob(str(run_dir / "wandb" / "offline-run-*" / "*.wandb")))
-    run_id = Path(files[0]).parent.name.rsplit("-", 1)[-1]  # the id the run itself was logged under
-    assert len(files) == 2 and all(f.endswith(f"run-{run_id}.wandb") for f in files)
-    assert f"W&B: logged to run {run_id} (offline)" in printed
-    logged = [read_offline_run(f)["summary"] for f in files]
-    diagnosed = [s for s in logged if "diagnostics/tables/drift/_type" in s]
-    assert len(diagnosed) == 1 and diagnosed[0]["diagnostics/tables/figure1/_type"] == "table-file"
-    assert all(diagnosed[0][f"diagnostics/plots/{name}/_type"] == "image-file" for name in d["plots"])
+    run_ids = {Path(f).parent.name.split("-", 3)[-1] for f in files}
+    run_id = min(run_ids, key=len)  # the id the run itself was logged under
+    assert run_ids == {run_id, f"{run_id}-diagnostics"}
+    assert f"W&B: logged to run {run_id}-diagnostics (offline)" in printed
+    diagnosis = read_offline_run(next(f for f in files if f.endswith(f"{run_id}-diagnostics.wandb")))
+    assert diagnosis["config"]["diagnoses"] == run_id and diagnosis["config"]["config_hash"] == results["config_hash"]
+    assert diagnosis["summary"]["diagnostics/tables/figure1/_type"] == "table-file"
+    assert diagnosis["summary"]["diagnostics/tables/drift/_type"] == "table-file"
+    assert all(diagnosis["summary"][f"diagnostics/plots/{name}/_type"] == "image-file" for name in d["plots"])
+    run_summary = read_offline_run(next(f for f in files if f.endswith(f"-{run_id}.wandb")))["summary"]
+    assert "ppl/wikipedia/spon" in run_summary and not any(k.startswith("diagnostics/") for k in run_summary)
 
     # spon-exp-collect puts the runs' curves side by side
     from spon_exp.collect import main as collect_main
@@ -94,6 +98,13 @@ def test_diagnose_smoke_run(smoke_run, capsys):
     rows = list(csv.DictReader(open(out / "diagnostics_drift.csv")))
     assert len(rows) == 6 and {r["variant"] for r in rows} == {"dense", "sparse", "spon"}
     assert float(rows[2]["rel_l2"]) == pytest.approx(drift["sparse"]["rel_l2"][0])
+
+    # diagnosing again replaces the earlier diagnosis, and logs to the same diagnostics run
+    capsys.readouterr()
+    assert diagnose_main([str(run_dir), "--max-length", "32", "--sequences", "1"]) == 0
+    assert f"W&B: logged to run {run_id}-diagnostics (offline)" in capsys.readouterr().out
+    assert json.loads((folder / "diagnostics.json").read_text())["data"] == {
+        "corpus": "wikipedia", "split": "evaluation", "sequences": 1, "max_length": 32}
 
 
 def test_diagnose_refuses_a_folder_without_a_run(tmp_path, capsys):

@@ -198,9 +198,12 @@ def _site_maskers(sparsifier, biases: dict, run_dir: Path) -> dict:
     from safetensors.torch import load_file
 
     from spon_exp.export.modeling_spon_sparse import _Site
-    from spon_exp.export.runtime_spec import runtime_spec
+    from spon_exp.export.runtime_spec import NotExportableError, runtime_spec
 
-    spec, tensors = runtime_spec(sparsifier, biases)
+    try:
+        spec, tensors = runtime_spec(sparsifier, biases)
+    except NotExportableError as e:
+        raise DiagnoseError(str(e)) from None
     alpha_file = run_dir / "alpha.safetensors"
     alphas = load_file(str(alpha_file)) if alpha_file.exists() else {}
     by_key = {p.key: p for p in sparsifier.projections}

@@ -1,9 +1,11 @@
 """Log a run's diagnostics to the run's own W&B run (images and tables), when it used W&B.
 
-The W&B run is found from the run folder (``wandb/offline-run-<time>-<id>`` or
-``wandb/run-<time>-<id>``: the id the run was logged under, whatever rule made it) and
-resumed (``resume="allow"``). Offline, this writes one more ``offline-run-*`` folder with
-that id under the run's ``wandb/``: sync it after the run's own.
+The run's W&B id is read from the run folder (``wandb/offline-run-<time>-<id>`` or
+``wandb/run-<time>-<id>``: the id the run was logged under, whatever rule made it).
+Online, that run is resumed (``resume="allow"``) and the diagnostics land on its page.
+Offline, a second offline folder with the run's id would, once synced, replace the run's
+history, so the diagnostics go to their own run ``<id>-diagnostics`` (same project and
+group, ``job_type=diagnostics``, ``config.diagnoses = <id>``) under the run's ``wandb/``.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+DIAGNOSTICS_SUFFIX = "-diagnostics"  # offline: the diagnostics' own W&B run
 RUN_FOLDER = re.compile(r"(?:offline-)?run-\d{8}_\d{6}-(?P<id>[A-Za-z0-9_-]+)$")
 
 
 def wandb_run_id(run_dir: Path) -> str | None:
     """The id of the W&B run the run folder was logged to (its newest W&B folder), or None."""
-    folders = sorted((p for p in (run_dir / "wandb").glob("*run-*") if p.is_dir() and RUN_FOLDER.match(p.name)),
-                     key=lambda p: p.name.split("-", 2)[-1])
+    folders = sorted((p for p in (run_dir / "wandb").glob("*run-*") if p.is_dir() and RUN_FOLDER.match(p.name)
+                      and not p.name.endswith(DIAGNOSTICS_SUFFIX)), key=lambda p: p.name.split("-", 2)[-1])
     return RUN_FOLDER.match(folders[-1].name)["id"] if folders else None
 
 
@@ -39,8 +42,15 @@ def log_diagnostics(run_dir: Path, config: dict, d: dict, folder: Path) -> dict 
     import wandb
 
     os.environ.setdefault("WANDB_SILENT", "true")
-    run = wandb.init(project=logger.get("project"), entity=logger.get("entity"), id=run_id, resume="allow",
-                     dir=str(run_dir), mode=logger.get("mode", "offline"))
+    mode = logger.get("mode", "offline")
+    common = {"project": logger.get("project"), "entity": logger.get("entity"), "dir": str(run_dir), "mode": mode}
+    if mode == "online":
+        run = wandb.init(id=run_id, resume="allow", **common)
+    else:
+        run_id = f"{run_id}{DIAGNOSTICS_SUFFIX}"
+        run = wandb.init(id=run_id, resume="allow", job_type="diagnostics", name=run_id,
+                         group=logger.get("group") or config.get("sweep_name"),
+                         config={"diagnoses": run_id.removesuffix(DIAGNOSTICS_SUFFIX), **d["run"]}, **common)
     try:
         data = {f"diagnostics/plots/{name}": wandb.Image(str(folder / Path(path).name)) for name, path in d["plots"].items()}
         rows = [[v, layer, rel, cos] for v, x in d["drift"].items()
@@ -57,4 +67,4 @@ def log_diagnostics(run_dir: Path, config: dict, d: dict, folder: Path) -> dict 
         run.log(data)
     finally:
         run.finish()
-    return {"id": run_id, "mode": logger.get("mode", "offline")}
+    return {"id": run_id, "mode": mode}

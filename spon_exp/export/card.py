@@ -65,7 +65,7 @@ def model_card(results: dict, config: dict, spec: dict, repo_id: str | None = No
         f"| base model | `{model['path']}` ({model.get('dtype', 'float32')}) |",
         f"| method | {nice} ({options}) |",
         f"| target sparsity | {sparsity.get('target')} |",
-        f"| measured sparsity | {measured:.4f} (parameter-weighted, on {sparsity.get('measured_on')})"
+        f"| measured sparsity | {measured:.4f} (parameter-weighted, on {sparsity.get('measured_on')}) |"
         if measured is not None else "| measured sparsity | not measured |",
         f"| SPON | {spon.get('count', 0)} vector(s) per projection, {spon.get('steps', 0)} training steps, "
         f"final KL {spon['final_kl']:.4g} |" if spon.get("final_kl") is not None
