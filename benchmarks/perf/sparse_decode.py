@@ -83,21 +83,89 @@ def _scale_module():
     return module
 
 
+def switch(sparsifier, variant: str) -> None:
+    """Sparsifier on/off and decode mode of one variant (no weights are copied)."""
+    on, mode = CUDA_VARIANTS[variant]
+    sparsifier.enabled = on
+    enable_sparse_decode(sparsifier, mode=mode)
+
+
+class GreedyDecoder:
+    """Greedy decoding of one prompt batch on a static KV cache: an untimed eager prefill,
+    then ``new_tokens`` timed steps through ``step`` (the eager forward or a compiled graph)."""
+
+    def __init__(self, model, prompt: torch.Tensor, new_tokens: int):
+        from transformers import StaticCache
+
+        self.model, self.prompt, self.new_tokens = model, prompt, new_tokens
+        self.cuda = prompt.device.type == "cuda"
+        self.cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + new_tokens + 1)
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def run(self, step, graph: bool) -> tuple[torch.Tensor, list[torch.Tensor], float]:
+        """Tokens ``[batch, new_tokens]``, each step's logits (float32) and tokens/s."""
+        self.cache.reset()
+        tokens, logits = [], []
+        with torch.no_grad():
+            token = self.model(self.prompt, cache=self.cache, use_cache=True).logits[:, -1:].argmax(-1)
+            self.sync()
+            t0 = time.perf_counter()
+            for _ in range(self.new_tokens):
+                if graph and self.cuda:
+                    torch.compiler.cudagraph_mark_step_begin()
+                out = step(input_ids=token, cache=self.cache, use_cache=True).logits[:, -1]
+                logits.append(out.float().clone())  # a graph's output buffer is reused
+                token = out.argmax(-1, keepdim=True)
+                tokens.append(token)
+            self.sync()
+            elapsed = time.perf_counter() - t0
+        return torch.cat(tokens, 1), logits, self.prompt.shape[0] * self.new_tokens / elapsed
+
+
+def agreement(a: tuple, b: tuple, name: str) -> dict:
+    """First decode step where the tokens of ``a`` and ``b`` differ (None: never) and the
+    largest logit difference at the first step."""
+    diff = (a[0] != b[0]).any(0).nonzero()
+    return {f"sparse_vs_{name}_first_different_token": None if len(diff) == 0 else int(diff[0]),
+            f"sparse_vs_{name}_first_step_max_abs_logit_diff": float((a[1][0] - b[1][0]).abs().max())}
+
+
+def decode_side_by_side(model, sparsifier, decoder: GreedyDecoder, steps: dict, repeats: int) -> tuple[dict, dict]:
+    """Every (execution, variant) decoded ``repeats`` times, interleaved: tokens/s and the last outputs."""
+    # eager: every variant; as a graph (one compile of the whole model each): dense and sparse
+    runs = [(e, v) for e in steps for v in (CUDA_VARIANTS if e == "eager" else GRAPH_VARIANTS)]
+    for execution, variant in runs:  # warm-up: compiles every graph once
+        switch(sparsifier, variant)
+        decoder.run(steps[execution], graph=execution == "graph")
+    speeds: dict = {run: [] for run in runs}
+    outputs: dict = {}
+    for _ in range(repeats):  # interleaved, so clock or load drift hits all alike
+        for execution, variant in runs:
+            switch(sparsifier, variant)
+            *outputs[(execution, variant)], tokens_per_s = decoder.run(steps[execution], graph=execution == "graph")
+            speeds[(execution, variant)].append(tokens_per_s)
+    switch(sparsifier, "sparse")
+    return speeds, outputs
+
+
 def run_random_model(args) -> dict:
     """Greedy decoding of a random model of a real shape on ``args.device`` (see the docstring)."""
-    from transformers import StaticCache
-
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    dtype = getattr(torch, args.dtype)
-    scale = _scale_module()
-    model, _ = scale.build_model(args.shape, args.layers, args.device, dtype)
+    model, _ = _scale_module().build_model(args.shape, args.layers, args.device, getattr(torch, args.dtype))
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     calib = torch.randint(0, vocab, (args.calib_sequences, args.calib_len), generator=gen).to(device)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     # one compiled graph per variant (decode mode, sparsifier switch) and batch size
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    steps = {"eager": model.forward}
+    if args.compile_backend == "cudagraphs":
+        steps["graph"] = torch.compile(model.forward, backend="cudagraphs", fullgraph=True)
+    elif args.compile_backend == "inductor":
+        steps["graph"] = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
 
     results = {"device": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
                "torch": torch.__version__, "cuda": torch.version.cuda, "shape": args.shape,
@@ -111,59 +179,16 @@ def run_random_model(args) -> dict:
         calibrate_s = time.perf_counter() - t0
         enable_sparse_decode(sp, mode="dense")
         for batch in args.batch:
-            prompt = torch.randint(0, vocab, (batch, args.prompt_tokens), generator=gen).to(device)
-            cache = StaticCache(config=model.config, max_cache_len=args.prompt_tokens + args.new_tokens + 1)
-            steps = {"eager": model.forward}
-            if args.compile_backend != "none":
-                steps["graph"] = (torch.compile(model.forward, backend="cudagraphs", fullgraph=True)
-                                  if args.compile_backend == "cudagraphs"
-                                  else torch.compile(model.forward, mode="reduce-overhead", fullgraph=True))
-
-            def decode(step, measure=False):
-                """Prefill (eager, untimed), then ``new_tokens`` greedy steps: tokens, logits, tokens/s."""
-                cache.reset()
-                with torch.no_grad():
-                    token = model(prompt, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
-                    tokens, logits = [], []
-                    sync()
-                    t0 = time.perf_counter()
-                    with sp.measuring() if measure else contextlib.nullcontext():
-                        for _ in range(args.new_tokens):
-                            if step is not model.forward and cuda:
-                                torch.compiler.cudagraph_mark_step_begin()
-                            out = step(input_ids=token, cache=cache, use_cache=True).logits[:, -1]
-                            logits.append(out.float().clone())  # a graph's output buffer is reused
-                            token = out.argmax(-1, keepdim=True)
-                            tokens.append(token)
-                    sync()
-                    elapsed = time.perf_counter() - t0
-                return torch.cat(tokens, 1), logits, batch * args.new_tokens / elapsed
-
-            def switch(variant):
-                on, mode = CUDA_VARIANTS[variant]
-                sp.enabled = on
-                enable_sparse_decode(sp, mode=mode)
-
-            # eager: every variant; as a graph (one compile each): dense and sparse
-            runs = [(e, v) for e in steps for v in (CUDA_VARIANTS if e == "eager" else GRAPH_VARIANTS)]
-            speeds = {run: [] for run in runs}
-            outputs = {}
-            # first (measuring changes state the hooks read, which a compiled graph guards on)
-            switch("sparse")
-            decode(model.forward, measure=True)  # eager: the hooks count what they drop
+            decoder = GreedyDecoder(model, torch.randint(0, vocab, (batch, args.prompt_tokens), generator=gen).to(device),
+                                    args.new_tokens)
+            # measured first: measuring changes state the hooks read, which a compiled graph guards on
+            switch(sp, "sparse")
+            with sp.measuring():
+                decoder.run(model.forward, graph=False)
             measured = sp.measured_sparsity()["model"]
-            for execution, variant in runs:  # warm-up: compiles every graph once
-                switch(variant)
-                decode(steps[execution])
-            for _ in range(args.repeats):  # interleaved, so clock or load drift hits all alike
-                for execution, variant in runs:
-                    switch(variant)
-                    tokens, logits, tps = decode(steps[execution])
-                    speeds[(execution, variant)].append(tps)
-                    outputs[(execution, variant)] = (tokens, logits)
-            switch("sparse")
+            speeds, outputs = decode_side_by_side(model, sp, decoder, steps, args.repeats)
             for execution in steps:
-                variants = [v for e, v in runs if e == execution]
+                variants = [v for e, v in speeds if e == execution]
                 med = {v: statistics.median(speeds[(execution, v)]) for v in variants}
                 row = {"sparsity": s, "batch": batch, "execution": execution, "calibrate_s": calibrate_s,
                        "measured_sparsity_decode": measured, "tokens_per_s": med,
@@ -171,21 +196,11 @@ def run_random_model(args) -> dict:
                        "sparse_over_dense": med["sparse"] / med["dense"]}
                 sparse = outputs[(execution, "sparse")]
                 if execution == "eager":
-                    no_skip, masked = outputs[("eager", "sparse_no_skip")], outputs[("eager", "masked")]
-                    diff = (sparse[0] != masked[0]).any(0).nonzero()
-                    row.update({
-                        "sparse_over_masked": med["sparse"] / med["masked"],
-                        "sparse_identical_to_no_skip": identical(sparse, no_skip),
-                        "sparse_vs_masked_first_different_token": None if len(diff) == 0 else int(diff[0]),
-                        "sparse_vs_masked_first_step_max_abs_logit_diff": float((sparse[1][0] - masked[1][0]).abs().max()),
-                    })
+                    row["sparse_over_masked"] = med["sparse"] / med["masked"]
+                    row["sparse_identical_to_no_skip"] = identical(sparse, outputs[("eager", "sparse_no_skip")])
+                    row.update(agreement(sparse, outputs[("eager", "masked")], "masked"))
                 else:  # dynamo's graph of the same ops: equal to eager up to rounding
-                    eager = outputs[("eager", "sparse")]
-                    diff = (sparse[0] != eager[0]).any(0).nonzero()
-                    row.update({
-                        "sparse_vs_eager_first_different_token": None if len(diff) == 0 else int(diff[0]),
-                        "sparse_vs_eager_first_step_max_abs_logit_diff": float((sparse[1][0] - eager[1][0]).abs().max()),
-                    })
+                    row.update(agreement(sparse, outputs[("eager", "sparse")], "eager"))
                 results["runs"].append(row)
                 checks = {k: v for k, v in row.items() if k.startswith(("sparse_identical", "sparse_vs_"))}
                 print(f"sparsity {s:.2f} batch {batch} {execution:>5}: "
