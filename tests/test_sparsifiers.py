@@ -12,7 +12,7 @@ from spon_exp.sparsifiers import build_sparsifier
 from spon_exp.sparsifiers.larosa import rotation_from_covariance, site_sparsities
 from spon_exp.sparsifiers.rsparse import low_rank_factors, rsparse_keep_fraction, rsparse_rank
 from spon_exp.sparsifiers.calibration import SiteRecorder, exact_threshold
-from spon_exp.sparsifiers.teal import BlockInputs, block_output_error, greedy_trajectory, relative_sizes
+from spon_exp.sparsifiers.greedy import BlockInputs, block_output_error, greedy_trajectory, relative_sizes
 from spon_exp.spon import Spon, TrainConfig, fold_alpha, load_sparse_state, save_sparse_state, train_alpha
 from tests.helpers import FAMILIES, random_ids, tiny
 
@@ -145,11 +145,11 @@ def test_greedy_lookup_is_reused_across_targets_and_saved(monkeypatch):
     lm, sp, ids = calibrated("teal", sparsity=0.25, allocation="greedy", greedy_sequences=2, greedy_step=0.1,
                              refine_passes=0)
     lookup = {k: v.clone() for k, v in sp.greedy_lookup.items()}
-    import spon_exp.sparsifiers.teal as teal
+    import spon_exp.sparsifiers.greedy as greedy
 
     calls = []
-    original = teal.greedy_trajectory
-    monkeypatch.setattr(teal, "greedy_trajectory", lambda *a, **k: (calls.append(1), original(*a, **k))[1])
+    original = greedy.greedy_trajectory
+    monkeypatch.setattr(greedy, "greedy_trajectory", lambda *a, **k: (calls.append(1), original(*a, **k))[1])
     sp.sparsity = 0.15  # covered by the lookup: no new search
     sp.calibrate(lm.model, ids.split(4))
     assert not calls and all(torch.equal(sp.greedy_lookup[k], v) for k, v in lookup.items())

@@ -5,14 +5,7 @@ exact ``s``-quantile of ``|x|`` (default; hits the target on the calibration dat
 TEAL's histogram of the signed values with ``tau = icdf(0.5 + s/2)`` (assumes symmetry).
 
 Allocation: ``uniform`` (every projection at the target) or ``greedy`` (TEAL's block-wise
-search, ``greedyopt.py`` in the reference code): per block, starting from 0, repeatedly
-raise the one projection's sparsity by ``step / w_p`` (``w_p`` = its parameter count
-relative to the block's q_proj, read from the module shapes) that adds the least error to
-the block output over the last ``greedy_last_fraction`` of the tokens, until the
-parameter-weighted block sparsity reaches the target. Every block gets the same target.
-The search runs on dense block inputs; its trajectory (per-projection sparsities as a
-function of block sparsity) is kept per block (``greedy_lookup``, saved in the state) and
-re-used for any target it covers; a higher target extends it from where it stopped.
+search, ``greedyopt.py`` in the reference code; :mod:`spon_exp.sparsifiers.greedy`).
 Differences from the reference: during the search the thresholds are exact quantiles of the
 dense site values (the reference uses its histogram icdf), a projection's sparsity is capped
 at 1 (the reference can step past 1), the search can run on a subset of the calibration
@@ -26,201 +19,51 @@ shared with the other threshold-calibrated methods (WINA's threshold mode, R-Spa
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spon_exp.models.adapters import DecoderBlock, Projection
+from spon_exp.models.adapters import Projection
 from spon_exp.sparsifiers.base import Sparsifier
 from spon_exp.sparsifiers.calibration import (CalibratedOptions, SiteRecorder, calibration_passes, exact_threshold,
                                               histogram_threshold, record_inputs, threshold_from_sorted)
-from spon_exp.sparsifiers.hooks import HookSet
-
-log = logging.getLogger(__name__)
+from spon_exp.sparsifiers.greedy import BlockInputs, GreedyAllocation, GreedyOptions
 
 THRESHOLD_MODES = ("exact", "histogram")
-ALLOCATIONS = ("uniform", "greedy")
 
 
 @dataclass
-class TealOptions(CalibratedOptions):
+class TealOptions(GreedyOptions, CalibratedOptions):
     """TEAL's options (``sparsifier=teal``; the module docstring describes each)."""
 
     threshold_mode: str = "exact"  # exact |x| quantile / histogram (TEAL's icdf(0.5+s/2))
-    allocation: str = "uniform"  # uniform / greedy (TEAL's block-wise search)
-    greedy_step: float = 0.05  # greedy: each step raises one projection by greedy_step / w_p
-    greedy_last_fraction: float = 0.25  # greedy: block error over the last fraction of tokens
-    greedy_sequences: Optional[int] = None  # greedy: calibration sequences searched on (null = all)
-    greedy_max_sparsity: Optional[float] = None  # greedy: extend the lookup to this (null = the target)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.threshold_mode not in THRESHOLD_MODES:
             raise ValueError(f"threshold_mode must be one of {THRESHOLD_MODES}, got {self.threshold_mode!r}")
-        if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
-        if not 0.0 < self.greedy_step <= 1.0:
-            raise ValueError(f"greedy_step must be in (0, 1], got {self.greedy_step}")
-        if not 0.0 < self.greedy_last_fraction <= 1.0:
-            raise ValueError(f"greedy_last_fraction must be in (0, 1], got {self.greedy_last_fraction}")
-        if self.greedy_sequences is not None and self.greedy_sequences < 1:
-            raise ValueError(f"greedy_sequences must be >= 1 or null (all calibration sequences), "
-                             f"got {self.greedy_sequences}")
-        if self.greedy_max_sparsity is not None and not 0.0 <= self.greedy_max_sparsity < 1.0:
-            raise ValueError(f"greedy_max_sparsity must be in [0, 1) or null (the target), got {self.greedy_max_sparsity}")
 
 
-# ---------------------------------------------------------------- greedy allocation
-def relative_sizes(block: DecoderBlock, names: list[str]) -> list[float]:
-    """Parameter count of each named projection relative to the block's q_proj (TEAL's
-    ``w_p``: 1 for q, 1/4 for k/v and 3.5 for gate/up/down on Llama-3-8B)."""
-    reference = block.projections["q_proj"].num_params
-    return [block.projections[n].num_params / reference for n in names]
-
-
-def weighted_sparsity(sparsities: list[float], weights: list[float]) -> float:
-    return sum(s * w for s, w in zip(sparsities, weights)) / sum(weights)
-
-
-def greedy_trajectory(weights: list[float], step: float, target: float,
-                      block_error: Callable[[list[float]], float],
-                      start: list[float] | None = None) -> list[tuple[float, float, list[float]]]:
-    """TEAL's greedy search for one block.
-
-    From ``start`` (default all 0), repeatedly try raising each projection's sparsity by
-    ``step / w_p`` (capped at 1) and keep the one raise with the least ``block_error``,
-    until the weighted sparsity reaches ``target``. Returns one row per step:
-    ``(weighted sparsity, block error, per-projection sparsities)``.
-    """
-    current = list(start) if start is not None else [0.0] * len(weights)
-    rows = []
-    while weighted_sparsity(current, weights) < target - 1e-9:
-        best: tuple[float, list[float]] | None = None
-        for i, w in enumerate(weights):
-            if current[i] >= 1.0:
-                continue
-            candidate = list(current)
-            candidate[i] = min(1.0, current[i] + step / w)
-            error = float(block_error(candidate))
-            if best is None or error < best[0]:
-                best = (error, candidate)
-        if best is None:  # every projection fully sparse
-            break
-        current = best[1]
-        rows.append((weighted_sparsity(current, weights), best[0], list(current)))
-    return rows
-
-
-#: Names under which transformers has passed a decoder block its KV cache (5.24 renamed
-#: ``past_key_values`` to ``cache``). A kept cache would make every replay attend to, and
-#: extend, the keys of earlier calls, so replays would not compute what the forward did.
-CACHE_KWARGS = ("past_key_values", "past_key_value", "cache", "layer_past")
-
-
-def _is_cache(name: str, value) -> bool:
-    if name in CACHE_KWARGS:
-        return True
-    try:
-        from transformers.cache_utils import Cache
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return False
-    return isinstance(value, Cache)
-
-
-class BlockInputs:
-    """The arguments each decoder block receives during forwards (hidden states, rotary
-    embeddings, masks), kept for the first ``max_sequences`` sequences so a block can be
-    re-run on its own. KV caches are dropped: replays never extend a cache."""
-
-    def __init__(self, blocks: list[DecoderBlock], max_sequences: int | None = None):
-        self.calls: dict[int, list[tuple[tuple, dict]]] = {b.index: [] for b in blocks}
-        self.sequences: dict[int, int] = dict.fromkeys(self.calls, 0)
-        self.max_sequences = max_sequences
-        self.hooks = HookSet()
-        for b in blocks:
-            self.hooks.pre(b.module, self._hook(b.index), with_kwargs=True, prepend=True)
-
-    def _hook(self, index: int):
-        def hook(module, args, kwargs):
-            if self.max_sequences is not None and self.sequences[index] >= self.max_sequences:
-                return None
-            hidden = args[0] if args else kwargs["hidden_states"]
-            kwargs = {k: v for k, v in kwargs.items() if not _is_cache(k, v)}
-            if "use_cache" in kwargs:
-                kwargs["use_cache"] = False
-            self.calls[index].append((tuple(a.detach() if torch.is_tensor(a) else a for a in args), kwargs))
-            self.sequences[index] += hidden.shape[0]
-            return None
-        return hook
-
-    def remove(self) -> None:
-        self.hooks.remove()
-
-    def outputs(self, block: DecoderBlock) -> list[torch.Tensor]:
-        """Re-run ``block`` on every captured call (sparsifier hooks apply as set)."""
-        outs = []
-        with torch.no_grad():
-            for args, kwargs in self.calls[block.index]:
-                out = block.module(*args, **kwargs)
-                outs.append(out[0] if isinstance(out, (tuple, list)) else out)
-        return outs
-
-
-def block_output_error(outputs: list[torch.Tensor], targets: list[torch.Tensor], last_fraction: float) -> float:
-    """TEAL's block error: L2 norm over the last ``last_fraction`` of the tokens, averaged
-    over sequences and hidden channels (and over captured batches)."""
-    errors = []
-    for out, ref in zip(outputs, targets):
-        start = int(out.shape[-2] * (1 - last_fraction))
-        errors.append((out[..., start:, :].float() - ref[..., start:, :].float()).norm(dim=-2).mean())
-    return float(torch.stack(errors).mean())
-
-
-class TealSparsifier(Sparsifier):
+class TealSparsifier(GreedyAllocation, Sparsifier):
     name = "teal"
     Options = TealOptions
 
     def _init_state(self) -> None:
         self.thresholds: dict[str, float] = {}
-        # per layer: rows (block sparsity, block error, sparsity of each greedy_names entry)
-        self.greedy_lookup: dict[int, torch.Tensor] = {}
-        self.greedy_report: dict[int, dict[str, float]] = {}
+        self._init_greedy()
 
     def share_key(self, proj: Projection) -> Hashable:
         return self.thresholds.get(proj.key)
 
-    # ------------------------------------------------------------ allocation
-    def greedy_names(self, layer: int) -> list[str]:
-        """Projections of one block that the greedy search allocates (lookup column order)."""
-        return [p.name for p in self.projections if p.layer == layer]
-
-    def greedy_row(self, layer: int) -> torch.Tensor:
-        """The lookup row whose block sparsity is closest to the target (TEAL's rule)."""
-        lookup = self.greedy_lookup.get(layer)
-        if lookup is None:
-            raise RuntimeError(f"No greedy lookup for layer {layer}: call calibrate() or load_state_dict() first")
-        if float(lookup[-1, 0]) < self.sparsity - 1e-6:
-            raise RuntimeError(f"The greedy lookup of layer {layer} stops at block sparsity {float(lookup[-1, 0]):.3f}, "
-                               f"below the target {self.sparsity}: call calibrate() to extend it")
-        return lookup[int(torch.argmin((lookup[:, 0] - self.sparsity).abs()))]
-
-    def target_sparsity(self, proj: Projection) -> float:
-        if self.options.allocation == "uniform":
-            return self.sparsity
-        row = self.greedy_row(proj.layer)
-        return float(row[2 + self.greedy_names(proj.layer).index(proj.name)])
-
+    # ------------------------------------------------------------ calibration
     def threshold_for(self, values: torch.Tensor, sparsity: float) -> float:
         if self.options.threshold_mode == "exact":
             return exact_threshold(values, sparsity)
         return histogram_threshold(values, sparsity)
 
-    # ----------------------------------------------------------- calibration
     def calibrate(self, model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
         batches = list(batches)
         passes = calibration_passes(self.options.calibration_context, self.options.refine_passes)
@@ -240,50 +83,16 @@ class TealSparsifier(Sparsifier):
             self._fit_thresholds(recorder)
 
     def _greedy_search(self, capture: BlockInputs, recorder: SiteRecorder) -> None:
-        """Build (or extend) each block's lookup on the dense block inputs; thresholds during
-        the search are exact quantiles of the dense site values."""
-        from tqdm.auto import tqdm
+        """The greedy search, thresholds at exact quantiles of the dense site values."""
+        sorted_mags: dict = {}
 
-        goal = max(self.sparsity, self.options.greedy_max_sparsity or 0.0)
-        for block in tqdm(self.blocks, desc="TEAL greedy allocation", leave=False):
-            names = self.greedy_names(block.index)
-            if not names:
-                continue
-            projs = [block.projections[n] for n in names]
-            sorted_mags = {p.site: recorder.site_values((p.layer, p.site)).abs().sort().values for p in projs}
-            with self.disabled():
-                targets = capture.outputs(block)
+        def apply(projs, sparsities):
+            for p, s in zip(projs, sparsities):
+                if (p.layer, p.site) not in sorted_mags:
+                    sorted_mags[(p.layer, p.site)] = recorder.site_values((p.layer, p.site)).abs().sort().values
+                self.thresholds[p.key] = threshold_from_sorted(sorted_mags[(p.layer, p.site)], s)
 
-            def error(sparsities: list[float]) -> float:
-                for p, s in zip(projs, sparsities):
-                    self.thresholds[p.key] = threshold_from_sorted(sorted_mags[p.site], s)
-                self._refresh_consumers()
-                self._shared.clear()
-                return block_output_error(capture.outputs(block), targets, self.options.greedy_last_fraction)
-
-            lookup = self.greedy_lookup.get(block.index)
-            if lookup is None or lookup.shape[1] != 2 + len(names):
-                lookup = torch.zeros(1, 2 + len(names), dtype=torch.float64)
-            if float(lookup[-1, 0]) < goal - 1e-9:
-                rows = greedy_trajectory(relative_sizes(block, names), self.options.greedy_step, goal, error,
-                                         start=lookup[-1, 2:].tolist())
-                if rows:
-                    extra = torch.tensor([[f, e, *s] for f, e, s in rows], dtype=torch.float64)
-                    lookup = torch.cat([lookup, extra])
-            self.greedy_lookup[block.index] = lookup
-            row = self.greedy_row(block.index)
-            achieved = float(row[0])
-            self.greedy_report[block.index] = {
-                "block_sparsity": achieved,
-                "greedy_error": error(row[2:].tolist()),
-                "uniform_error": error([achieved] * len(names)),
-            }
-        self._shared.clear()
-        if self.greedy_report:
-            reports = list(self.greedy_report.values())
-            log.info("TEAL greedy allocation: mean block error %.4g (uniform at the same block sparsity: %.4g)",
-                     sum(r["greedy_error"] for r in reports) / len(reports),
-                     sum(r["uniform_error"] for r in reports) / len(reports))
+        self.greedy_search(capture, apply)
 
     def _fit_thresholds(self, recorder: SiteRecorder) -> None:
         cache: dict = {}
@@ -304,13 +113,12 @@ class TealSparsifier(Sparsifier):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"threshold.{k}": torch.tensor(v, dtype=torch.float64) for k, v in self.thresholds.items()}
-        state.update({f"greedy_lookup.{layer}": t.clone() for layer, t in self.greedy_lookup.items()})
+        state.update(self.greedy_state())
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.thresholds = {k.removeprefix("threshold."): float(v) for k, v in state.items() if k.startswith("threshold.")}
-        self.greedy_lookup = {int(k.removeprefix("greedy_lookup.")): v.to(torch.float64).clone()
-                              for k, v in state.items() if k.startswith("greedy_lookup.")}
+        self.load_greedy_state(state)
         missing = [p.key for p in self.projections if p.key not in self.thresholds]
         if missing:
             raise ValueError(f"Saved TEAL thresholds lack projections {missing[:5]} (model/projection mismatch)")
