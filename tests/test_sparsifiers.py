@@ -266,6 +266,50 @@ def test_rsparse_measured_sparsity_meets_target(family, share):
         assert torch.equal(teacher, lm.model(ids).logits)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen3"])
+def test_wina_transform_keeps_the_dense_function_and_orthogonalises(family):
+    lm = tiny(family)
+    ids = random_ids(2, 16)
+    original = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    with torch.no_grad():
+        dense = lm.model(ids).logits
+    sp = build_sparsifier("wina", sparsity=0.5, transform=True).attach(lm.model)
+    sp.calibrate(lm.model, [random_ids(2, 16, seed=3)])
+    with torch.no_grad(), sp.disabled():
+        transformed = lm.model(ids).logits
+    assert torch.allclose(transformed, dense, atol=1e-4, rtol=1e-4)
+    for block in sp.blocks:  # k_proj's and gate_proj's columns are orthogonal in the new basis
+        for name in ("k_proj", "gate_proj"):
+            w = block.projections[name].module.weight.double()
+            gram = w.T @ w
+            off = gram - torch.diag(gram.diagonal())
+            assert off.abs().max() <= 1e-4 * gram.diagonal().max(), (family, block.index, name)
+    fresh = build_sparsifier("wina", sparsity=0.5, transform=True)
+    state = sp.state_dict()
+    sp.detach()
+    assert all(torch.equal(v, original[k]) for k, v in lm.model.state_dict().items())  # restored exactly
+    fresh.attach(lm.model).load_state_dict(state)
+    with torch.no_grad(), fresh.disabled():
+        assert torch.allclose(lm.model(ids).logits, dense, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="transform=true"):
+        build_sparsifier("wina", sparsity=0.5).attach(tiny(family).model).load_state_dict(state)
+
+
+def test_wina_greedy_allocates_per_projection_top_k():
+    lm, sp, ids = calibrated("wina", sparsity=0.5, allocation="greedy", greedy_sequences=2, greedy_step=0.1)
+    layer = sp.blocks[0].index
+    sparsities = {p.name: sp.target_sparsity(p) for p in sp.projections if p.layer == layer}
+    assert len(set(sparsities.values())) > 1  # not uniform
+    block = sp.blocks[0]
+    sizes = {n: block.projections[n].num_params for n in sparsities}
+    weighted = sum(sparsities[n] * sizes[n] for n in sizes) / sum(sizes.values())
+    assert abs(weighted - 0.5) <= 0.1 / 2  # within one step of the target
+    per = measured(lm.model, sp, ids)["per_projection"]
+    for p in sp.projections:  # top-k: exactly int(in·(1-s_p)) kept per token
+        keep = int(p.module.in_features * (1 - sp.target_sparsity(p)))
+        assert per[p.key] == pytest.approx(1 - keep / p.module.in_features), p.key
+
+
 # ----------------------------------------------------------------------------- LaRoSA
 def test_larosa_hand_computed_rotated_topk():
     model = toy_model(2)
@@ -405,6 +449,7 @@ METHODS = {
     "teal_greedy": ("teal", {"allocation": "greedy", "greedy_sequences": 2, "greedy_step": 0.1, "refine_passes": 1}),
     "wina": ("wina", {}),
     "wina_threshold": ("wina", {"mode": "threshold", "norm_projections": "all"}),
+    "wina_ref": ("wina", {"transform": True, "allocation": "greedy", "greedy_sequences": 2, "greedy_step": 0.1}),
     "rsparse": ("rsparse", {"sparse_share": 0.8}),
     "larosa": ("larosa", {}),
 }

@@ -7,9 +7,12 @@ states here, per projection, which of them it uses and with what numbers; a new 
 its translator to :data:`TRANSLATORS` (an export of a method without one stops with a clear
 error). Everything else is generic:
 
-- a projection is rotated when the method's state holds ``rotation.{layer}.{site}`` for its
-  input site; the masked rotated input is multiplied back by ``Qᵀ`` only when the method's
-  description says ``rotation == "runtime"`` (LaRoSA before that option existed: runtime);
+- a site is rotated when the method's state holds ``rotation.{layer}.{site}``. When the
+  method's description says ``rotation == "runtime"`` (LaRoSA before that option existed too)
+  each consumer's hook rotates its input, masks it and multiplies it back by ``Qᵀ``;
+  otherwise ``Q`` is folded into the consumers' weights (``W·Q``, in the model the export
+  saves) and the runtime rotates the site container's input once (``folded_rotations``), as
+  :mod:`spon_exp.sparsifiers.rotation` does; the consumers mask the rotated input;
 - the token policy, the sharing of one masked input per site (``share_key``) and the folded
   biases come from the base class.
 """
@@ -42,7 +45,7 @@ def _wina(sp, p: Projection, tensors: dict) -> dict:
     if sp.uses_norm(p):
         entry["column_norm"] = _put(tensors, f"column_norm.{p.key}", sp.column_norms(p))
     if sp.options.mode == "topk":
-        entry.update(mask="topk", keep=keep_count(p.module.in_features, sp.sparsity))
+        entry.update(mask="topk", keep=keep_count(p.module.in_features, sp.projection_sparsity(p)), ties="break")
     else:
         entry.update(mask="threshold", threshold=float(sp.thresholds[p.key]))
     return entry
@@ -58,7 +61,8 @@ def _rsparse(sp, p: Projection, tensors: dict) -> dict:
 
 
 def _larosa(sp, p: Projection, tensors: dict) -> dict:
-    return {"mask": "topk", "keep": keep_count(p.module.in_features, sp.site_sparsity(p))}
+    return {"mask": "topk", "keep": keep_count(p.module.in_features, sp.site_sparsity(p)), "score_float32": True,
+            "ties": getattr(sp.options, "ties", "break")}
 
 
 TRANSLATORS: dict[str, Callable[[Sparsifier, Projection, dict], dict]] = {
@@ -69,6 +73,10 @@ TRANSLATORS: dict[str, Callable[[Sparsifier, Projection, dict], dict]] = {
 def _put(tensors: dict, name: str, value: torch.Tensor) -> str:
     tensors[name] = value.detach().cpu().contiguous().clone()
     return name
+
+
+def entry_key(p: Projection) -> str:
+    return f"rotation.{p.layer}.{p.site}"
 
 
 def rotate_back(description: dict) -> bool:
@@ -87,21 +95,29 @@ def runtime_spec(sparsifier: Sparsifier, biases: dict[str, torch.Tensor]) -> tup
                                  f"(it knows {sorted(TRANSLATORS)}); add one to spon_exp/export/runtime_spec.py")
     state = sparsifier.state_dict()
     description = sparsifier.describe()
+    back = rotate_back(description)
     tensors: dict[str, torch.Tensor] = {}
     entries = []
     for p in sparsifier.projections:
         entry = {"module": p.module_path, "key": p.key, "site": f"{p.layer}.{p.site}",
                  "share": repr(sparsifier.share_key(p)), **translate(sparsifier, p, tensors)}
-        rotation = state.get(f"rotation.{p.layer}.{p.site}")
-        if rotation is not None:
-            entry["rotation"] = f"rotation.{p.layer}.{p.site}"
-            tensors.setdefault(entry["rotation"], rotation.detach().cpu().contiguous().clone())
+        if back and f"rotation.{p.layer}.{p.site}" in state:  # rotated in the hook, and back
+            entry["rotation"] = _put(tensors, entry_key(p), state[entry_key(p)])
         entries.append(entry)
+    folded = []
+    if not back:  # Q folded into every consumer's weights (W·Q, in the model): rotate the container's input
+        for block in sparsifier.blocks:
+            for site, container in block.containers.items():
+                name = f"rotation.{block.index}.{site}"
+                if name in state:
+                    child = next(n for n, m in block.module.named_children() if m is container)
+                    folded.append({"module": f"{block.module_path}.{child}", "site": f"{block.index}.{site}",
+                                   "rotation": _put(tensors, name, state[name])})
     paths = {p.key: p.module_path for b in sparsifier.blocks for p in b.projections.values()}
     bias_modules = []
     for key, b in sorted((biases or {}).items()):
         tensors[f"bias.{paths[key]}"] = b.detach().cpu().contiguous().clone()
         bias_modules.append(paths[key])
     spec = {"format": FORMAT, "sparsifier": description, "token_policy": asdict(sparsifier.tokens),
-            "rotate_back": rotate_back(description), "projections": entries, "biases": bias_modules}
+            "rotate_back": back, "folded_rotations": folded, "projections": entries, "biases": bias_modules}
     return spec, tensors

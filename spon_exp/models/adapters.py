@@ -32,6 +32,12 @@ ALIASES = {
 }
 ATTENTION_CONTAINERS = ("self_attn", "attention", "attn")
 MLP_CONTAINERS = ("mlp", "feed_forward", "ffn")
+# The norm whose output is a site's input (Gemma 3 normalises the MLP input with its
+# pre_feedforward_layernorm; its post_attention_layernorm normalises the attention output).
+NORMS = {
+    "qkv_input": ("input_layernorm", "attention_norm", "ln_1"),
+    "gate_up_input": ("pre_feedforward_layernorm", "post_attention_layernorm", "ffn_norm", "ln_2"),
+}
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -67,6 +73,8 @@ class DecoderBlock:
     #: the module whose input is a site's input, for the sites whose consumers all read the
     #: container's input (qkv_input: the attention module, gate_up_input: the MLP module)
     containers: dict[str, nn.Module] = field(default_factory=dict)
+    #: the norm module producing the input of qkv_input / gate_up_input, where found
+    norms: dict[str, nn.Module] = field(default_factory=dict)
 
 
 def _find_child(parent: nn.Module, names: tuple[str, ...]) -> tuple[str, nn.Module] | None:
@@ -118,7 +126,8 @@ def find_decoder_blocks(model: nn.Module) -> list[DecoderBlock]:
             )
         containers = {site: hit[1] for site, names in (("qkv_input", ATTENTION_CONTAINERS), ("gate_up_input", MLP_CONTAINERS))
                       if (hit := _find_child(block, names)) is not None}
-        blocks.append(DecoderBlock(i, block, f"{path}.{i}", projs, containers))
+        norms = {site: hit[1] for site, names in NORMS.items() if (hit := _find_child(block, names)) is not None}
+        blocks.append(DecoderBlock(i, block, f"{path}.{i}", projs, containers, norms))
     return blocks
 
 

@@ -45,9 +45,15 @@ class FoldedRotations:
     def folded(self) -> bool:
         return bool(self.sites)
 
-    def fold(self, blocks: list[DecoderBlock], rotations: dict[tuple[int, str], torch.Tensor]) -> None:
-        """Fold each ``Q`` (``in × in``, orthogonal) into the consumers of its site."""
+    def fold(self, blocks: list[DecoderBlock], rotations: dict[tuple[int, str], torch.Tensor],
+             weight_maps: dict[tuple[int, str], torch.Tensor] | None = None) -> None:
+        """Fold each ``Q`` (``in × in``, orthogonal) into the consumers of its site.
+
+        A site with an entry in ``weight_maps`` takes a general invertible input map ``M``
+        (``rotations``) with its weights mapped by ``weight_maps`` ``= M⁻ᵀ``: the consumers read
+        ``x·M`` with weights ``W·M⁻ᵀ`` (WINA's transform with the norm's scale fused)."""
         self.remove()
+        weight_maps = weight_maps or {}
         by_index = {b.index: b for b in blocks}
         for (layer, site), q in rotations.items():
             block = by_index.get(layer)
@@ -55,7 +61,9 @@ class FoldedRotations:
             if site not in FOLDABLE_SITES or container is None:
                 raise ValueError(f"Cannot fold a rotation of layer {layer} {site}: only the inputs of the attention "
                                  f"and MLP modules ({', '.join(FOLDABLE_SITES)}) can be rotated")
-            q = q.to(block.projections[next(n for n, p in block.projections.items() if p.site == site)].module.weight.device)
+            device = next(p for p in block.projections.values() if p.site == site).module.weight.device
+            q = q.to(device)
+            w_map = weight_maps.get((layer, site), q).to(device=device, dtype=q.dtype)
             with torch.no_grad():
                 for proj in block.projections.values():
                     if proj.site != site:
@@ -65,7 +73,7 @@ class FoldedRotations:
                         raise ValueError(f"Rotation of layer {layer} {site} is {tuple(q.shape)}, but {proj.key} "
                                          f"reads {weight.shape[1]} inputs")
                     self._originals.append((weight, weight.detach().to("cpu", copy=True)))
-                    weight.copy_((weight.to(q.dtype) @ q).to(weight.dtype))
+                    weight.copy_((weight.to(q.dtype) @ w_map).to(weight.dtype))
             self.hooks.pre(container, self._hook(q), with_kwargs=True)
             self.sites[(layer, site)] = q
 
