@@ -30,10 +30,12 @@ METHODS = {
     "rsparse_last_fraction": ("rsparse", {"sparse_share": 0.8, "token_policy": "last_fraction", "token_fraction": 0.25}),
     "larosa": ("larosa", {}),
 }
-# LaRoSA's rotation modes, where this version has the option (folded: W·Q in the model)
+# LaRoSA's rotation modes (folded: W·Q in the model, the container's input rotated; runtime:
+# topk(x·Q)·Qᵀ in the hook) and tie rules, where this version has the options
 if "rotation" in {f.name for f in dataclasses.fields(LarosaOptions)}:
     METHODS["larosa_runtime"] = ("larosa", {"rotation": "runtime"})
-    METHODS["larosa_folded"] = ("larosa", {"rotation": "folded"})
+    METHODS["larosa_folded_break_shared_q"] = ("larosa", {"rotation": "folded", "ties": "break",
+                                                          "mlp_rotation": "attention"})
 FAMILIES = ("llama", "qwen3", "gemma3_text")
 CASES = [(m, f) for m in METHODS for f in FAMILIES[:2]] + [("teal", "gemma3_text"), ("larosa", "gemma3_text")]
 CHECK_IDS = random_ids(2, 48, seed=7)
@@ -131,8 +133,12 @@ def test_export_runs_sparse_without_spon_exp_bit_for_bit(tmp_path):
         assert not torch.allclose(got["dense"], got["sparse"], atol=1e-3), case  # the hooks really sparsify
         spec = json.loads((folder / "sparse_runtime.json").read_text())
         assert len(spec["biases"]) == 14 and len(spec["projections"]) == 14, case
-        rotated = [e for e in spec["projections"] if e.get("rotation")]
-        assert (len(rotated) == 10) == (METHODS[case[0]][0] == "larosa"), case  # q/k/v/gate/up of 2 layers
+        rotated = [e for e in spec["projections"] if e.get("rotation")]  # rotated in the hook: q/k/v/gate/up
+        larosa = METHODS[case[0]][0] == "larosa"
+        if larosa and spec["sparsifier"].get("rotation", "runtime") == "folded":
+            assert not rotated and len(spec["folded_rotations"]) == 4, case  # attention + MLP input, 2 layers
+        else:
+            assert len(rotated) == (10 if larosa else 0) and not spec["folded_rotations"], case
 
 
 def test_bias_free_families_get_their_biases_from_the_runtime(tmp_path):
@@ -236,3 +242,21 @@ def test_push_to_hub_uploads_the_folder_through_the_hub_api(tmp_path, monkeypatc
     local = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
     assert received == local and "modeling_spon_sparse.py" in received
     assert ("POST", "/api/models/someone/sparse-llama/commit/main") in calls
+
+
+@pytest.mark.parametrize("ties", ["keep", "break"])
+def test_runtime_topk_equals_the_methods_mask_also_on_ties(ties):
+    """The runtime's top-k (torch only) against the mask the methods use (the fused CPU kernel
+    where it is built, else torch), on scores with many exact ties at the cut."""
+    from spon_exp.export.modeling_spon_sparse import topk_mask
+    from spon_exp.sparsifiers.scoring import magnitude_topk_mask
+
+    x = torch.randint(-4, 5, (64, 96), generator=torch.Generator().manual_seed(1)).float() / 4
+    scale = torch.rand(96, generator=torch.Generator().manual_seed(2))
+    for keep, c in ((30, None), (48, scale), (1, None), (95, None)):
+        expected = magnitude_topk_mask(x, keep, ties, c)
+        score = x.abs() if c is None else x.abs() * c
+        got = topk_mask(score, keep, ties)
+        assert torch.equal(got, expected), (keep, ties)
+        if ties == "break":
+            assert (got.sum(-1) == keep).all()

@@ -103,8 +103,11 @@ def model_card(results: dict, config: dict, spec: dict, repo_id: str | None = No
         "```",
         "",
         f'With spon-exp installed: `from spon_exp import load_sparse_model; model = load_sparse_model("{where}")`.',
-        "Without `trust_remote_code`, transformers loads the plain base weights: dense, without the SPON biases "
-        "(not the measured model).",
+        ("Without `trust_remote_code` this folder is **not usable**: the rotations are folded into the weights "
+         "(`W·Q`) and only the runtime rotates the inputs to match."
+         if spec.get("folded_rotations") else
+         "Without `trust_remote_code`, transformers loads the plain base weights: dense, without the SPON biases "
+         "(not the measured model)."),
         "",
         "## How the folded SPON bias works",
         "",
@@ -123,9 +126,12 @@ def model_card(results: dict, config: dict, spec: dict, repo_id: str | None = No
         "TEAL's `|x| > τ`; `threshold`: score `> τ`; `topk`: the `keep` largest scores per token), its score "
         "(`|x|`, or `|x|·‖W[:, i]‖₂` with `column_norm`), its input site and the token policy "
         f"(`{spec['token_policy']}`); projections of one site that share a mask compute it once."
-        + (f" Rotated sites: {', '.join(rotated)} (the input is `x·Q`, masked in that basis"
-           + (", then multiplied back by `Qᵀ`)." if spec.get("rotate_back") else
-              "; `Q` is folded into the consumer weights, `W·Q`).") if rotated else "")
+        + (f" Rotated sites: {', '.join(rotated)} (each consumer's hook computes `x·Q`, masks it in that basis "
+           "and multiplies it back by `Qᵀ`)." if rotated else "")
+        + (f" Rotated sites: {', '.join(sorted({f['site'].split('.', 1)[1] for f in spec['folded_rotations']}))} "
+           "(`Q` is folded into the consumers' weights, `W·Q`, in `model.safetensors`; a pre-hook on the attention / "
+           "MLP module rotates its input once, `x·Q`, and the consumers mask the rotated input)."
+           if spec.get("folded_rotations") else "")
         + (" R-Sparse's dropped channels go through the rank-r path `U_r S_r V_rᵀ (x − x ⊙ m)`, added to the "
            "output." if any(e.get("low_rank") for e in spec["projections"]) else ""),
         "",

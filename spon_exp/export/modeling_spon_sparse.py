@@ -18,9 +18,12 @@ exported weights and then :func:`attach_sparse_runtime` puts the masking on it:
 - a forward pre-hook on each projection masks its input: a magnitude threshold
   (``hardshrink``), a score threshold or per-token top-k, on ``|x|`` or ``|x|·‖W[:, i]‖₂``;
   where the state holds a rotation ``Q`` for the projection's input site, the input is
-  ``x·Q``, masked in that basis, and multiplied back by ``Qᵀ`` only when the method keeps
-  its rotation at run time (``rotate_back``; a method that folded ``Q`` into the consumer
-  weights, ``W·Q``, feeds the masked rotated input straight to them);
+  ``x·Q``, masked in that basis, and multiplied back by ``Qᵀ`` when the method keeps its
+  rotation at run time (``rotate_back``); a method that folded ``Q`` into the consumer
+  weights (``W·Q``, saved so in ``model.safetensors``) lists the site under
+  ``folded_rotations``: a pre-hook on the site's container (the attention or MLP module)
+  rotates its input once, always (the dense function needs it too), and the consumers mask
+  the rotated input;
 - R-Sparse's low-rank path for the dropped channels, ``U_r S_r V_rᵀ (x − x ⊙ m)``, is a
   forward hook that adds it to the projection's output;
 - the token policy (which trailing tokens of a forward are sparsified) and the sharing of
@@ -60,14 +63,26 @@ def sparsified_tokens(policy: dict, num_tokens: int) -> int:
     return n
 
 
-def topk_mask(score: torch.Tensor, keep: int) -> torch.Tensor:
-    """The ``keep`` highest scores along the last dimension (ties broken by ``torch.topk``)."""
-    if keep >= score.shape[-1]:
+def topk_mask(score: torch.Tensor, keep: int, ties: str = "break") -> torch.Tensor:
+    """The ``keep`` highest scores along the last dimension. Scores equal to the ``keep``-th
+    largest at the cut: ``keep`` keeps them all; ``break`` keeps exactly ``keep``, taking the
+    tied entries of lowest index."""
+    width = score.shape[-1]
+    if keep >= width:
         return torch.ones_like(score, dtype=torch.bool)
-    mask = torch.zeros_like(score, dtype=torch.bool)
-    if keep > 0:
-        mask.scatter_(-1, score.topk(keep, dim=-1).indices, True)
-    return mask
+    if keep <= 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    kth = score.kthvalue(width - keep + 1, dim=-1, keepdim=True).values
+    if ties == "keep":
+        return score >= kth
+    above, tied = score > kth, score == kth
+    room = keep - above.sum(dim=-1, keepdim=True)
+    return above | (tied & (tied.cumsum(dim=-1) <= room))
+
+
+def rotate(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``x·Q`` computed in ``Q``'s dtype, returned in ``x``'s."""
+    return (x.to(q.dtype) @ q.to(x.device)).to(x.dtype)
 
 
 class _Site:
@@ -80,6 +95,7 @@ class _Site:
         self.mask = entry["mask"]  # hardshrink / threshold / topk
         self.threshold = entry.get("threshold")
         self.keep = entry.get("keep")
+        self.ties = entry.get("ties", "break")
         self.score_float32 = bool(entry.get("score_float32", False))
         device = module.weight.device
         self.column_norm = tensors[entry["column_norm"]].to(device) if entry.get("column_norm") else None
@@ -106,7 +122,7 @@ class _Site:
         score = score.abs()
         if self.column_norm is not None:
             score = score * self.column_norm.to(score.device)
-        mask = topk_mask(score, self.keep) if self.mask == "topk" else score > self.threshold
+        mask = topk_mask(score, self.keep, self.ties) if self.mask == "topk" else score > self.threshold
         return q, z, mask
 
     def keep_mask(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,7 +155,8 @@ class SparseRuntime:
         self._shared: dict[str, list] = {}
         self._stash: dict[str, torch.Tensor] = {}
         modules = dict(model.named_modules())
-        missing = [e["module"] for e in spec["projections"] if e["module"] not in modules]
+        missing = [e["module"] for e in spec["projections"] + spec.get("folded_rotations", [])
+                   if e["module"] not in modules]
         if missing:
             raise ValueError(f"The model has no modules {missing[:3]} named in {SPEC_FILE}: it is not the model "
                              f"this state was exported from")
@@ -150,6 +167,10 @@ class SparseRuntime:
             key = (site.site, site.share)
             self._consumers[key] = self._consumers.get(key, 0) + 1
         self._set_biases(modules, tensors)
+        for folded in spec.get("folded_rotations", []):  # always on: the weights are W·Q
+            container = modules[folded["module"]]
+            q = tensors[folded["rotation"]].to(next(container.parameters()).device)
+            self._handles.append(container.register_forward_pre_hook(self._rotation_hook(q), with_kwargs=True))
         for site, module in self.sites:
             if site.low_rank is not None:  # stash the input before it is masked
                 self._handles.append(module.register_forward_pre_hook(self._stash_hook(site)))
@@ -207,6 +228,16 @@ class SparseRuntime:
             if consumers > 1:  # q/k/v (gate/up) read one input: mask it once for all of them
                 self._shared[site.site] = [x, site.share, out, consumers - 1]
             return (out, *args[1:])
+        return hook
+
+    @staticmethod
+    def _rotation_hook(q: torch.Tensor):
+        def hook(module, args, kwargs):
+            if args:
+                return (rotate(args[0], q), *args[1:]), kwargs
+            if "hidden_states" in kwargs:
+                return args, {**kwargs, "hidden_states": rotate(kwargs["hidden_states"], q)}
+            raise RuntimeError(f"{type(module).__name__} was called without hidden states to rotate")
         return hook
 
     def _stash_hook(self, site: _Site):
