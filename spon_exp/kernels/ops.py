@@ -2,9 +2,9 @@
 
 ``torch.ops.spon_exp.sparse_linear(x, weight_t, bias, mode)`` computes ``x @ weight_t + bias``
 (``weight_t = W.T`` contiguous, ``[in, out]``) and skips the rows of ``weight_t`` whose
-input is zero. Registered with :func:`torch.library.custom_op`, so ``torch.compile`` sees
-one op (with a fake implementation for shapes) instead of an opaque ``ctypes`` or Triton
-call, and CUDA graphs capture it like any other op.
+input is zero. Registered through :mod:`torch.library` (schema, a CPU and a CUDA kernel, a
+fake implementation for shapes), so ``torch.compile`` sees one op instead of an opaque
+``ctypes`` or Triton call, and CUDA graphs capture it like any other op.
 
 - **CPU**: the C kernel of :mod:`spon_exp.kernels.sparse_matvec` (float32, one token;
   ``mode`` picks its split strategy, ``ordered`` / ``ordered_dense`` being the bit-identical
@@ -15,7 +15,7 @@ call, and CUDA graphs capture it like any other op.
   masked-dense reference and the other modes skip). More than 8 tokens (prefill) or another
   dtype: dense ``F.linear``. triton is imported at the first CUDA call, so the library and
   the CPU op work without it.
-- any other device: dense ``F.linear``.
+- any other device: dense ``F.linear`` (in :func:`sparse_linear`, before the op).
 
 :func:`sparse_linear` is the entry point the decode path calls: it checks shapes and mode
 and computes densely when autograd needs a backward (the op has none).
@@ -37,20 +37,20 @@ def _dense(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor]
     return F.linear(x, weight_t.t(), bias)
 
 
-@torch.library.custom_op("spon_exp::sparse_linear", mutates_args=())
-def sparse_linear_op(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor], mode: str) -> torch.Tensor:
-    """Devices without a sparse kernel: the dense product."""
-    return _dense(x, weight_t, bias)
+# torch.library's low-level registration rather than torch.library.custom_op, whose Python
+# autograd layer and checks make every call several times dearer: a decode step makes one
+# call per projection, about 200 on small models. Inference only: no autograd kernel
+# (sparse_linear below computes densely whenever a gradient is needed).
+_library = torch.library.Library("spon_exp", "FRAGMENT")
+_library.define("sparse_linear(Tensor x, Tensor weight_t, Tensor? bias, str mode) -> Tensor")
 
 
-@sparse_linear_op.register_kernel("cpu")
 def _cpu(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor], mode: str) -> torch.Tensor:
     if x.numel() == weight_t.shape[0]:  # one token: the C kernel (dense fallback inside for other dtypes)
         return cpu_kernel.sparse_matvec(x, weight_t, bias, mode=mode)
     return _dense(x, weight_t, bias)
 
 
-@sparse_linear_op.register_kernel("cuda")
 def _cuda(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor], mode: str) -> torch.Tensor:
     from spon_exp.kernels import triton_gemv
 
@@ -64,9 +64,16 @@ def _cuda(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor],
     return y.reshape(*x.shape[:-1], out_features)
 
 
-@sparse_linear_op.register_fake
+_library.impl("sparse_linear", _cpu, "CPU")
+_library.impl("sparse_linear", _cuda, "CUDA")
+
+
+@torch.library.register_fake("spon_exp::sparse_linear")
 def _fake(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor], mode: str) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
+
+
+sparse_linear_op = torch.ops.spon_exp.sparse_linear.default
 
 
 def sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None,
@@ -84,6 +91,7 @@ def sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | 
         raise ValueError(f"bias has {bias.numel()} entries, expected {weight_t.shape[1]}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight_t, bias)):
-        return _dense(x, weight_t, bias)  # the op has no backward
+    if x.device.type not in ("cpu", "cuda") or (
+            torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight_t, bias))):
+        return _dense(x, weight_t, bias)  # no kernel on this device, or a backward is needed
     return sparse_linear_op(x, weight_t, bias, mode)
