@@ -99,12 +99,18 @@ def test_diagnose_smoke_run(smoke_run, capsys):
     assert len(rows) == 6 and {r["variant"] for r in rows} == {"dense", "sparse", "spon"}
     assert float(rows[2]["rel_l2"]) == pytest.approx(drift["sparse"]["rel_l2"][0])
 
-    # diagnosing again replaces the earlier diagnosis, and logs to the same diagnostics run
+    # diagnosing again replaces the earlier diagnosis, and logs to the same diagnostics run; a
+    # results.json from before per-projection values were kept: measured on the diagnosis sequences
+    older = {**results, "sparsity": {k: v for k, v in results["sparsity"].items() if k != "per_projection"}}
+    (run_dir / "results.json").write_text(json.dumps(older))
     capsys.readouterr()
     assert diagnose_main([str(run_dir), "--max-length", "32", "--sequences", "1"]) == 0
     assert f"W&B: logged to run {run_id}-diagnostics (offline)" in capsys.readouterr().out
-    assert json.loads((folder / "diagnostics.json").read_text())["data"] == {
-        "corpus": "wikipedia", "split": "evaluation", "sequences": 1, "max_length": 32}
+    again = json.loads((folder / "diagnostics.json").read_text())
+    assert again["data"] == {"corpus": "wikipedia", "split": "evaluation", "sequences": 1, "max_length": 32}
+    assert again["sparsity"]["source"].startswith("measured by spon-exp-diagnose")
+    assert again["sparsity"]["per_projection"].keys() == results["sparsity"]["per_projection"].keys()
+    assert all(0.2 < v < 0.8 for v in again["sparsity"]["per_projection"].values())
 
 
 def test_diagnose_refuses_a_folder_without_a_run(tmp_path, capsys):
@@ -116,3 +122,15 @@ def test_diagnose_refuses_a_length_beyond_the_context(smoke_run, capsys):
     run_dir, _ = smoke_run
     assert diagnose_main([str(run_dir), "--max-length", "100000", "--no-wandb"]) == 2
     assert "--max-length must be in [2, 512]" in capsys.readouterr().err
+
+
+def test_diagnose_a_dense_run_has_only_the_dense_variant(tmp_path):
+    from spon_exp.runner import run
+    from tests.test_app import compose_cfg, strip_hydra
+
+    run_dir = tmp_path / "run"
+    run(strip_hydra(compose_cfg(["experiment=smoke", "sparsifier=dense"], tmp_path)), run_dir)
+    assert diagnose_main([str(run_dir), "--max-length", "32", "--sequences", "1"]) == 0
+    d = json.loads((run_dir / "diagnostics" / "diagnostics.json").read_text())
+    assert d["variants"] == ["dense"] and d["figure1"]["average"] == {} and d["drift"]["dense"]["rel_l2"] == [0.0, 0.0]
+    assert not (run_dir / "diagnostics" / "figure1.png").exists()
