@@ -124,7 +124,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, device: str =
         spec, tensors = runtime_spec(sparsifier, biases)
     except NotExportableError as e:
         raise ExportError(str(e)) from None
-    spec["run"] = {"config_hash": chash, "run_dir": str(run_dir.resolve()), "model": model_cfg["path"],
+    spec["run"] = {"config_hash": chash, "run_folder": run_dir.resolve().name, "model": model_cfg["path"],
                    "spon_exp_version": results.get("spon_exp_version")}
     ids = torch.randint(0, model.config.vocab_size, CHECK_SHAPE, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
