@@ -1,6 +1,7 @@
 """TEAL greedy allocation, WINA, R-Sparse and LaRoSA: hand-computed masks and outputs,
 measured sparsity on calibration data, SPON fold equivalence and saved-state round trips."""
 
+import json
 import math
 
 import pytest
@@ -310,6 +311,52 @@ def test_wina_greedy_allocates_per_projection_top_k():
         assert per[p.key] == pytest.approx(1 - keep / p.module.in_features), p.key
 
 
+def test_rsparse_share_file_plain_magnitude_where_the_share_is_one(tmp_path):
+    lm = tiny("llama")
+    blocks = find_decoder_blocks(lm.model)
+    n = len(blocks) * 7
+    shares = [1.0 if i % 2 == 0 else 0.5 for i in range(n)]  # q, v, gate, down of layer 0 at 1 ...
+    path = tmp_path / "search.npy"
+    path.write_text("\n".join(f"{v:.18e}" for a in shares for v in (a, 0.5)))  # the authors' text layout
+    sp = build_sparsifier("rsparse", sparsity=0.5, sparse_share_file=str(path)).attach(lm.model)
+    sp.calibrate(lm.model, random_ids(4, 32).split(2))
+    q, k = blocks[0].projections["q_proj"], blocks[0].projections["k_proj"]
+    assert sp.share(q) == 1.0 and sp.share(k) == 0.5
+    assert sp.rank(q) == 0 and sp.factors[q.key][0].shape[0] == 0 and sp.rank(k) > 0
+    x = torch.randn(3, 5, q.module.in_features, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(sp.score(q, x), x.abs())  # plain |x|, no column norms
+    assert torch.equal(sp.score(k, x), x.abs() * k.module.weight.float().norm(dim=0))
+    masked, _ = sp.sparsify(q, x, False)
+    assert torch.equal(masked, x * (x.abs() > sp.thresholds[q.key]))
+    path.write_text("\n".join(f"{v}" for a in shares for v in (a, 0.4)))
+    with pytest.raises(ValueError, match="searched at sparsity"):
+        build_sparsifier("rsparse", sparsity=0.5, sparse_share_file=str(path)).attach(tiny("llama").model)
+    path.write_text("1.0\n0.5\n")
+    with pytest.raises(ValueError, match="holds 2 numbers"):
+        build_sparsifier("rsparse", sparsity=0.5, sparse_share_file=str(path)).attach(tiny("llama").model)
+    as_json = tmp_path / "search.json"
+    as_json.write_text(json.dumps({f"{p.layer}.{p.name}": [0.8, 0.5] for p in sp.projections}))
+    from_json = build_sparsifier("rsparse", sparsity=0.5, sparse_share_file=str(as_json)).attach(tiny("llama").model)
+    assert set(from_json.shares.values()) == {0.8}
+
+
+def test_rsparse_reference_budget_formula():
+    lm = tiny("llama")
+    sp = build_sparsifier("rsparse", sparsity=0.5, sparse_share=0.8, budget="reference").attach(lm.model)
+    block = sp.blocks[0]
+    hidden = block.projections["q_proj"].module.in_features
+    k = block.projections["k_proj"]
+    # k as hidden × hidden: channels = max(int(h·0.5·0.8), 1); rank = int((h²·0.5 − channels·h) / 2h)
+    channels = max(int(hidden * 0.5 * 0.8), 1)
+    expected = max(int((hidden * hidden * 0.5 - channels * hidden) / (2 * hidden)), 1)
+    assert sp.rank(k) == min(expected, k.module.out_features, hidden)
+    assert sp.keep_fraction(k) == pytest.approx(0.4)
+    down = block.projections["down_proj"]
+    d_in, d_out = down.module.in_features, down.module.out_features
+    channels = max(int(d_in * 0.5 * 0.8), 1)
+    assert sp.rank(down) == max(int((d_in * d_out * 0.5 - channels * d_out) / (d_in + d_out)), 1)
+
+
 # ----------------------------------------------------------------------------- LaRoSA
 def test_larosa_hand_computed_rotated_topk():
     model = toy_model(2)
@@ -538,6 +585,37 @@ def test_options_are_the_schema_constructor_and_description():
         TealOptions(greedy_step=0)  # range checks live in the options
     with pytest.raises(TypeError):
         build_sparsifier("teal", sparsity=0.5, alocation="greedy")
+
+
+@pytest.mark.parametrize("tokens,ceil_n,floor_n", [(7, 4, 3), (8, 4, 4), (2, 1, 1), (1, 1, 1)])
+def test_last_half_floor_sparsifies_exactly_floor_half(tokens, ceil_n, floor_n):
+    """TEAL's reference sparsifies the last floor(T/2) tokens of a multi-token forward."""
+    lm = tiny("llama")
+    for rounding, expected in (("ceil", ceil_n), ("floor", floor_n)):
+        sp = build_sparsifier("teal", sparsity=0.5, token_policy="last_half", token_rounding=rounding).attach(lm.model)
+        sp.load_state_dict({f"threshold.{p.key}": torch.tensor(1e9) for p in sp.projections})  # drop everything
+        q = sp.blocks[0].projections["q_proj"].module
+        x = torch.ones(1, tokens, q.in_features)
+        seen = []
+        with torch.no_grad(), HookSetFor(q, seen):
+            q(x)
+        zero_rows = int((seen[0][0] == 0).all(-1).sum())
+        assert zero_rows == expected and bool((seen[0][0, : tokens - expected] == 1).all()), rounding
+        sp.detach()
+
+
+class HookSetFor:
+    """Record the input a module's forward receives after its pre-hooks."""
+
+    def __init__(self, module, seen):
+        self.module, self.seen = module, seen
+
+    def __enter__(self):
+        self.handle = self.module.register_forward_pre_hook(lambda m, args: self.seen.append(args[0].clone()))
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
 
 
 def test_hook_set_switches_off_and_removes_every_hook():

@@ -56,7 +56,8 @@ def sparsified_tokens(policy: dict, num_tokens: int) -> int:
     if kind == "all" or num_tokens == 1:
         n = num_tokens
     else:
-        n = max(1, math.ceil(num_tokens * (0.5 if kind == "last_half" else float(policy.get("fraction", 0.5)))))
+        share = num_tokens * (0.5 if kind == "last_half" else float(policy.get("fraction", 0.5)))
+        n = max(1, math.floor(share) if policy.get("rounding") == "floor" else math.ceil(share))
     dense_first = float(policy.get("dense_first_fraction", 0.0))
     if dense_first > 0 and num_tokens > 1:
         n = min(n, int(num_tokens * (1.0 - dense_first)))

@@ -52,8 +52,9 @@ def _wina(sp, p: Projection, tensors: dict) -> dict:
 
 
 def _rsparse(sp, p: Projection, tensors: dict) -> dict:
-    entry = {"mask": "threshold", "threshold": float(sp.thresholds[p.key]), "score_float32": True,
-             "column_norm": _put(tensors, f"column_norm.{p.key}", sp.column_norms(p))}
+    entry = {"mask": "threshold", "threshold": float(sp.thresholds[p.key]), "score_float32": True}
+    if sp.uses_norm(p):  # plain |x| where the share is 1 (the reference's sparse mode)
+        entry["column_norm"] = _put(tensors, f"column_norm.{p.key}", sp.column_norms(p))
     down, up = sp.factors[p.key]
     if down.shape[0] > 0:
         entry["low_rank"] = [_put(tensors, f"factor_down.{p.key}", down), _put(tensors, f"factor_up.{p.key}", up)]

@@ -28,6 +28,7 @@ from spon_exp.models.adapters import DecoderBlock, Projection, find_decoder_bloc
 from spon_exp.sparsifiers.hooks import HookSet, Switchable
 
 TOKEN_POLICIES = ("all", "last_half", "last_fraction")
+TOKEN_ROUNDINGS = ("ceil", "floor")
 
 
 def check_sparsity(sparsity: float) -> float:
@@ -43,10 +44,13 @@ class SparsifierOptions:
     projections: str = "all"  # all / attention / mlp / down_proj (from Python also a list of names)
     token_policy: str = "all"  # all / last_half / last_fraction (prefill tokens sparsified)
     token_fraction: float = 0.5  # for last_fraction
+    token_rounding: str = "ceil"  # ceil(T·f) / floor(T·f) tokens sparsified (TEAL's reference: floor(T/2))
 
     def __post_init__(self) -> None:
         if self.token_policy not in TOKEN_POLICIES:
             raise ValueError(f"token_policy must be one of {TOKEN_POLICIES}, got {self.token_policy!r}")
+        if self.token_rounding not in TOKEN_ROUNDINGS:
+            raise ValueError(f"token_rounding must be one of {TOKEN_ROUNDINGS}, got {self.token_rounding!r}")
         if not 0.0 < self.token_fraction <= 1.0:
             raise ValueError(f"token_fraction must be in (0, 1], got {self.token_fraction}")
 
@@ -57,7 +61,8 @@ class TokenPolicy:
     token always is.
 
     ``kind``: ``all``; ``last_half``; ``last_fraction`` (the last ``ceil(T·fraction)``, at
-    least one). ``dense_first_fraction`` ``f`` also keeps the leading tokens of a
+    least one; ``rounding="floor"`` takes ``floor(T·fraction)``, at least one: TEAL's
+    reference sparsifies the last ``⌊T/2⌋``). ``dense_first_fraction`` ``f`` also keeps the leading tokens of a
     multi-token forward dense by sparsifying at most the last ``int(T·(1 − f))`` (WINA's
     reference prefill, f = 0.01); the fewer sparsified tokens win.
     """
@@ -65,13 +70,15 @@ class TokenPolicy:
     kind: str = "all"
     fraction: float = 0.5
     dense_first_fraction: float = 0.0
+    rounding: str = "ceil"
 
     def sparsified(self, num_tokens: int) -> int:
         """How many trailing tokens of a forward of ``num_tokens`` are sparsified."""
         if self.kind == "all" or num_tokens == 1:
             n = num_tokens
         else:
-            n = max(1, math.ceil(num_tokens * (0.5 if self.kind == "last_half" else float(self.fraction))))
+            share = num_tokens * (0.5 if self.kind == "last_half" else float(self.fraction))
+            n = max(1, math.floor(share) if self.rounding == "floor" else math.ceil(share))
         if self.dense_first_fraction > 0 and num_tokens > 1:
             n = min(n, int(num_tokens * (1.0 - self.dense_first_fraction)))
         return n
@@ -109,7 +116,7 @@ class Sparsifier(Switchable):
             raise TypeError(f"{self.name} sparsifier options must be {self.Options.__name__}, got {type(options).__name__}")
         self.options = options
         self.seed = seed  # calibration sampling
-        self.tokens = TokenPolicy(options.token_policy, options.token_fraction)
+        self.tokens = TokenPolicy(options.token_policy, options.token_fraction, rounding=options.token_rounding)
         self.hooks = HookSet()
         self._attached = False
         self.blocks: list[DecoderBlock] = []

@@ -20,18 +20,36 @@ so a token counts ``in − kept − r·(in+out)/out`` dropped entries (the budge
 
 The reference evaluation sparsifies only the last 10 % of the tokens:
 ``token_policy=last_fraction token_fraction=0.1``.
+
+Per-module shares (``sparse_share_file``): the authors' released evolutionary search
+(VITA-Group/R-Sparse ``config/llama3_sparsity_50_evolutionary_search.npy``, read there with
+``np.loadtxt`` although named ``.npy``) is a flat list of ``(share α, sparsity s)`` pairs,
+one per linear layer in module order: for each decoder layer q, k, v, o, gate, up, down
+(32 layers × 7 × 2 = 448 numbers for Llama-3-8B). spon-exp reads that text layout, a real
+``.npy`` array of the same numbers (flat or ``[modules, 2]``), or a ``.json`` holding the
+same list or ``{"<layer>.<projection>": [α, s]}``. Its sparsities must equal the run's.
+
+Where a module's share is 1 the reference runs plain sparsity: mask ``|x_i| > tau`` with no
+column norms and no rank path (``full_share_scoring=magnitude``, the default; ``norm`` keeps
+the norm-weighted score). ``budget=reference`` computes the budget as the reference does:
+kept channels ``max(int(in·(1−s)·α), 1)`` (the threshold's target), rank
+``max(int((in·out·(1−s) − channels·out) / (in+out)), 1)`` with every attention projection
+sized hidden × hidden (so k/v, whose true output is smaller, get the rank of q).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spon_exp.models.adapters import Projection
+from spon_exp.models.adapters import PROJECTIONS, Projection
 from spon_exp.sparsifiers.base import Sparsifier
 from spon_exp.sparsifiers.calibration import CalibratedOptions, calibration_passes, exact_threshold, record_inputs
 from spon_exp.sparsifiers.scoring import ColumnNorms
@@ -87,12 +105,54 @@ class RSparseOptions(CalibratedOptions):
     """R-Sparse's options (``sparsifier=rsparse``)."""
 
     sparse_share: float = 0.95  # rho: budget share of kept channels; 1 = plain sparsity, no rank path
+    sparse_share_file: Optional[str] = None  # per-module (share, sparsity) pairs, the authors' search layout
+    full_share_scoring: str = "magnitude"  # where the share is 1: magnitude |x| (reference) / norm |x|·‖W_i‖
+    budget: str = "exact"  # exact (true shapes, rank from the share) / reference (the authors' formula)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 < self.sparse_share <= 1.0:
             raise ValueError(f"sparse_share must be in (0, 1] (1 = plain sparsity, no low-rank path), "
                              f"got {self.sparse_share}")
+        if self.full_share_scoring not in ("magnitude", "norm"):
+            raise ValueError(f"full_share_scoring must be magnitude or norm, got {self.full_share_scoring!r}")
+        if self.budget not in ("exact", "reference"):
+            raise ValueError(f"budget must be exact or reference, got {self.budget!r}")
+        if self.sparse_share_file is not None and not Path(self.sparse_share_file).expanduser().is_file():
+            raise ValueError(f"sparse_share_file {self.sparse_share_file!r} does not exist: give the path of the "
+                             f"(share, sparsity) list (.npy text or array, or .json)")
+
+
+def read_share_file(path: str | Path, projections: list[Projection]) -> dict[str, tuple[float, float]]:
+    """``{projection key: (share, sparsity)}`` from a share file (layouts: module docstring)."""
+    import numpy as np
+
+    path = Path(path).expanduser()
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+        if isinstance(data, dict):
+            try:
+                pairs = {k: (float(v[0]), float(v[1])) for k, v in data.items()}
+            except (TypeError, ValueError, IndexError) as e:
+                raise ValueError(f"{path}: a JSON object must map '<layer>.<projection>' to [share, sparsity] ({e})")
+            missing = [p.key for p in projections if p.key not in pairs]
+            if missing:
+                raise ValueError(f"{path} has no (share, sparsity) for {missing[:5]}")
+            return {p.key: pairs[p.key] for p in projections}
+        values = np.asarray(data, dtype=np.float64).reshape(-1)
+    else:
+        try:
+            values = np.load(path, allow_pickle=False).astype(np.float64).reshape(-1)
+        except (ValueError, OSError):  # the authors' file is text despite its name
+            values = np.loadtxt(path, dtype=np.float64).reshape(-1)
+    layers = sorted({p.layer for p in projections})
+    expected = 2 * len(PROJECTIONS) * len(layers)
+    if values.size != expected:
+        raise ValueError(f"{path} holds {values.size} numbers; this model needs {expected} "
+                         f"({len(layers)} layers × {len(PROJECTIONS)} projections × (share, sparsity))")
+    order = {(layer, name): i for i, (layer, name) in enumerate((lay, n) for lay in layers for n in PROJECTIONS)}
+    return {p.key: (float(values[2 * order[(p.layer, p.name)]]), float(values[2 * order[(p.layer, p.name)] + 1]))
+            for p in projections}
 
 
 class RSparseSparsifier(Sparsifier):
@@ -104,26 +164,60 @@ class RSparseSparsifier(Sparsifier):
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.column_norms = ColumnNorms()
         self._inputs: dict[str, torch.Tensor] = {}  # original input, pre-hook -> forward hook
+        self.shares: dict[str, float] = {}  # per projection, from sparse_share_file
 
     # ----------------------------------------------------------------- budget
+    def share(self, proj: Projection) -> float:
+        return self.shares.get(proj.key, self.options.sparse_share)
+
+    def _reference_shape(self, proj: Projection) -> tuple[int, int]:
+        """The (in, out) the authors' budget uses: hidden × hidden for every attention projection."""
+        if proj.site in ("qkv_input", "o_proj_input"):
+            hidden = self.blocks[0].projections["q_proj"].module.in_features
+            return hidden, hidden
+        return proj.module.in_features, proj.module.out_features
+
     def rank(self, proj: Projection) -> int:
-        lin = proj.module
-        return rsparse_rank(lin.in_features, lin.out_features, self.sparsity, self.options.sparse_share)
+        lin, share = proj.module, self.share(proj)
+        if self.options.budget == "exact" or share >= 1.0:
+            return rsparse_rank(lin.in_features, lin.out_features, self.sparsity, share)
+        n_in, n_out = self._reference_shape(proj)
+        channels = max(int(n_in * (1.0 - self.sparsity) * share), 1)
+        rank = max(int((n_in * n_out * (1.0 - self.sparsity) - channels * n_out) / (n_in + n_out)), 1)
+        return min(rank, lin.in_features, lin.out_features)
 
     def keep_fraction(self, proj: Projection) -> float:
         lin = proj.module
+        if self.options.budget == "reference":
+            return (1.0 - self.sparsity) * self.share(proj)
         return rsparse_keep_fraction(lin.in_features, lin.out_features, self.sparsity, self.rank(proj))
+
+    def uses_norm(self, proj: Projection) -> bool:
+        return not (self.share(proj) >= 1.0 and self.options.full_share_scoring == "magnitude")
 
     def share_key(self, proj: Projection) -> Hashable:
         return proj.name  # column norms differ per matrix: every projection has its own mask
 
     def score(self, proj: Projection, x: torch.Tensor) -> torch.Tensor:
-        return x.detach().float().abs() * self.column_norms(proj).to(x.device)
+        s = x.detach().float().abs()
+        return s * self.column_norms(proj).to(x.device) if self.uses_norm(proj) else s
 
     # ------------------------------------------------------------------ hooks
     def attach(self, model: nn.Module) -> RSparseSparsifier:
         self.column_norms.clear()
-        return super().attach(model)
+        super().attach(model)
+        self.shares = {}
+        if self.options.sparse_share_file is not None:
+            pairs = read_share_file(self.options.sparse_share_file, self.projections)
+            off = sorted({s for _, s in pairs.values() if abs(s - self.sparsity) > 1e-6})
+            if off:
+                raise ValueError(f"{self.options.sparse_share_file} was searched at sparsity {off[:3]}, but this run "
+                                 f"asks sparsity={self.sparsity}: use a share file searched at the run's sparsity")
+            bad = sorted({a for a, _ in pairs.values() if not 0.0 <= a <= 1.0})
+            if bad:
+                raise ValueError(f"{self.options.sparse_share_file}: shares must be in [0, 1], found {bad[:3]}")
+            self.shares = {k: a for k, (a, _) in pairs.items()}
+        return self
 
     def register_hooks(self) -> None:
         super().register_hooks()
