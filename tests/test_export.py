@@ -19,6 +19,7 @@ from spon_exp.export import ExportError, export_run, load_sparse_model, push_fol
 from spon_exp.export.cli import main as export_main
 from spon_exp.sparsifiers import build_sparsifier
 from spon_exp.sparsifiers.larosa import LarosaOptions
+from spon_exp.sparsifiers.wina import WinaOptions
 from spon_exp.spon import Spon, TrainConfig, fold_alpha, load_sparse_state, save_sparse_state, train_alpha
 from tests.helpers import random_ids, tiny
 
@@ -30,6 +31,9 @@ METHODS = {
     "rsparse_last_fraction": ("rsparse", {"sparse_share": 0.8, "token_policy": "last_fraction", "token_fraction": 0.25}),
     "larosa": ("larosa", {}),
 }
+# WINA's transform (input map folded into the weights, like LaRoSA's folded rotation)
+if "transform" in {f.name for f in dataclasses.fields(WinaOptions)}:
+    METHODS["wina_transform"] = ("wina", {"transform": True})
 # LaRoSA's rotation modes (folded: W·Q in the model, the container's input rotated; runtime:
 # topk(x·Q)·Qᵀ in the hook) and tie rules, where this version has the options
 if "rotation" in {f.name for f in dataclasses.fields(LarosaOptions)}:
@@ -135,7 +139,7 @@ def test_export_runs_sparse_without_spon_exp_bit_for_bit(tmp_path):
         assert len(spec["biases"]) == 14 and len(spec["projections"]) == 14, case
         rotated = [e for e in spec["projections"] if e.get("rotation")]  # rotated in the hook: q/k/v/gate/up
         larosa = METHODS[case[0]][0] == "larosa"
-        if larosa and spec["sparsifier"].get("rotation", "runtime") == "folded":
+        if larosa and spec["sparsifier"].get("rotation", "runtime") == "folded" or spec["sparsifier"].get("transform"):
             assert not rotated and len(spec["folded_rotations"]) == 4, case  # attention + MLP input, 2 layers
         else:
             assert len(rotated) == (10 if larosa else 0) and not spec["folded_rotations"], case
