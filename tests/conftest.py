@@ -8,6 +8,15 @@ import os
 # shared 2-core machine, oversubscription): one thread per process, subprocesses included.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# Without CUDA the Triton GEMV is tested in Triton's interpreter (tests/test_triton_gemv.py),
+# which must be on before anything imports triton (torch._dynamo does, at collection): triton
+# jits its own library functions when first imported. With CUDA the gpu tests run the
+# compiled kernel instead.
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # --- slurm_cluster: a real local SLURM cluster (slurm/start_local_cluster.sh) ---
 import os
 import shutil
