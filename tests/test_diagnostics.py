@@ -95,7 +95,8 @@ def test_diagnose_smoke_run(smoke_run, capsys):
     assert collect_main([str(run_dir), "--out", str(out)]) == 0
     assert (out / "diagnostics_drift.png").read_bytes()[:8] == PNG_MAGIC
     assert (out / "diagnostics_figure1.png").read_bytes()[:8] == PNG_MAGIC
-    rows = list(csv.DictReader(open(out / "diagnostics_drift.csv")))
+    with open(out / "diagnostics_drift.csv") as f:
+        rows = list(csv.DictReader(f))
     assert len(rows) == 6 and {r["variant"] for r in rows} == {"dense", "sparse", "spon"}
     assert float(rows[2]["rel_l2"]) == pytest.approx(drift["sparse"]["rel_l2"][0])
 

@@ -28,7 +28,8 @@ METHODS = {
     "wina": ("wina", {}),
     "wina_threshold": ("wina", {"mode": "threshold", "norm_projections": "all"}),
     "rsparse": ("rsparse", {"sparse_share": 0.8}),
-    "rsparse_last_fraction": ("rsparse", {"sparse_share": 0.8, "token_policy": "last_fraction", "token_fraction": 0.25}),
+    "rsparse_last_fraction": ("rsparse", {"sparse_share": 0.8, "token_policy": "last_fraction",
+                                          "token_fraction": 0.25}),
     "larosa": ("larosa", {}),
 }
 # WINA's transform (input map folded into the weights, like LaRoSA's folded rotation)
@@ -92,7 +93,8 @@ import torch
 from transformers import AutoModelForCausalLM
 torch.set_num_threads(1)
 ids = torch.load(sys.argv[2])
-out = {"spon_exp_importable": spon_exp_importable, "modules": sorted(m for m in sys.modules if m.startswith("spon_exp"))}
+out = {"spon_exp_importable": spon_exp_importable,
+       "modules": sorted(m for m in sys.modules if m.startswith("spon_exp"))}
 logits = {}
 for folder in json.loads(sys.argv[3]):
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
@@ -117,7 +119,7 @@ def load_in_isolated_python(tmp_path: Path, folders: list[Path]) -> tuple[dict, 
            "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-I", "-S", str(script), json.dumps(paths), str(tmp_path / "ids.pt"),
                            json.dumps([str(f) for f in folders]), str(tmp_path / "logits.pt")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1]), torch.load(tmp_path / "logits.pt")
 

@@ -56,7 +56,7 @@ def length_grid(max_length: int, points: int = GRID_POINTS) -> list[int]:
         return list(range(1, max_length + 1))
     grid = {1, max_length}
     for i in range(points):
-        grid.add(int(round(math.exp(math.log(max_length) * i / (points - 1)))))
+        grid.add(round(math.exp(math.log(max_length) * i / (points - 1))))
     return sorted(g for g in grid if 1 <= g <= max_length)
 
 
@@ -162,7 +162,8 @@ def diagnose(run_dir: str | Path, max_length: int | None = None, sequences: int 
     grid = length_grid(length)
     out = {
         "run": {"config_hash": results["config_hash"], "model": model_cfg.get("name", model_cfg["path"]),
-                "sparsifier": results.get("sparsifier"), "target_sparsity": (results.get("sparsity") or {}).get("target"),
+                "sparsifier": results.get("sparsifier"),
+                "target_sparsity": (results.get("sparsity") or {}).get("target"),
                 "spon_count": results.get("spon_count")},
         "data": {"corpus": corpus, "split": "evaluation", "sequences": int(ids.shape[0]), "max_length": length},
         "variants": variants.names,
@@ -333,7 +334,8 @@ def _sparsity_json(results: dict, measured_here: dict | None) -> dict:
     if measured_here:
         return {"target": s.get("target"), "measured": s.get("measured"), "per_layer": s.get("per_layer"),
                 "per_projection": measured_here,
-                "source": "measured by spon-exp-diagnose on its sequences (results.json predates per-projection values)"}
+                "source": "measured by spon-exp-diagnose on its sequences "
+                          "(results.json predates per-projection values)"}
     return {"target": s.get("target"), "measured": s.get("measured"), "per_layer": s.get("per_layer"),
             "per_projection": {}, "source": "none (dense run)"}
 

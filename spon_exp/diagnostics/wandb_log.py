@@ -52,7 +52,8 @@ def log_diagnostics(run_dir: Path, config: dict, d: dict, folder: Path) -> dict 
                          group=logger.get("group") or config.get("sweep_name"),
                          config={"diagnoses": run_id.removesuffix(DIAGNOSTICS_SUFFIX), **d["run"]}, **common)
     try:
-        data = {f"diagnostics/plots/{name}": wandb.Image(str(folder / Path(path).name)) for name, path in d["plots"].items()}
+        data = {f"diagnostics/plots/{name}": wandb.Image(str(folder / Path(path).name))
+                for name, path in d["plots"].items()}
         rows = [[v, layer, rel, cos] for v, x in d["drift"].items()
                 for layer, rel, cos in zip(x["layer"], x["rel_l2"], x["cosine"])]
         data["diagnostics/tables/drift"] = wandb.Table(columns=["variant", "layer", "rel_l2", "cosine"], data=rows)
@@ -61,9 +62,11 @@ def log_diagnostics(run_dir: Path, config: dict, d: dict, folder: Path) -> dict 
             columns=["variant", "length", "always_kept"],
             data=[[v, t, c] for v, curve in f1["average"].items() for t, c in zip(f1["length"], curve)])
         kl = d["kl_curve"]
-        data["diagnostics/tables/kl_curve"] = wandb.Table(columns=["step", "kl"], data=list(map(list, zip(kl["step"], kl["kl"]))))
+        data["diagnostics/tables/kl_curve"] = wandb.Table(columns=["step", "kl"],
+                                                          data=[[s, k] for s, k in zip(kl["step"], kl["kl"])])
         data["diagnostics/tables/sparsity"] = wandb.Table(
-            columns=["projection", "measured_sparsity"], data=[[k, v] for k, v in d["sparsity"]["per_projection"].items()])
+            columns=["projection", "measured_sparsity"],
+            data=[[k, v] for k, v in d["sparsity"]["per_projection"].items()])
         run.log(data)
     finally:
         run.finish()

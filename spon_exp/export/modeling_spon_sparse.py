@@ -245,7 +245,6 @@ class SparseRuntime:
         def hook(module, args):
             if self.enabled and args:
                 self._stash[site.name] = args[0]
-            return None
         return hook
 
     def _low_rank_hook(self, site: _Site):
