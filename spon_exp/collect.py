@@ -41,7 +41,7 @@ def _row(results: dict, source: str) -> dict:
         "error": results.get("error"),
         "config_hash": results.get("config_hash"),
         "model": model.get("name") if isinstance(model, dict) else model,
-        "sparsifier": results.get("sparsifier"),
+        "sparsifier": results.get("sparsifier_label") or results.get("sparsifier"),  # a preset: its label
         "calib_corpus": results.get("calib_corpus"),
         "spon_count": results.get("spon_count"),
         "seed": results.get("seed"),
@@ -83,7 +83,8 @@ def _sweep_expected(sweep_dir: Path) -> tuple[list[str], dict]:
         params = OmegaConf.to_container(cfg.hydra.sweeper.params) if cfg.hydra.sweeper.params else {}
         task = list(cfg.hydra.overrides.task or [])
         dirname_cfg = cfg.hydra.job.config.override_dirname
-        base = {"model": OmegaConf.select(cfg, "model.name"), "sparsifier": OmegaConf.select(cfg, "sparsifier.name"),
+        base = {"model": OmegaConf.select(cfg, "model.name"), "sparsifier": (OmegaConf.select(cfg, "sparsifier.label")
+                                                                   or OmegaConf.select(cfg, "sparsifier.name")),
                 "calib_corpus": OmegaConf.select(cfg, "calib.corpus"), "spon_count": OmegaConf.select(cfg, "spon.count"),
                 "sparsity": OmegaConf.select(cfg, "sparsity")}
     except Exception:  # noqa: BLE001 - an unreadable sweep file only loses the "missing" rows

@@ -35,6 +35,15 @@ class ModelConfig:
     device_map: Optional[str] = None  # "auto" spreads a model larger than one GPU
 
 
+#: ``sparsifier.*`` keys of the schema that are not the method's options
+NOT_OPTIONS = ("name", "label")
+
+
+def sparsifier_options(node) -> dict:
+    """The method's options of a ``sparsifier`` config node (without ``name`` and ``label``)."""
+    return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in NOT_OPTIONS}
+
+
 def sparsifier_schema(name: str, class_name: str) -> type:
     """The schema of ``sparsifier=<name>``: ``name`` followed by the fields (types and defaults)
     of the sparsifier's ``Options`` dataclass, which declares them once, with their comments
@@ -48,7 +57,9 @@ def sparsifier_schema(name: str, class_name: str) -> type:
         return field(default=f.default)
 
     schema = dataclasses.make_dataclass(
-        class_name, [("name", str, field(default=name))]
+        class_name, [("name", str, field(default=name)),
+                     # a preset's label for tables and W&B (sparsifier=teal_ref): not part of a run's identity
+                     ("label", Optional[str], field(default=None))]
         + [(f.name, types[f.name], copied(f)) for f in dataclasses.fields(options)])
     schema.__module__ = __name__  # pickled by reference (submitit ships the config): assign it to class_name here
     return schema
@@ -249,7 +260,7 @@ def validate(cfg) -> None:
 
     if cfg.sparsifier.name not in REGISTRY:
         raise ConfigError(f"Unknown sparsifier {cfg.sparsifier.name!r}; choose from {sorted(REGISTRY)}")
-    options = {k: v for k, v in OmegaConf.to_container(cfg.sparsifier, resolve=True).items() if k != "name"}
+    options = sparsifier_options(cfg.sparsifier)
     try:  # constructing checks every option's range; no model is touched
         build_sparsifier(cfg.sparsifier.name, sparsity=cfg.sparsity, **options)
     except (ValueError, TypeError) as e:

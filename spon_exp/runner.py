@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from spon_exp import __version__
-from spon_exp.config import validate
+from spon_exp.config import sparsifier_options, validate
 from spon_exp.sparsifiers import REGISTRY
 from spon_exp.tracking.files import (ENV, METRICS, RESULTS, MetricsWriter, environment, read_json, write_json_atomic,
                                      write_text_atomic)
@@ -64,8 +64,7 @@ class Timer:
 def sparsifier_kwargs(cfg: DictConfig) -> dict:
     """The sparsifier's constructor arguments; ``seed`` seeds its calibration sampling (the
     README's ``seed=``: batch order and subsampling)."""
-    kwargs = {k: v for k, v in plain(cfg.sparsifier).items() if k != "name"}
-    return {"sparsity": cfg.sparsity, "seed": cfg.seed, **kwargs}
+    return {"sparsity": cfg.sparsity, "seed": cfg.seed, **sparsifier_options(cfg.sparsifier)}
 
 
 def is_done(run_dir: Path, chash: str) -> bool:
@@ -163,7 +162,8 @@ def _initial_results(cfg: DictConfig, identity: RunIdentity, timer: Timer) -> di
         "status": "running", "error": None, "config_hash": identity.config_hash, "spon_exp_version": __version__,
         "started_at": datetime.now(timezone.utc).isoformat(), "finished_at": None,
         "model": {"path": cfg.model.path, "name": cfg.model.name, "dtype": cfg.model.dtype},
-        "sparsifier": cfg.sparsifier.name, "spon_count": cfg.spon.count, "calib_corpus": cfg.calib.corpus,
+        "sparsifier": cfg.sparsifier.name, "sparsifier_label": cfg.sparsifier.get("label") or cfg.sparsifier.name,
+        "spon_count": cfg.spon.count, "calib_corpus": cfg.calib.corpus,
         "seed": cfg.seed, "sweep_name": cfg.sweep_name, "wandb_run_id": identity.wandb_run_id,
         "sparsity": {"target": cfg.sparsity, "measured": None},
         "ppl": {}, "gap_closure": {}, "timings": timer.timings, "cache": {},

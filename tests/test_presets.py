@@ -33,7 +33,8 @@ def test_presets_state_only_what_differs_from_the_method():
         for key, value in fields.items():
             assert cfg.sparsifier[key] == value, (name, key)
         changed = {k for k in cfg.sparsifier if cfg.sparsifier[k] != default[name][k]}
-        assert changed <= set(fields), (name, changed - set(fields))
+        assert changed <= set(fields) | {"label"}, (name, changed - set(fields))
+        assert cfg.sparsifier.label == name
     assert compose_cfg(["sparsifier=teal_ref"]).calib.threshold_sequences == 80  # 10 x 2048 tokens at 256
     assert compose_cfg(["sparsifier=rsparse_ref"]).calib.threshold_sequences == 2  # 1 x 512 tokens at 256
     # a command-line override still wins over the preset
@@ -46,6 +47,7 @@ def test_preset_runs_the_smoke_experiment(preset, tmp_path):
     results = run(strip_hydra(cfg), tmp_path / "run")
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["status"] == "ok" and saved["sparsifier"] == PRESETS[preset]["name"]
+    assert saved["sparsifier_label"] == preset
     recorded = OmegaConf.load(tmp_path / "run" / "config.yaml").sparsifier
     for key, value in PRESETS[preset].items():  # the run's recorded config is the preset's
         assert recorded[key] == value, key

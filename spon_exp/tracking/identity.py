@@ -30,6 +30,7 @@ def config_hash(cfg: DictConfig) -> str:
     """Names the run: its resolved config minus logging / launcher / path settings."""
     c = {k: v for k, v in plain(cfg).items() if k not in NON_IDENTITY_KEYS}
     c.get("spon", {}).pop("checkpoint_every", None)
+    c.get("sparsifier", {}).pop("label", None)  # a preset's name, not a setting
     return _digest(c)
 
 
@@ -47,7 +48,8 @@ def sparsifier_key(cfg: DictConfig) -> str:
     c = plain(cfg)
     return _digest({
         "model": {k: c["model"][k] for k in ("path", "dtype")},
-        "sparsifier": c["sparsifier"], "sparsity": c["sparsity"], "seed": c["seed"],
+        "sparsifier": {k: v for k, v in c["sparsifier"].items() if k != "label"}, "sparsity": c["sparsity"],
+        "seed": c["seed"],
         "calib": {k: c["calib"][k] for k in ("corpus", "seq_len", "threshold_sequences", "batch_size")},
         **_text_versions([c["calib"]["corpus"]]),
     })

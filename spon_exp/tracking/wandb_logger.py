@@ -32,7 +32,7 @@ def grouping_keys(cfg) -> dict:
     """Flat keys to group and filter runs by on a dashboard."""
     return {
         "model_name": cfg.model.name,
-        "sparsifier_name": cfg.sparsifier.name,
+        "sparsifier_name": cfg.sparsifier.get("label") or cfg.sparsifier.name,
         "target_sparsity": cfg.sparsity,
         "spon_count": cfg.spon.count,
         "calib_corpus": cfg.calib.corpus,
@@ -165,8 +165,8 @@ class Tracker:
             self.replay_pending = bool(self.earlier)
         self.run = wandb.init(
             project=cfg.logger.project, entity=cfg.logger.entity, id=run_id, resume="allow",
-            group=cfg.logger.group or cfg.sweep_name, job_type=cfg.sparsifier.name,
-            name=f"{cfg.model.name}-{cfg.sparsifier.name}-s{cfg.sparsity}-spon{cfg.spon.count}-seed{cfg.seed}",
+            group=cfg.logger.group or cfg.sweep_name, job_type=cfg.sparsifier.get("label") or cfg.sparsifier.name,
+            name=f"{cfg.model.name}-{cfg.sparsifier.get('label') or cfg.sparsifier.name}-s{cfg.sparsity}-spon{cfg.spon.count}-seed{cfg.seed}",
             tags=list(cfg.logger.tags), dir=str(run_dir), mode=cfg.logger.mode,
             config={**config, **grouping_keys(cfg), "config_hash": config_hash, "sweep_name": cfg.sweep_name},
         )
