@@ -142,6 +142,28 @@ def test_block_replay_equals_the_forward_bit_for_bit(family, use_cache):
             assert torch.equal(replayed, forward_outputs[block.index]), (family, block.index)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("policy", ["all", "last_half"])
+def test_suffix_replay_equals_the_full_replay_on_the_scored_tokens(family, policy):
+    from spon_exp.sparsifiers.greedy import SuffixReplay
+
+    lm = tiny(family)
+    sp = build_sparsifier("teal", sparsity=0.5, token_policy=policy).attach(lm.model)
+    sp.calibrate(lm.model, random_ids(4, 32, seed=2).split(2))
+    capture = BlockInputs(sp.blocks)
+    with torch.no_grad():
+        lm.model(random_ids(2, 33, seed=4))
+    capture.remove()
+    for block in sp.blocks:
+        (full,) = capture.outputs(block)
+        with SuffixReplay(sp, sp.blocks, 0.25):
+            (cut,) = capture.outputs(block)
+        start = int(33 * 0.75)
+        assert torch.allclose(cut[:, start:], full[:, start:], atol=1e-5, rtol=1e-5), (family, policy, block.index)
+        assert block_output_error([cut], [full], 0.25) < 1e-5
+    assert sp._sliced_from is None
+
+
 def test_greedy_lookup_is_reused_across_targets_and_saved(monkeypatch):
     lm, sp, ids = calibrated("teal", sparsity=0.25, allocation="greedy", greedy_sequences=2, greedy_step=0.1,
                              refine_passes=0)

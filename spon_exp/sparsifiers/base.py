@@ -124,6 +124,7 @@ class Sparsifier(Switchable):
         self._shared: dict[tuple[int, str], _SharedInput] = {}
         self._consumers: dict[tuple[int, str, Hashable], int] = {}
         self._measuring = False
+        self._sliced_from: int | None = None  # a replay's per-token parts see only the last tokens of this many
         self._dropped: dict[str, float] = defaultdict(float)
         self._seen: dict[str, float] = defaultdict(float)
         self._init_state()
@@ -220,7 +221,9 @@ class Sparsifier(Switchable):
 
     def _apply(self, proj: Projection, x: torch.Tensor) -> torch.Tensor:
         tokens = x.shape[-2] if x.dim() >= 2 else 1
-        n_sparse = self.sparsified_tokens(tokens)
+        # an input cut to the trailing tokens of a longer forward (the greedy search's replays)
+        # follows the policy of that forward: its sparsified tokens are the trailing ones
+        n_sparse = min(self.sparsified_tokens(self._sliced_from or tokens), tokens)
         if n_sparse == tokens:
             out, dropped = self.sparsify(proj, x, self._measuring)
             part = x
