@@ -13,18 +13,30 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-@pytest.mark.parametrize("method", ["teal", "wina", "rsparse", "larosa"])
+VARIANTS = {
+    "teal": ("teal", {}), "wina": ("wina", {}), "rsparse": ("rsparse", {}), "larosa": ("larosa", {}),
+    # the reference presets' device-heavy parts: greedy search, WINA's folded transform, runtime rotation
+    "teal_greedy": ("teal", {"allocation": "greedy", "greedy_sequences": 2, "greedy_step": 0.1}),
+    "wina_transform_greedy": ("wina", {"transform": True, "allocation": "greedy", "greedy_sequences": 2,
+                                       "greedy_step": 0.1}),
+    "larosa_runtime": ("larosa", {"rotation": "runtime", "split": "reference", "mlp_rotation": "attention"}),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("family", FAMILIES)
-def test_cuda_bf16_calibrate_train_fold(family, method):
+def test_cuda_bf16_calibrate_train_fold(family, variant):
+    method, options = VARIANTS[variant]
     lm = load_model(f"tiny-random:{family}", dtype="bfloat16", device="cuda")
-    sp = build_sparsifier(method, sparsity=0.5).attach(lm.model)
+    sp = build_sparsifier(method, sparsity=0.5, **options).attach(lm.model)
     ids = random_ids(8, 64).cuda()
     sp.calibrate(lm.model, ids.split(4))
     with torch.no_grad(), sp.measuring():
         lm.model(ids)
     measured = sp.measured_sparsity()["model"]
-    # LaRoSA's reference split puts 0.8 s on the rotated sites and 1.2 s on o/down
-    assert abs(measured - 0.5) < (0.1 if method == "larosa" else 0.03), measured
+    # LaRoSA keeps bf16 ties at the cut (and its reference split measures below s); greedy
+    # allocations land within a step of the target
+    assert abs(measured - 0.5) < (0.1 if method == "larosa" or "greedy" in variant else 0.03), measured
     spon = Spon(sp, 1)
     result = train_alpha(lm.model, sp, spon, ids.cpu(), TrainConfig(lr=1e-2, steps=3, batch_size=4))
     assert all(torch.isfinite(torch.tensor(result.losses)))
