@@ -16,10 +16,10 @@ from tests.test_app import compose_cfg, strip_hydra
 
 PRESETS = {
     "teal_ref": {"name": "teal", "threshold_mode": "histogram", "calibration_context": "dense", "allocation": "greedy",
-                 "token_policy": "last_half", "token_rounding": "floor"},
+                 "greedy_step": 0.025, "token_policy": "last_half", "token_rounding": "floor"},
     "wina_ref": {"name": "wina", "transform": True, "allocation": "greedy", "greedy_step": 0.025,
                  "greedy_sequences": 20, "dense_first_fraction": 0.01, "mode": "topk"},
-    "rsparse_ref": {"name": "rsparse", "budget": "reference", "token_policy": "last_fraction", "token_fraction": 0.1,
+    "rsparse_ref": {"name": "rsparse", "sparse_share": 1.0, "budget": "reference", "token_policy": "last_fraction", "token_fraction": 0.1,
                     "calibration_context": "dense"},
     "larosa_ref": {"name": "larosa", "split": "reference", "mlp_rotation": "attention", "rotation": "runtime",
                    "rotation_dtype": "float64", "ties": "keep"},
@@ -37,6 +37,8 @@ def test_presets_state_only_what_differs_from_the_method():
         assert cfg.sparsifier.label == name
     assert compose_cfg(["sparsifier=teal_ref"]).calib.threshold_sequences == 80  # 10 x 2048 tokens at 256
     assert compose_cfg(["sparsifier=rsparse_ref"]).calib.threshold_sequences == 2  # 1 x 512 tokens at 256
+    assert compose_cfg(["sparsifier=wina_ref"]).calib.threshold_sequences == 20  # the search's 20 samples
+    assert compose_cfg(["sparsifier=larosa_ref"]).calib.threshold_sequences == 80
     # a command-line override still wins over the preset
     assert compose_cfg(["sparsifier=teal_ref", "sparsifier.allocation=uniform"]).sparsifier.allocation == "uniform"
 

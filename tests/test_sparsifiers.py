@@ -318,6 +318,14 @@ def test_wina_transform_keeps_the_dense_function_and_orthogonalises(family):
         build_sparsifier("wina", sparsity=0.5).attach(tiny(family).model).load_state_dict(state)
 
 
+def test_wina_greedy_in_threshold_mode_calibrates_each_allocated_sparsity():
+    lm, sp, ids = calibrated("wina", sparsity=0.5, mode="threshold", allocation="greedy", greedy_sequences=2,
+                             greedy_step=0.1, refine_passes=0)
+    per = measured(lm.model, sp, ids)["per_projection"]
+    for p in sp.projections:  # thresholds at each projection's own allocated sparsity (calibration data)
+        assert abs(per[p.key] - sp.target_sparsity(p)) < 0.12, p.key
+
+
 def test_wina_greedy_allocates_per_projection_top_k():
     lm, sp, ids = calibrated("wina", sparsity=0.5, allocation="greedy", greedy_sequences=2, greedy_step=0.1)
     layer = sp.blocks[0].index

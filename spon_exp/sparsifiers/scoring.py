@@ -62,7 +62,7 @@ def magnitude_topk_mask(x: torch.Tensor, keep: int, ties: str = "break",
     mask = topk_mask_cpu(x, keep, ties, column_scale)
     if mask is not None:
         return mask
-    score = x.detach().float().abs()
+    score = x.detach().abs() if x.dtype == torch.float64 else x.detach().float().abs()  # float64 stays
     if column_scale is not None:
         score = score * column_scale.to(score.device)
     return topk_mask(score, keep, ties)

@@ -176,7 +176,7 @@ class WinaSparsifier(GreedyAllocation, Sparsifier):
 
     def share_key(self, proj: Projection) -> Hashable:
         own = proj.name if self.uses_norm(proj) else "magnitude"
-        if self.options.mode == "topk":
+        if self.options.mode == "topk" or proj.key in self._candidate:
             allocated = not self.greedy or proj.layer in self.greedy_lookup or proj.key in self._candidate
             return own, self.projection_sparsity(proj) if allocated else None
         return own, self.thresholds.get(proj.key)
@@ -236,7 +236,7 @@ class WinaSparsifier(GreedyAllocation, Sparsifier):
 
     # -------------------------------------------------------------- masking
     def sparsify(self, proj, x, measure):
-        if self.options.mode == "topk":
+        if self.options.mode == "topk" or proj.key in self._candidate:  # greedy candidates are top-k counts
             norms = self.column_norms(proj).to(x.device) if self.uses_norm(proj) else None
             mask = magnitude_topk_mask(x, keep_count(x.shape[-1], self.projection_sparsity(proj)), "break", norms)
         else:
