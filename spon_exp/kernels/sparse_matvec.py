@@ -9,9 +9,9 @@ falls roughly with the fraction of kept inputs.
 
 The kernel is a small C file compiled with the system C compiler at first use and loaded
 with :mod:`ctypes` (no pybind / torch headers, so it compiles in a small fraction of the time
-a ``torch.utils.cpp_extension.load_inline`` build of the same loop takes).
-It is cached under ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) in a
-folder keyed by a hash of the source, flags and compiler. It is built for generic x86-64 /
+a ``torch.utils.cpp_extension.load_inline`` build of the same loop takes), through
+:mod:`spon_exp.kernels.cbuild`: cached under ``$TORCH_EXTENSIONS_DIR`` (default
+``~/.cache/torch_extensions``), keyed by a hash of the source, flags and compiler. It is built for generic x86-64 /
 the host architecture without ``-march=native``; the inner loop is also compiled for
 AVX2+FMA via a GCC target attribute and picked at run time, so a cache shared between
 machines with different CPUs stays safe. Threads come from OpenMP; the library links
@@ -50,19 +50,15 @@ which the decode path calls.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from spon_exp.kernels import cbuild
 
 log = logging.getLogger(__name__)
 
@@ -329,8 +325,6 @@ int64_t spon_ordered_matvec_f32(const float* x, const float* Wt, const float* bi
 }
 """
 
-_BASE_FLAGS = ["-O3", "-std=gnu11", "-ffp-contract=fast", "-fPIC", "-shared", "-fno-math-errno"]
-
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _lib_info: dict = {}
@@ -345,47 +339,6 @@ def _warn_once(key: str, msg: str, *args) -> None:
         log.warning(msg, *args)
 
 
-def _cache_root() -> Path:
-    root = os.environ.get("TORCH_EXTENSIONS_DIR")
-    if root:
-        return Path(root)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "torch_extensions"
-
-
-def _compiler() -> str | None:
-    cc = os.environ.get("CC")
-    for cand in ([cc] if cc else []) + ["gcc", "cc", "clang"]:
-        path = shutil.which(cand)
-        if path:
-            return path
-    return None
-
-
-def _compiler_id(cc: str) -> str:
-    try:
-        out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
-        return out.stdout.splitlines()[0] if out.stdout else cc
-    except Exception:  # pragma: no cover - exotic compilers
-        return cc
-
-
-def _compile(cc: str, flags: list[str], dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        src = Path(tmp) / "sparse_matvec.c"
-        src.write_text(_C_SOURCE)
-        tmp_so = Path(tmp) / dest.name
-        proc = subprocess.run(
-            [cc, *flags, str(src), "-o", str(tmp_so)],
-            capture_output=True, text=True, timeout=300,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cc} {' '.join(flags)} failed:\n{proc.stderr[-4000:]}")
-        os.replace(tmp_so, dest)  # atomic: concurrent builders never see a partial file
-
-
 def _load() -> ctypes.CDLL | None:
     """Compile (first use) and load the kernel; ``None`` if that is impossible."""
     global _lib, _load_attempted, _lib_info
@@ -397,38 +350,7 @@ def _load() -> ctypes.CDLL | None:
         try:
             if os.environ.get("SPON_EXP_DISABLE_SPARSE_KERNEL", "") not in ("", "0"):
                 raise RuntimeError("disabled by SPON_EXP_DISABLE_SPARSE_KERNEL")
-            cc = _compiler()
-            if cc is None:
-                raise RuntimeError("no C compiler found (set CC)")
-            cid = _compiler_id(cc)
-            errors = []
-            lib = None
-            for omp in (True, False):
-                flags = _BASE_FLAGS + (["-fopenmp"] if omp else [])
-                key = hashlib.sha256(
-                    "\0".join([_C_SOURCE, " ".join(flags), cid, platform.machine()]).encode()
-                ).hexdigest()[:16]
-                so = _cache_root() / "spon_exp_sparse_matvec" / f"sparse_matvec_{key}.so"
-                try:
-                    t0 = time.perf_counter()
-                    built = False
-                    if not so.exists():
-                        _compile(cc, flags, so)
-                        built = True
-                    lib = ctypes.CDLL(str(so))
-                    _lib_info = {
-                        "path": str(so),
-                        "compiler": cid,
-                        "flags": flags,
-                        "built": built,
-                        "build_s": time.perf_counter() - t0,
-                    }
-                    break
-                except Exception as e:  # try again without OpenMP
-                    errors.append(str(e))
-                    lib = None
-            if lib is None:
-                raise RuntimeError("; ".join(errors))
+            lib, _lib_info = cbuild.build("spon_exp_sparse_matvec", _C_SOURCE)
             fn = lib.spon_sparse_matvec_f32
             fn.restype = ctypes.c_int64
             fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int] * 2
