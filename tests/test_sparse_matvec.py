@@ -172,7 +172,7 @@ def test_choose_mode_heuristic():
 
 def test_build_failure_falls_back_with_warning(fresh_kernel_state, monkeypatch, caplog):
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    monkeypatch.setattr(sm_mod.shutil, "which", lambda name: None)
+    monkeypatch.setattr(cbuild.shutil, "which", lambda name: None)
     w, wt, x, b = _problem(37, 53, 0.5)
     with caplog.at_level(logging.WARNING, logger=sm_mod.__name__):
         y = sparse_matvec(x, wt, b)
