@@ -62,7 +62,10 @@ def compile_source(cc: str, source: str, flags: list[str], dest: Path) -> None:
 
 def build(name: str, source: str) -> tuple[ctypes.CDLL, dict]:
     """Compile (or reuse the cached build of) ``source`` and load it; raises with the
-    compiler's message when no build works. Returns the library and how it was built."""
+    compiler's message when no build works, or when ``SPON_EXP_DISABLE_SPARSE_KERNEL=1``
+    switches the C kernels off. Returns the library and how it was built."""
+    if os.environ.get("SPON_EXP_DISABLE_SPARSE_KERNEL", "") not in ("", "0"):
+        raise RuntimeError("disabled by SPON_EXP_DISABLE_SPARSE_KERNEL")
     cc = compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC)")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import threading
 
 import torch
@@ -133,8 +132,6 @@ def _load() -> ctypes.CDLL | None:
     with _lock:
         if not _tried:
             try:
-                if os.environ.get("SPON_EXP_DISABLE_SPARSE_KERNEL", "") not in ("", "0"):
-                    raise RuntimeError("disabled by SPON_EXP_DISABLE_SPARSE_KERNEL")
                 lib, _ = cbuild.build("spon_exp_topk_select", _C_SOURCE)
                 fn = lib.spon_topk_mask_f32
                 fn.restype = ctypes.c_int

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import threading
 import time
 
@@ -348,8 +347,6 @@ def _load() -> ctypes.CDLL | None:
         if _load_attempted:
             return _lib
         try:
-            if os.environ.get("SPON_EXP_DISABLE_SPARSE_KERNEL", "") not in ("", "0"):
-                raise RuntimeError("disabled by SPON_EXP_DISABLE_SPARSE_KERNEL")
             lib, _lib_info = cbuild.build("spon_exp_sparse_matvec", _C_SOURCE)
             fn = lib.spon_sparse_matvec_f32
             fn.restype = ctypes.c_int64
