@@ -212,8 +212,6 @@ class Tracker:
         """A table (one row per dict, values by column; lists and dicts as JSON text)."""
         if self.run is None:
             return
-        import json
-
         import wandb
 
         def cell(value):
