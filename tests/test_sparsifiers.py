@@ -486,6 +486,15 @@ def test_fused_topk_kernel_equals_torch(width, keep):
         assert (score.masked_fill(exact, float("-inf")) <= cut).all()  # nothing left out beats a kept one
         assert torch.equal(magnitude_topk_mask(x, keep, "keep", c), kernel)
     assert select.topk_mask_cpu(x.double(), keep, "keep") is None  # not float32: torch selects
+    from spon_exp.sparsifiers.scoring import topk_sparsify
+
+    for ties in ("keep", "break"):  # one pass writes x·mask and counts what it zeroed
+        mask = select.topk_mask_cpu(x, keep, ties, scale)
+        out, dropped = topk_sparsify(x, keep, ties, scale, measure=True)
+        assert torch.equal(out, x * mask) and dropped == int((~mask).sum())
+    needs_grad = x.clone().requires_grad_(True)  # autograd: the product in torch carries the gradient
+    out, _ = topk_sparsify(needs_grad, keep, "keep", scale)
+    assert out.grad_fn is not None and select.topk_sparsify_cpu(needs_grad, keep, "keep") is None
 
 
 def test_larosa_rotation_is_the_covariance_eigenbasis():

@@ -81,8 +81,9 @@ static float kth_largest_radix(const float* s, float* work, uint32_t* hist, int6
 /* mask[r, i] = score[r, i] among the `keep` largest of row r, score = |x| * scale (scale may be NULL).
    ties: 0 keep every score equal to the cut, 1 exactly `keep` (lowest indices first). */
 int spon_topk_mask_f32(const float* x, const float* scale, int64_t rows, int64_t width, int64_t keep,
-                       int ties, uint8_t* mask) {
+                       int ties, uint8_t* mask, float* out, int64_t* kept_total) {
     int failed = 0;
+    int64_t kept_all = 0;
     #pragma omp parallel
     {
         float* score = (float*)malloc(sizeof(float) * width);
@@ -92,11 +93,11 @@ int spon_topk_mask_f32(const float* x, const float* scale, int64_t rows, int64_t
             #pragma omp atomic write
             failed = 1;
         }
-        #pragma omp for schedule(static)
+        #pragma omp for schedule(static) reduction(+:kept_all)
         for (int64_t r = 0; r < rows; r++) {
             if (!score || !work || !hist) continue;
             const float* xr = x + r * width;
-            uint8_t* m = mask + r * width;
+            uint8_t* m = mask ? mask + r * width : work;  /* no mask wanted: a scratch row */
             if (scale) for (int64_t i = 0; i < width; i++) score[i] = fabsf(xr[i]) * scale[i];
             else for (int64_t i = 0; i < width; i++) score[i] = fabsf(xr[i]);
             float cut = kth_largest_radix(score, work, hist, width, keep);
@@ -110,12 +111,19 @@ int spon_topk_mask_f32(const float* x, const float* scale, int64_t rows, int64_t
                     if (!on && score[i] == cut && equal_left > 0) { on = 1; equal_left--; }
                     m[i] = on;
                 }
+                kept = keep;
             }
+            if (out) {
+                float* o = out + r * width;
+                for (int64_t i = 0; i < width; i++) o[i] = m[i] ? xr[i] : 0.0f;
+            }
+            kept_all += kept;
         }
         free(score);
         free(work);
         free(hist);
     }
+    if (kept_total) *kept_total = kept_all;
     return failed;
 }
 """
@@ -136,7 +144,7 @@ def _load() -> ctypes.CDLL | None:
                 fn = lib.spon_topk_mask_f32
                 fn.restype = ctypes.c_int
                 fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                               ctypes.c_int, ctypes.c_void_p]
+                               ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
                 _lib = lib
             except Exception as e:  # noqa: BLE001 - torch does the selection instead
                 log.warning("top-k selection kernel unavailable, using torch: %s", e)
@@ -149,21 +157,42 @@ def available() -> bool:
     return _load() is not None
 
 
+def _applies(x: torch.Tensor, keep: int, scale: torch.Tensor | None) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and 0 < keep < x.shape[-1]
+            and (scale is None or (scale.dtype == torch.float32 and scale.device.type == "cpu")))
+
+
+def _call(x: torch.Tensor, keep: int, ties: str, scale: torch.Tensor | None, mask: torch.Tensor | None,
+          out: torch.Tensor | None) -> int:
+    lib = _load()
+    rows = x.detach().reshape(-1, x.shape[-1]).contiguous()
+    scale = scale.contiguous() if scale is not None else None
+    kept = ctypes.c_int64(0)
+    if lib.spon_topk_mask_f32(rows.data_ptr(), scale.data_ptr() if scale is not None else None, rows.shape[0],
+                              rows.shape[1], keep, 0 if ties == "keep" else 1,
+                              mask.data_ptr() if mask is not None else None,
+                              out.data_ptr() if out is not None else None, ctypes.byref(kept)):
+        raise MemoryError("top-k selection kernel could not allocate its scratch rows")
+    return kept.value
+
+
 def topk_mask_cpu(x: torch.Tensor, keep: int, ties: str, scale: torch.Tensor | None = None) -> torch.Tensor | None:
     """Boolean mask of the ``keep`` largest ``|x|·scale`` per row (last dimension), or ``None``
     when the kernel does not apply (not a float32 CPU tensor, ``keep`` outside ``(0, width)``,
     no kernel)."""
-    width = x.shape[-1]
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or not 0 < keep < width
-            or (scale is not None and (scale.dtype != torch.float32 or scale.device.type != "cpu"))):
+    if not _applies(x, keep, scale) or _load() is None:
         return None
-    lib = _load()
-    if lib is None:
+    mask = torch.empty(x.shape, dtype=torch.bool)
+    _call(x, keep, ties, scale, mask, None)
+    return mask
+
+
+def topk_sparsify_cpu(x: torch.Tensor, keep: int, ties: str,
+                      scale: torch.Tensor | None = None) -> tuple[torch.Tensor, int] | None:
+    """``(x with all but the kept entries zeroed, number kept)`` in one pass, without a mask
+    tensor; ``None`` where the kernel does not apply or autograd needs the product (then
+    ``x * mask`` in torch carries the gradient)."""
+    if not _applies(x, keep, scale) or (x.requires_grad and torch.is_grad_enabled()) or _load() is None:
         return None
-    rows = x.detach().reshape(-1, width).contiguous()
-    scale = scale.contiguous() if scale is not None else None
-    mask = torch.empty(rows.shape, dtype=torch.bool)
-    if lib.spon_topk_mask_f32(rows.data_ptr(), scale.data_ptr() if scale is not None else None, rows.shape[0], width,
-                              keep, 0 if ties == "keep" else 1, mask.data_ptr()):
-        raise MemoryError("top-k selection kernel could not allocate its scratch rows")
-    return mask.reshape(x.shape)
+    out = torch.empty(x.shape, dtype=x.dtype)
+    return out, _call(x, keep, ties, scale, None, out)

@@ -41,7 +41,7 @@ from spon_exp.models.adapters import Projection
 from spon_exp.sparsifiers.base import Sparsifier, SparsifierOptions, run_batches
 from spon_exp.sparsifiers.hooks import HookSet
 from spon_exp.sparsifiers.rotation import FoldedRotations
-from spon_exp.sparsifiers.scoring import TIES, keep_count, magnitude_topk_mask
+from spon_exp.sparsifiers.scoring import TIES, keep_count, topk_sparsify
 
 ROTATED_SITES = ("qkv_input", "gate_up_input")
 SPLITS = ("reference", "balanced", "even")
@@ -174,14 +174,10 @@ class LarosaSparsifier(Sparsifier):
                                f"call calibrate() or load_state_dict() first")
         if self.is_rotated(proj) and not self.folds:
             q = self.rotations[(proj.layer, proj.site)].to(x.device)
-            rotated = x.to(q.dtype) @ q
-            mask = magnitude_topk_mask(rotated, keep, self.options.ties)
-            out = ((rotated * mask.to(q.dtype)) @ q.T).to(x.dtype)
-        else:  # unrotated sites, and folded ones (their input arrives rotated)
-            mask = magnitude_topk_mask(x, keep, self.options.ties)
-            out = x * mask.to(x.dtype)
-        dropped = (~mask).sum() if measure else None
-        return out, dropped
+            kept, dropped = topk_sparsify(x.to(q.dtype) @ q, keep, self.options.ties, measure=measure)
+            return (kept @ q.T).to(x.dtype), dropped
+        # unrotated sites, and folded ones (their input arrives rotated)
+        return topk_sparsify(x, keep, self.options.ties, measure=measure)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"rotation.{layer}.{site}": q.detach().cpu().contiguous() for (layer, site), q in self.rotations.items()}

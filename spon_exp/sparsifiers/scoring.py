@@ -68,6 +68,22 @@ def magnitude_topk_mask(x: torch.Tensor, keep: int, ties: str = "break",
     return topk_mask(score, keep, ties)
 
 
+def topk_sparsify(x: torch.Tensor, keep: int, ties: str = "break", column_scale: torch.Tensor | None = None,
+                  measure: bool = False) -> tuple[torch.Tensor, torch.Tensor | int | None]:
+    """``x`` with all but its ``keep`` highest-scoring entries per row zeroed (score
+    ``|x_i|·c_i``), and the number of zeroed entries if ``measure``. On the CPU without
+    autograd one kernel pass writes the result (no mask tensor, no product); otherwise
+    ``x * mask`` (:func:`magnitude_topk_mask`)."""
+    from spon_exp.kernels.select import topk_sparsify_cpu
+
+    fused = topk_sparsify_cpu(x, keep, ties, column_scale)
+    if fused is not None:
+        out, kept = fused
+        return out, (x.numel() - kept if measure else None)
+    mask = magnitude_topk_mask(x, keep, ties, column_scale)
+    return x * mask.to(x.dtype), ((~mask).sum() if measure else None)
+
+
 def keep_count(width: int, sparsity: float) -> int:
     """Channels kept per token by top-k at ``sparsity`` (the reference's ``int(in·(1−s))``)."""
     return max(0, min(width, int(width * (1.0 - sparsity))))

@@ -54,7 +54,7 @@ from spon_exp.sparsifiers.calibration import (CalibratedOptions, calibration_pas
                                               site_group)
 from spon_exp.sparsifiers.greedy import BlockInputs, GreedyAllocation, GreedyOptions
 from spon_exp.sparsifiers.rotation import FoldedRotations
-from spon_exp.sparsifiers.scoring import ColumnNorms, keep_count, magnitude_topk_mask
+from spon_exp.sparsifiers.scoring import ColumnNorms, keep_count, topk_sparsify
 
 MODES = ("topk", "threshold")
 REFERENCE_NORM_PROJECTIONS = ("k_proj", "gate_proj")
@@ -238,13 +238,11 @@ class WinaSparsifier(GreedyAllocation, Sparsifier):
     def sparsify(self, proj, x, measure):
         if self.options.mode == "topk" or proj.key in self._candidate:  # greedy candidates are top-k counts
             norms = self.column_norms(proj).to(x.device) if self.uses_norm(proj) else None
-            mask = magnitude_topk_mask(x, keep_count(x.shape[-1], self.projection_sparsity(proj)), "break", norms)
-        else:
-            score = self.score(proj, x)
-            tau = self.thresholds.get(proj.key)
-            if tau is None:
-                raise RuntimeError(f"WINA threshold for {proj.key} is missing: call calibrate() or load_state_dict() first")
-            mask = score > tau
+            return topk_sparsify(x, keep_count(x.shape[-1], self.projection_sparsity(proj)), "break", norms, measure)
+        tau = self.thresholds.get(proj.key)
+        if tau is None:
+            raise RuntimeError(f"WINA threshold for {proj.key} is missing: call calibrate() or load_state_dict() first")
+        mask = self.score(proj, x) > tau
         out = x * mask.to(x.dtype)
         dropped = (~mask).sum() if measure else None
         return out, dropped
