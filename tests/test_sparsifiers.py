@@ -370,6 +370,24 @@ def test_rsparse_share_file_plain_magnitude_where_the_share_is_one(tmp_path):
     assert set(from_json.shares.values()) == {0.8}
 
 
+@pytest.mark.parametrize("method,options", [("rsparse", {"sparse_share": 0.8}), ("wina", {}), ("larosa", {}),
+                                            ("rsparse", {"sparse_share": 0.8, "token_policy": "last_half"})])
+def test_fused_kernels_give_the_torch_path_bit_for_bit(method, options, monkeypatch):
+    from spon_exp.kernels import select
+
+    if not select.available():
+        pytest.skip("no C compiler")
+    lm, sp, ids = calibrated(method, **options)
+    fused = measured(lm.model, sp, ids)
+    with torch.no_grad():
+        fused_logits = lm.model(ids).logits
+    monkeypatch.setattr(select, "_lib", None)  # no kernel: torch's masks and products
+    torch_path = measured(lm.model, sp, ids)
+    with torch.no_grad():
+        assert torch.equal(lm.model(ids).logits, fused_logits)
+    assert fused["per_projection"] == pytest.approx(torch_path["per_projection"], abs=1e-12)
+
+
 def test_rsparse_reference_budget_formula():
     lm = tiny("llama")
     sp = build_sparsifier("rsparse", sparsity=0.5, sparse_share=0.8, budget="reference").attach(lm.model)

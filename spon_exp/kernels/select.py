@@ -16,6 +16,10 @@ order).
 
 Float32 inputs only; anything else (and a machine without a C compiler, or
 ``SPON_EXP_DISABLE_SPARSE_KERNEL=1``) returns ``None`` and the caller uses torch.
+
+``threshold_split_cpu`` is the threshold counterpart for R-Sparse: one pass writes the kept
+part ``x·[|x|·c > τ]`` and the rest ``x − kept`` (the low-rank path's input), where torch
+makes five temporaries.
 """
 
 from __future__ import annotations
@@ -126,6 +130,28 @@ int spon_topk_mask_f32(const float* x, const float* scale, int64_t rows, int64_t
     if (kept_total) *kept_total = kept_all;
     return failed;
 }
+
+/* kept = x where |x| * scale > tau else 0; rest = x - kept (rest may be NULL). */
+void spon_threshold_split_f32(const float* x, const float* scale, int64_t rows, int64_t width, float tau,
+                              float* kept, float* rest, int64_t* kept_total) {
+    int64_t kept_all = 0;
+    #pragma omp parallel for schedule(static) reduction(+:kept_all)
+    for (int64_t r = 0; r < rows; r++) {
+        const float* xr = x + r * width;
+        float* k = kept + r * width;
+        float* z = rest ? rest + r * width : 0;
+        int64_t n = 0;
+        for (int64_t i = 0; i < width; i++) {
+            float s = scale ? fabsf(xr[i]) * scale[i] : fabsf(xr[i]);
+            int on = s > tau;
+            k[i] = on ? xr[i] : 0.0f;
+            if (z) z[i] = on ? 0.0f : xr[i];
+            n += on;
+        }
+        kept_all += n;
+    }
+    if (kept_total) *kept_total = kept_all;
+}
 """
 
 _lock = threading.Lock()
@@ -145,6 +171,10 @@ def _load() -> ctypes.CDLL | None:
                 fn.restype = ctypes.c_int
                 fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+                lib.spon_threshold_split_f32.restype = None
+                lib.spon_threshold_split_f32.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                                         ctypes.c_int64, ctypes.c_float, ctypes.c_void_p,
+                                                         ctypes.c_void_p, ctypes.c_void_p]
                 _lib = lib
             except Exception as e:  # noqa: BLE001 - torch does the selection instead
                 log.warning("top-k selection kernel unavailable, using torch: %s", e)
@@ -196,3 +226,24 @@ def topk_sparsify_cpu(x: torch.Tensor, keep: int, ties: str,
         return None
     out = torch.empty(x.shape, dtype=x.dtype)
     return out, _call(x, keep, ties, scale, None, out)
+
+
+def threshold_split_cpu(x: torch.Tensor, tau: float, scale: torch.Tensor | None = None,
+                        rest: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, int] | None:
+    """``(kept, rest, number kept)`` with ``kept = x·[|x|·scale > tau]`` and ``rest = x − kept``
+    in one pass; ``None`` where it does not apply (as :func:`topk_sparsify_cpu`). The score is
+    ``fabsf(x)·scale`` in float32 and compared with ``tau`` as a float32, as torch compares a
+    float32 score tensor with a Python float."""
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or (x.requires_grad and torch.is_grad_enabled())
+            or (scale is not None and (scale.dtype != torch.float32 or scale.device.type != "cpu"))
+            or _load() is None):
+        return None
+    rows = x.detach().reshape(-1, x.shape[-1]).contiguous()
+    kept_out = torch.empty(x.shape, dtype=x.dtype)
+    rest_out = torch.empty(x.shape, dtype=x.dtype) if rest else None
+    count = ctypes.c_int64(0)
+    scale = scale.contiguous() if scale is not None else None
+    _lib.spon_threshold_split_f32(rows.data_ptr(), scale.data_ptr() if scale is not None else None, rows.shape[0],
+                                  rows.shape[1], tau, kept_out.data_ptr(),
+                                  rest_out.data_ptr() if rest_out is not None else None, ctypes.byref(count))
+    return kept_out, rest_out, count.value

@@ -164,6 +164,7 @@ class RSparseSparsifier(Sparsifier):
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.column_norms = ColumnNorms()
         self._inputs: dict[str, torch.Tensor] = {}  # original input, pre-hook -> forward hook
+        self._rests: dict[str, torch.Tensor] = {}  # x ⊙ (1 − m) where the fused kernel split it off
         self.shares: dict[str, float] = {}  # per projection, from sparse_share_file
 
     # ----------------------------------------------------------------- budget
@@ -228,6 +229,7 @@ class RSparseSparsifier(Sparsifier):
     def detach(self) -> None:
         super().detach()
         self._inputs.clear()
+        self._rests.clear()
 
     def _stash_hook(self, proj: Projection):
         def hook(module, args):
@@ -239,10 +241,12 @@ class RSparseSparsifier(Sparsifier):
     def _low_rank_hook(self, proj: Projection):
         def hook(module, args, output):
             x = self._inputs.pop(proj.key, None)
+            rest = self._rests.pop(proj.key, None)
             if x is None:
                 return None
             down, up = self.factors[proj.key]
-            dropped_part = x - args[0]  # x ⊙ (1 − m); zero on tokens the token policy keeps dense
+            # x ⊙ (1 − m); zero on tokens the token policy keeps dense
+            dropped_part = rest if rest is not None else x - args[0]
             low = F.linear(F.linear(dropped_part, down.to(x.dtype)), up.to(x.dtype))
             return output + low
         return hook
@@ -272,14 +276,26 @@ class RSparseSparsifier(Sparsifier):
         tau = self.thresholds.get(proj.key)
         if tau is None or proj.key not in self.factors:
             raise RuntimeError(f"R-Sparse state for {proj.key} is missing: call calibrate() or load_state_dict() first")
-        mask = self.score(proj, x) > tau
-        out = x * mask.to(x.dtype)
+        from spon_exp.kernels.select import threshold_split_cpu
+
+        has_rank = self.factors[proj.key][0].shape[0] > 0
+        norms = self.column_norms(proj).to(x.device) if self.uses_norm(proj) else None
+        fused = threshold_split_cpu(x, tau, norms, rest=has_rank)  # one pass, no autograd needed
+        if fused is not None:
+            out, rest, kept = fused
+            if rest is not None and proj.key in self._inputs and self._inputs[proj.key].shape == x.shape:
+                self._rests[proj.key] = rest  # the rank path's input, already split off
+            n_dropped = x.numel() - kept
+        else:
+            mask = self.score(proj, x) > tau
+            out = x * mask.to(x.dtype)
+            n_dropped = (~mask).sum() if measure else None
         dropped = None
         if measure:
             lin = proj.module
             tokens = x.numel() // x.shape[-1]
             rank_cost = self.factors[proj.key][0].shape[0] * (lin.in_features + lin.out_features) / lin.out_features
-            dropped = (~mask).sum().double() - rank_cost * tokens
+            dropped = torch.as_tensor(n_dropped).double() - rank_cost * tokens
         return out, dropped
 
     # ------------------------------------------------------------------ state
