@@ -302,7 +302,7 @@ def _check_lengths_and_corpora(cfg) -> None:
     from spon_exp.models.loading import model_context_length, tokenizer_without_weights
 
     p = cfg.eval.ppl
-    if p.bos in ("chunk", "stream"):
+    if p.bos == "chunk":  # bos=stream without a BOS token encodes the stream without one
         tokenizer = tokenizer_without_weights(cfg.model.path)
         if tokenizer is not None and getattr(tokenizer, "bos_token_id", None) is None:
             raise ConfigError(f"eval.ppl.bos={p.bos} needs a BOS token and the tokenizer of {cfg.model.path} has none; "

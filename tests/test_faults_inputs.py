@@ -68,7 +68,7 @@ def rejects(overrides, message, tmp_path):
                                   "tiny-random:llama has 512 positions (max_position_embeddings); "
                                   "use eval.ppl.seq_len=512 or less"),
     (["calib.seq_len=513"], "calib.seq_len=513 is longer than the model's context"),
-    (["eval=teal_sliding"], "eval.ppl.context + eval.ppl.window = 2048 + 512 is longer than the model's context"),
+    (["eval=teal_sliding"], "eval.ppl.context + eval.ppl.window = 2047 + 512 is longer than the model's context"),
     (["eval=teal_sliding", "eval.ppl.context=300", "eval.ppl.window=212"], "use eval.ppl.context=299 or less"),
     (["model.path=tiny-random:gpt9"], "No tiny config for family 'gpt9'"),
     (["model.device=gpu"], "Unknown device 'gpu'"),
@@ -147,7 +147,7 @@ def cli(args, tmp_path, env=None, timeout=180) -> subprocess.CompletedProcess:
 
 BAD_INPUTS = [  # (override, what the one line must say); {} is the folder of bad files
     ("eval.ppl.seq_len=100000", "eval.ppl.seq_len=100000 is longer than the model's context"),
-    ("eval=teal_sliding", "eval.ppl.context + eval.ppl.window = 2048 + 512"),
+    ("eval=teal_sliding", "eval.ppl.context + eval.ppl.window = 2047 + 512"),
     ("calib.corpus={}/binary.txt", "{}/binary.txt is not UTF-8 text"),
     ("calib.corpus={}/empty.txt", "{}/empty.txt is empty"),
     ("eval.ppl.corpora=[{}/no_text.jsonl]", "{}/no_text.jsonl line 2 has no 'text' field"),

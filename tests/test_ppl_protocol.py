@@ -114,7 +114,8 @@ def test_resolve_bos_follows_the_tokenizer():
     assert resolve_bos("chunk", "chunks", adds_not) == ("chunk", 7)  # forced, though the tokenizer adds none
     assert resolve_bos("auto", "chunks", no_bos) == ("none", None)
     with pytest.raises(ValueError, match="has none; use eval.ppl.bos=none"):
-        resolve_bos("stream", "chunks", no_bos)
+        resolve_bos("chunk", "chunks", no_bos)
+    assert resolve_bos("stream", "sliding", no_bos) == ("none", None)  # Qwen: the stream starts without one
     with pytest.raises(ValueError, match="needs the tokenizer's bos_token_id"):
         PerplexityProtocol(bos="chunk")
     assert PerplexityProtocol(protocol="sliding", bos="stream", bos_token_id=7, score_first_window=False).describe() == {

@@ -90,12 +90,16 @@ def tokenizer_adds_bos(tokenizer) -> bool:
 
 def resolve_bos(policy: str, protocol: str, tokenizer) -> tuple[str, int | None]:
     """``(none | chunk | stream, bos_token_id)`` for a configured policy: ``auto`` follows the
-    tokenizer's ``add_bos_token`` (``chunk`` for ``chunks``, ``stream`` for ``sliding``)."""
+    tokenizer's ``add_bos_token`` (``chunk`` for ``chunks``, ``stream`` for ``sliding``).
+    ``stream`` is the stream as the references encode it, so a tokenizer without a BOS token
+    (Qwen's) starts it with none; ``chunk`` asks for a BOS per chunk and needs one."""
     if policy not in ("auto", *BOS_POLICIES):
         raise ValueError(f"eval.ppl.bos must be auto, none, chunk or stream, got {policy!r}")
     bos_id = getattr(tokenizer, "bos_token_id", None)
     if policy == "auto":
         policy = ("chunk" if protocol == "chunks" else "stream") if tokenizer_adds_bos(tokenizer) else "none"
+    if policy == "stream" and bos_id is None:
+        return "none", None
     if policy != "none" and bos_id is None:
         raise ValueError(f"eval.ppl.bos={policy} needs a BOS token, and this tokenizer has none; use eval.ppl.bos=none")
     return policy, (int(bos_id) if policy != "none" else None)
