@@ -9,6 +9,10 @@ a JSON summary (``benchmarks/results/quality/``).
 
     python benchmarks/quality/quality_sweep.py --methods teal --sparsities 0.25 0.5 0.6 0.7
     python benchmarks/quality/quality_sweep.py --methods teal wina rsparse larosa --jobs 2
+    # each method beside its authors' settings (the reference presets, rows named by their label):
+    python benchmarks/quality/quality_sweep.py --methods teal wina rsparse rsparse_ref larosa larosa_ref --sparsities 0.5
+    python benchmarks/quality/quality_sweep.py --methods teal_ref wina_ref --jobs 2 --sparsities 0.5 \
+        sparsifier.greedy_sequences=1 sparsifier.greedy_step=0.1      # the greedy search cut for a CPU
 
 ``--jobs N`` splits the methods between N concurrent sweeps of one thread each: on a small
 CPU, single-thread training processes side by side get more done than one process using
@@ -32,7 +36,8 @@ TARGETS = {0.5: 0.60, 0.6: 0.80}  # gap-closure targets (issue: quality sweep)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", default=["teal"], help="teal wina rsparse larosa")
+    parser.add_argument("--methods", nargs="+", default=["teal"],
+                        help="sparsifier config names: teal wina rsparse larosa, presets such as teal_ref")
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.25, 0.5, 0.6, 0.7])
     parser.add_argument("--jobs", type=int, default=1, help="concurrent single-thread sweeps (methods split)")
     parser.add_argument("--collect-only", action="store_true", help="only rebuild the tables and plot from the runs")
