@@ -138,10 +138,13 @@ def test_preempted_training_job_is_requeued_and_resumes_to_the_same_alpha(slurm_
 
     from tests.wandb_offline import read_offline_run
 
-    common = [*SLURM_SWEEP, "spon.steps=400", "spon.checkpoint_every=2", "sweep_name=resume",  # ~4 s of training: time to see a checkpoint
+    common = [*SLURM_SWEEP, "spon.steps=400", "spon.checkpoint_every=2",  # ~4 s of training: time to see a checkpoint
               "logger=wandb_offline"]
-    reference = _spon_exp(*common, f"paths.outputs={tmp_path / 'reference'}", cwd=tmp_path, background=True)
-    interrupted = _spon_exp(*common, f"paths.outputs={tmp_path / 'interrupted'}", cwd=tmp_path, background=True)
+    # two sweep names: the W&B id is one per (sweep, config), and two live runs may not share one
+    reference = _spon_exp(*common, "sweep_name=resume_reference", f"paths.outputs={tmp_path / 'reference'}",
+                          cwd=tmp_path, background=True)
+    interrupted = _spon_exp(*common, "sweep_name=resume", f"paths.outputs={tmp_path / 'interrupted'}", cwd=tmp_path,
+                            background=True)
     ckpts = tmp_path / "interrupted" / "cache" / "alpha"
     deadline = time.monotonic() + 300
     while not list(ckpts.glob("*/train.ckpt")):
@@ -164,8 +167,8 @@ def test_preempted_training_job_is_requeued_and_resumes_to_the_same_alpha(slurm_
     for proc in (reference, interrupted):
         out, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, out[-3000:]
-    runs = {name: next((tmp_path / name / "sweeps" / "resume").glob("*/results.json")).parent
-            for name in ("reference", "interrupted")}
+    runs = {name: next((tmp_path / name / "sweeps" / sweep).glob("*/results.json")).parent
+            for name, sweep in (("reference", "resume_reference"), ("interrupted", "resume"))}
     import json
 
     resumed = json.loads((runs["interrupted"] / "results.json").read_text())
@@ -178,7 +181,8 @@ def test_preempted_training_job_is_requeued_and_resumes_to_the_same_alpha(slurm_
     # W&B: one offline folder, the first attempt's (named by its start, before the signal), holding
     # the whole run: every training step once, as the uninterrupted reference logged them
     reference = json.loads((runs["reference"] / "results.json").read_text())
-    assert resumed["wandb_run_id"] == reference["wandb_run_id"]  # same sweep, same config
+    assert resumed["config_hash"] == reference["config_hash"]  # the same run, under another sweep name
+    assert resumed["wandb_run_id"] != reference["wandb_run_id"]  # the W&B id is one per (sweep, config)
     folders = sorted((runs["interrupted"] / "wandb").glob("offline-run-*"))
     assert [f.name.rsplit("-", 1)[1] for f in folders] == [resumed["wandb_run_id"]], folders
     started = datetime.strptime(folders[0].name.split("-")[2], "%Y%m%d_%H%M%S").timestamp()

@@ -424,7 +424,8 @@ def test_smoke_run_with_auto_batch_chat_template_and_samples(tmp_path):
     from tests.test_app import compose_cfg, strip_hydra
     from tests.wandb_offline import read_offline_run
 
-    cfg = strip_hydra(compose_cfg(["experiment=smoke", "logger=wandb_offline", "eval.zeroshot.tasks=[arc_easy]",
+    cfg = strip_hydra(compose_cfg(["experiment=smoke", "logger=wandb_offline", "sweep_name=zeroshot_samples",  # own W&B id
+                                   "eval.zeroshot.tasks=[arc_easy]",
                                    "eval.zeroshot.limit=6", "eval.zeroshot.batch_size=auto",
                                    "eval.zeroshot.apply_chat_template=true", "eval.zeroshot.log_samples=true"], tmp_path))
     results = run(cfg, tmp_path / "run")
