@@ -187,9 +187,17 @@ def available() -> bool:
     return _load() is not None
 
 
-def _applies(x: torch.Tensor, keep: int, scale: torch.Tensor | None) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and 0 < keep < x.shape[-1]
-            and (scale is None or (scale.dtype == torch.float32 and scale.device.type == "cpu")))
+def _kernel_for(x: torch.Tensor, scale: torch.Tensor | None, writes_product: bool) -> ctypes.CDLL | None:
+    """The loaded kernels if they apply to ``x`` (a float32 CPU tensor, ``scale`` none or the
+    same), else ``None``; a kernel that writes the masked product does not apply where
+    autograd needs that product (torch computes it then, carrying the gradient)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return None
+    if scale is not None and (scale.dtype != torch.float32 or scale.device.type != "cpu"):
+        return None
+    if writes_product and x.requires_grad and torch.is_grad_enabled():
+        return None
+    return _load()
 
 
 def _call(x: torch.Tensor, keep: int, ties: str, scale: torch.Tensor | None, mask: torch.Tensor | None,
@@ -210,7 +218,7 @@ def topk_mask_cpu(x: torch.Tensor, keep: int, ties: str, scale: torch.Tensor | N
     """Boolean mask of the ``keep`` largest ``|x|·scale`` per row (last dimension), or ``None``
     when the kernel does not apply (not a float32 CPU tensor, ``keep`` outside ``(0, width)``,
     no kernel)."""
-    if not _applies(x, keep, scale) or _load() is None:
+    if not 0 < keep < x.shape[-1] or _kernel_for(x, scale, writes_product=False) is None:
         return None
     mask = torch.empty(x.shape, dtype=torch.bool)
     _call(x, keep, ties, scale, mask, None)
@@ -222,7 +230,7 @@ def topk_sparsify_cpu(x: torch.Tensor, keep: int, ties: str,
     """``(x with all but the kept entries zeroed, number kept)`` in one pass, without a mask
     tensor; ``None`` where the kernel does not apply or autograd needs the product (then
     ``x * mask`` in torch carries the gradient)."""
-    if not _applies(x, keep, scale) or (x.requires_grad and torch.is_grad_enabled()) or _load() is None:
+    if not 0 < keep < x.shape[-1] or _kernel_for(x, scale, writes_product=True) is None:
         return None
     out = torch.empty(x.shape, dtype=x.dtype)
     return out, _call(x, keep, ties, scale, None, out)
@@ -234,16 +242,15 @@ def threshold_split_cpu(x: torch.Tensor, tau: float, scale: torch.Tensor | None 
     in one pass; ``None`` where it does not apply (as :func:`topk_sparsify_cpu`). The score is
     ``fabsf(x)·scale`` in float32 and compared with ``tau`` as a float32, as torch compares a
     float32 score tensor with a Python float."""
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or (x.requires_grad and torch.is_grad_enabled())
-            or (scale is not None and (scale.dtype != torch.float32 or scale.device.type != "cpu"))
-            or _load() is None):
+    lib = _kernel_for(x, scale, writes_product=True)
+    if lib is None:
         return None
     rows = x.detach().reshape(-1, x.shape[-1]).contiguous()
     kept_out = torch.empty(x.shape, dtype=x.dtype)
     rest_out = torch.empty(x.shape, dtype=x.dtype) if rest else None
     count = ctypes.c_int64(0)
     scale = scale.contiguous() if scale is not None else None
-    _lib.spon_threshold_split_f32(rows.data_ptr(), scale.data_ptr() if scale is not None else None, rows.shape[0],
-                                  rows.shape[1], tau, kept_out.data_ptr(),
-                                  rest_out.data_ptr() if rest_out is not None else None, ctypes.byref(count))
+    lib.spon_threshold_split_f32(rows.data_ptr(), scale.data_ptr() if scale is not None else None, rows.shape[0],
+                                 rows.shape[1], tau, kept_out.data_ptr(),
+                                 rest_out.data_ptr() if rest_out is not None else None, ctypes.byref(count))
     return kept_out, rest_out, count.value
