@@ -26,7 +26,7 @@ from spon_exp.config import sparsifier_options, validate
 from spon_exp.sparsifiers import REGISTRY
 from spon_exp.tracking.files import (ENV, METRICS, RESULTS, MetricsWriter, environment, read_json, write_json_atomic,
                                      write_text_atomic)
-from spon_exp.tracking.identity import RunIdentity, plain
+from spon_exp.tracking.identity import RunIdentity, plain, sparsifier_label
 from spon_exp.tracking.store import read_entry, remove_entry, write_atomic, write_entry
 from spon_exp.tracking.wandb_logger import Tracker
 
@@ -162,7 +162,7 @@ def _initial_results(cfg: DictConfig, identity: RunIdentity, timer: Timer) -> di
         "status": "running", "error": None, "config_hash": identity.config_hash, "spon_exp_version": __version__,
         "started_at": datetime.now(timezone.utc).isoformat(), "finished_at": None,
         "model": {"path": cfg.model.path, "name": cfg.model.name, "dtype": cfg.model.dtype},
-        "sparsifier": cfg.sparsifier.name, "sparsifier_label": cfg.sparsifier.get("label") or cfg.sparsifier.name,
+        "sparsifier": cfg.sparsifier.name, "sparsifier_label": sparsifier_label(cfg.sparsifier),
         "spon_count": cfg.spon.count, "calib_corpus": cfg.calib.corpus,
         "seed": cfg.seed, "sweep_name": cfg.sweep_name, "wandb_run_id": identity.wandb_run_id,
         "sparsity": {"target": cfg.sparsity, "measured": None},

@@ -26,6 +26,12 @@ def plain(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
+def sparsifier_label(node) -> str:
+    """The name a run's sparsifier goes by in results, tables and W&B: a preset's label
+    (``sparsifier.label``, outside the identity), else the method's name."""
+    return node.get("label") or node.name
+
+
 def config_hash(cfg: DictConfig) -> str:
     """Names the run: its resolved config minus logging / launcher / path settings."""
     c = {k: v for k, v in plain(cfg).items() if k not in NON_IDENTITY_KEYS}

@@ -23,6 +23,7 @@ import os
 import shutil
 from pathlib import Path
 
+from spon_exp.tracking.identity import sparsifier_label
 from spon_exp.tracking.intervals import interval
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def grouping_keys(cfg) -> dict:
     """Flat keys to group and filter runs by on a dashboard."""
     return {
         "model_name": cfg.model.name,
-        "sparsifier_name": cfg.sparsifier.get("label") or cfg.sparsifier.name,
+        "sparsifier_name": sparsifier_label(cfg.sparsifier),
         "target_sparsity": cfg.sparsity,
         "spon_count": cfg.spon.count,
         "calib_corpus": cfg.calib.corpus,
@@ -165,8 +166,8 @@ class Tracker:
             self.replay_pending = bool(self.earlier)
         self.run = wandb.init(
             project=cfg.logger.project, entity=cfg.logger.entity, id=run_id, resume="allow",
-            group=cfg.logger.group or cfg.sweep_name, job_type=cfg.sparsifier.get("label") or cfg.sparsifier.name,
-            name=f"{cfg.model.name}-{cfg.sparsifier.get('label') or cfg.sparsifier.name}-s{cfg.sparsity}-spon{cfg.spon.count}-seed{cfg.seed}",
+            group=cfg.logger.group or cfg.sweep_name, job_type=sparsifier_label(cfg.sparsifier),
+            name=f"{cfg.model.name}-{sparsifier_label(cfg.sparsifier)}-s{cfg.sparsity}-spon{cfg.spon.count}-seed{cfg.seed}",
             tags=list(cfg.logger.tags), dir=str(run_dir), mode=cfg.logger.mode,
             config={**config, **grouping_keys(cfg), "config_hash": config_hash, "sweep_name": cfg.sweep_name},
         )
