@@ -1,11 +1,11 @@
-"""benchmarks/perf/scale.py runs (its --small mode), so the GPU measurement script cannot rot."""
+"""benchmarks/scale.py runs (its --small mode), so the GPU measurement script cannot rot."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "perf" / "scale.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "scale.py"
 
 
 def test_scale_small_reports_every_stage(tmp_path):

@@ -18,7 +18,7 @@ reported.
     python benchmarks/perf/sparse_decode.py [--sparsity 0.5 0.7 --new-tokens 64 --repeats 3]
 
 ``--device cuda`` decodes greedily on a randomly initialised model of a real shape
-(``benchmarks/perf/scale.py``'s ``SHAPES``, default Llama-3-8B, bf16) with TEAL thresholds
+(``benchmarks/scale.py``'s ``SHAPES``, default Llama-3-8B, bf16) with TEAL thresholds
 calibrated on random tokens, through the CUDA backend of ``spon_exp::sparse_linear`` (the
 Triton GEMV), against dense, measured side by side in one run:
 
@@ -76,8 +76,8 @@ def identical(a: tuple, b: tuple) -> bool:
 
 
 def _scale_module():
-    """benchmarks/perf/scale.py (its SHAPES and build_model), loaded from its file."""
-    spec = importlib.util.spec_from_file_location("spon_exp_bench_scale", Path(__file__).with_name("scale.py"))
+    """benchmarks/scale.py (its SHAPES and build_model), loaded from its file."""
+    spec = importlib.util.spec_from_file_location("spon_exp_bench_scale", Path(__file__).resolve().parents[1] / "scale.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -18,11 +18,11 @@ JSON goes to ``benchmarks/results/scale_<device>[_small].json``. Only the librar
 used (no Hydra, W&B, lm-eval, datasets), so it runs on a bare GPU node with torch and
 transformers.
 
-    python benchmarks/perf/scale.py --small                                   # a tiny shape on the CPU (a test runs it)
-    python benchmarks/perf/scale.py --device cuda --dtype bfloat16 --shape llama3_8b
-    python benchmarks/perf/scale.py --device cuda --dtype bfloat16 --shape llama3_70b --layers 10
+    python benchmarks/scale.py --small                                   # a tiny shape on the CPU (a test runs it)
+    python benchmarks/scale.py --device cuda --dtype bfloat16 --shape llama3_8b
+    python benchmarks/scale.py --device cuda --dtype bfloat16 --shape llama3_70b --layers 10
     # the CPU targets, side by side on the packaged model (real weights and text):
-    python benchmarks/perf/scale.py --shape packaged --device cpu --dtype float32 --seq-len 512 \
+    python benchmarks/scale.py --shape packaged --device cpu --dtype float32 --seq-len 512 \
         --calib-sequences 16 --methods teal teal_greedy wina rsparse larosa --skip throughput training
 """
 
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("teal", "wina", "rsparse", "larosa")
 # calibration-only rows: TEAL's greedy per-layer allocation beside its uniform one (target <= 3x)
 VARIANTS = {"teal_greedy": ("teal", {"allocation": "greedy"})}
