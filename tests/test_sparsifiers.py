@@ -515,6 +515,32 @@ def test_fused_topk_kernel_equals_torch(width, keep):
     assert out.grad_fn is not None and select.topk_sparsify_cpu(needs_grad, keep, "keep") is None
 
 
+def test_fused_topk_kernel_guided_by_the_previous_row_stays_exact():
+    """The kernel guesses each row's cut from the previous row's; rows that jump in scale, all-zero
+    rows, constant rows and drifting distributions must still give torch's mask exactly."""
+    from spon_exp.kernels import select
+    from spon_exp.sparsifiers.scoring import topk_mask
+
+    if not select.available():
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(1)
+    width, keep = 300, 120
+    x = torch.randn(400, width, generator=g)
+    x *= torch.logspace(-3, 3, 400).unsqueeze(-1)[torch.randperm(400, generator=g)]  # jumps of any size
+    x[10:20] *= torch.linspace(0.5, 2.0, width)  # a drifting shape
+    x[50] = 0.0
+    x[51] = 2.5  # one value: everything ties
+    x[52, :keep + 3] = 1.0  # a tie across the cut
+    x[53:60] = x[53:60].round()
+    scale = torch.rand(width, generator=g) + 0.5
+    for c in (None, scale):
+        score = x.abs() * (c if c is not None else 1.0)
+        assert torch.equal(select.topk_mask_cpu(x, keep, "keep", c), topk_mask(score, keep, "keep"))
+        exact = select.topk_mask_cpu(x, keep, "break", c)
+        assert (exact.sum(-1) == keep).all()
+        assert torch.equal(exact & ~topk_mask(score, keep, "keep"), torch.zeros_like(exact))
+
+
 def test_larosa_rotation_is_the_covariance_eigenbasis():
     x = torch.randn(500, 6, generator=torch.Generator().manual_seed(0)) * torch.tensor([5.0, 1, 1, 0.5, 0.2, 3])
     h = x.double().T @ x.double()

@@ -4,9 +4,12 @@ WINA's and LaRoSA's masks keep, per token, the ``keep`` entries of highest score
 ``|x_i|·c_i`` (``c`` a per-column scale, e.g. WINA's column norms, or none). In PyTorch that
 is a score tensor, a ``kthvalue`` (which copies its input), a comparison and, for exact-k
 ties, a count: on a CPU the selection alone costs about as much as the projection's matmul
-on a 135M model. This kernel does it all per row in cache: the scores into a scratch row, a radix
-histogram of their top bits to find the bin of the ``keep``-th largest and a quickselect on
-that bin's few entries, then the mask; rows are split between OpenMP threads.
+on a 135M model. This kernel does it all per row in cache: the scores into a scratch row; the
+``keep``-th largest, found inside a narrow window around the previous row's cut (scaled by the
+row's mean score; one counting pass checks the window holds it, then only its few scores are
+selected), or else by a radix histogram of the scores' top bits and a quickselect on the one
+bin that holds it; then the mask, written without branches (a 50 % branch per entry costs
+more than the selection). Rows are split between OpenMP threads.
 
 The scores are computed as ``fabsf(x) * c`` in float32, the same single rounding as
 ``x.float().abs() * c`` in torch, so the masks equal torch's. Ties at the cut: ``keep``
@@ -42,6 +45,9 @@ _C_SOURCE = r"""
 
 #define RADIX_BITS 11
 #define RADIX_BINS (1 << RADIX_BITS)
+
+/* float bits, read through a type that may alias a float (branchless selects vectorise) */
+typedef uint32_t __attribute__((may_alias)) fbits_t;
 
 static inline uint32_t bits_of(float f) { uint32_t u; memcpy(&u, &f, sizeof u); return u; }
 
@@ -82,6 +88,48 @@ static float kth_largest_radix(const float* s, float* work, uint32_t* hist, int6
     return kth_largest(work, m, need);
 }
 
+/* The k-th largest of s[0..n) guided by the previous row's cut: rows of one tensor have
+   similar score distributions, so the cut relative to the row's mean score moves little from
+   row to row. One counting pass over a window [lo, hi) around the guess tells whether the
+   cut lies inside (fewer than k scores >= hi, at least k >= lo); then only the window's few
+   scores are selected. Otherwise (first row, a jump) the radix selection runs; the window's
+   width adapts to the misses. The result is the exact k-th largest either way. */
+typedef struct { float ratio; float eps; int valid; } guess_t;
+
+static float row_mean(const float* s, int64_t n) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += s[i + j];
+    float total = 0;
+    for (; i < n; i++) total += s[i];
+    for (int j = 0; j < 8; j++) total += acc[j];
+    return total / (float)n;
+}
+
+static float kth_largest_guided(const float* s, float* work, uint32_t* hist, int64_t n, int64_t k, guess_t* g) {
+    float mean = row_mean(s, n);
+    int usable = mean > 0 && isfinite(mean);
+    if (g->valid && usable) {
+        float center = g->ratio * mean;
+        float lo = center * (1.0f - g->eps), hi = center * (1.0f + g->eps);
+        int32_t c_lo = 0, c_hi = 0;
+        for (int64_t i = 0; i < n; i++) { c_lo += s[i] >= lo; c_hi += s[i] >= hi; }
+        if (c_hi < k && k <= c_lo) {
+            int64_t m = 0;
+            for (int64_t i = 0; i < n; i++) { work[m] = s[i]; m += (s[i] >= lo) & (s[i] < hi); }
+            float cut = kth_largest(work, m, k - c_hi);
+            if (8 * m > n && g->eps > 1e-3f) g->eps *= 0.7f;  /* a wide window: narrow it */
+            g->ratio = cut / mean;
+            return cut;
+        }
+        g->eps = g->eps < 0.5f ? 2.0f * g->eps : 1.0f;  /* a miss: widen (eps 1 brackets every cut) */
+    }
+    float cut = kth_largest_radix(s, work, hist, n, k);
+    if (usable) { g->ratio = cut / mean; g->valid = 1; if (g->eps <= 0) g->eps = 0.05f; }
+    return cut;
+}
+
 /* mask[r, i] = score[r, i] among the `keep` largest of row r, score = |x| * scale (scale may be NULL).
    ties: 0 keep every score equal to the cut, 1 exactly `keep` (lowest indices first). */
 int spon_topk_mask_f32(const float* x, const float* scale, int64_t rows, int64_t width, int64_t keep,
@@ -93,6 +141,7 @@ int spon_topk_mask_f32(const float* x, const float* scale, int64_t rows, int64_t
         float* score = (float*)malloc(sizeof(float) * width);
         float* work = (float*)malloc(sizeof(float) * width);
         uint32_t* hist = (uint32_t*)malloc(sizeof(uint32_t) * RADIX_BINS);
+        guess_t guess = {0.0f, 0.0f, 0};
         if (!score || !work || !hist) {
             #pragma omp atomic write
             failed = 1;
@@ -101,27 +150,41 @@ int spon_topk_mask_f32(const float* x, const float* scale, int64_t rows, int64_t
         for (int64_t r = 0; r < rows; r++) {
             if (!score || !work || !hist) continue;
             const float* xr = x + r * width;
-            uint8_t* m = mask ? mask + r * width : work;  /* no mask wanted: a scratch row */
             if (scale) for (int64_t i = 0; i < width; i++) score[i] = fabsf(xr[i]) * scale[i];
             else for (int64_t i = 0; i < width; i++) score[i] = fabsf(xr[i]);
-            float cut = kth_largest_radix(score, work, hist, width, keep);
-            int64_t kept = 0;
-            for (int64_t i = 0; i < width; i++) { uint8_t on = score[i] >= cut; m[i] = on; kept += on; }
-            if (ties != 0 && kept > keep) {  /* ties at the cut: keep the lowest-index ones */
-                int64_t equal_left = keep;
-                for (int64_t i = 0; i < width; i++) equal_left -= score[i] > cut;
-                for (int64_t i = 0; i < width; i++) {
+            float cut = kth_largest_guided(score, work, hist, width, keep, &guess);
+            int32_t kept = 0;
+            for (int64_t i = 0; i < width; i++) kept += score[i] >= cut;
+            int exact = ties != 0 && kept > keep;  /* ties at the cut: keep the lowest-index ones */
+            int32_t equal_left = keep;
+            if (exact) for (int64_t i = 0; i < width; i++) equal_left -= score[i] > cut;
+            if (mask) {
+                uint8_t* m = mask + r * width;
+                if (!exact) for (int64_t i = 0; i < width; i++) m[i] = score[i] >= cut;
+                else for (int64_t i = 0; i < width; i++) {
                     uint8_t on = score[i] > cut;
                     if (!on && score[i] == cut && equal_left > 0) { on = 1; equal_left--; }
                     m[i] = on;
                 }
-                kept = keep;
             }
             if (out) {
                 float* o = out + r * width;
-                for (int64_t i = 0; i < width; i++) o[i] = m[i] ? xr[i] : 0.0f;
+                if (!exact) {  /* x's bits or +0, without a branch (a 50 % branch mispredicts per entry) */
+                    const fbits_t* xb = (const fbits_t*)xr;
+                    fbits_t* ob = (fbits_t*)o;
+                    for (int64_t i = 0; i < width; i++) ob[i] = xb[i] & (0u - (uint32_t)(score[i] >= cut));
+                }
+                else {
+                    int32_t left = keep;
+                    for (int64_t i = 0; i < width; i++) left -= score[i] > cut;
+                    for (int64_t i = 0; i < width; i++) {
+                        int on = score[i] > cut;
+                        if (!on && score[i] == cut && left > 0) { on = 1; left--; }
+                        o[i] = on ? xr[i] : 0.0f;
+                    }
+                }
             }
-            kept_all += kept;
+            kept_all += exact ? keep : kept;
         }
         free(score);
         free(work);
@@ -138,15 +201,16 @@ void spon_threshold_split_f32(const float* x, const float* scale, int64_t rows, 
     #pragma omp parallel for schedule(static) reduction(+:kept_all)
     for (int64_t r = 0; r < rows; r++) {
         const float* xr = x + r * width;
-        float* k = kept + r * width;
-        float* z = rest ? rest + r * width : 0;
-        int64_t n = 0;
-        for (int64_t i = 0; i < width; i++) {
+        fbits_t* k = (fbits_t*)(kept + r * width);
+        fbits_t* z = rest ? (fbits_t*)(rest + r * width) : 0;
+        const fbits_t* xb = (const fbits_t*)xr;
+        int32_t n = 0;
+        for (int64_t i = 0; i < width; i++) {  /* branchless: x's bits or +0 on each side */
             float s = scale ? fabsf(xr[i]) * scale[i] : fabsf(xr[i]);
-            int on = s > tau;
-            k[i] = on ? xr[i] : 0.0f;
-            if (z) z[i] = on ? 0.0f : xr[i];
-            n += on;
+            uint32_t on = 0u - (uint32_t)(s > tau);
+            k[i] = xb[i] & on;
+            if (z) z[i] = xb[i] & ~on;
+            n += on & 1u;
         }
         kept_all += n;
     }
