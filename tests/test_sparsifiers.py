@@ -515,9 +515,10 @@ def test_fused_topk_kernel_equals_torch(width, keep):
     assert out.grad_fn is not None and select.topk_sparsify_cpu(needs_grad, keep, "keep") is None
 
 
-def test_fused_topk_kernel_guided_by_the_previous_row_stays_exact():
-    """The kernel guesses each row's cut from the previous row's; rows that jump in scale, all-zero
-    rows, constant rows and drifting distributions must still give torch's mask exactly."""
+def test_fused_topk_kernel_exact_on_awkward_rows():
+    """The kernel bins each row's scores by octaves below the row's largest: rows of any scale,
+    all-zero and constant rows, ties across the cut and a cut more than 16 octaves below the
+    largest score (the last, catch-all bin) must all give torch's mask exactly."""
     from spon_exp.kernels import select
     from spon_exp.sparsifiers.scoring import topk_mask
 
@@ -532,6 +533,8 @@ def test_fused_topk_kernel_guided_by_the_previous_row_stays_exact():
     x[51] = 2.5  # one value: everything ties
     x[52, :keep + 3] = 1.0  # a tie across the cut
     x[53:60] = x[53:60].round()
+    x[60] = torch.logspace(-12, 6, width)[torch.randperm(width, generator=g)]  # cut far below the top
+    x[61, : width - keep + 5] = 1e-30  # the cut among near-zero scores
     scale = torch.rand(width, generator=g) + 0.5
     for c in (None, scale):
         score = x.abs() * (c if c is not None else 1.0)

@@ -4,12 +4,12 @@ WINA's and LaRoSA's masks keep, per token, the ``keep`` entries of highest score
 ``|x_i|·c_i`` (``c`` a per-column scale, e.g. WINA's column norms, or none). In PyTorch that
 is a score tensor, a ``kthvalue`` (which copies its input), a comparison and, for exact-k
 ties, a count: on a CPU the selection alone costs about as much as the projection's matmul
-on a 135M model. This kernel does it all per row in cache: the scores into a scratch row; the
-``keep``-th largest, found inside a narrow window around the previous row's cut (scaled by the
-row's mean score; one counting pass checks the window holds it, then only its few scores are
-selected), or else by a radix histogram of the scores' top bits and a quickselect on the one
-bin that holds it; then the mask, written without branches (a 50 % branch per entry costs
-more than the selection). Rows are split between OpenMP threads.
+on a 135M model. This kernel does it all per row in cache: the scores into a scratch row (and
+their largest); the ``keep``-th largest by a histogram of keys -- how many 1/16 octaves each
+score lies below the row's largest, read off the float's bits -- to find the bin that holds
+it, then a quickselect on that bin's few scores; then the output (and mask) written and
+counted in one pass without branches (a 50 % branch per entry costs more than the
+selection). Rows are split between OpenMP threads.
 
 The scores are computed as ``fabsf(x) * c`` in float32, the same single rounding as
 ``x.float().abs() * c`` in torch, so the masks equal torch's. Ties at the cut: ``keep``
@@ -43,13 +43,13 @@ _C_SOURCE = r"""
 #include <string.h>
 #include <math.h>
 
-#define RADIX_BITS 11
-#define RADIX_BINS (1 << RADIX_BITS)
-
 /* float bits, read through a type that may alias a float (branchless selects vectorise) */
 typedef uint32_t __attribute__((may_alias)) fbits_t;
 
 static inline uint32_t bits_of(float f) { uint32_t u; memcpy(&u, &f, sizeof u); return u; }
+
+#define KEY_SHIFT 19  /* a key keeps the exponent and 4 mantissa bits: 16 bins per octave */
+#define KEY_BINS 256  /* 16 octaves below the row's largest score; the last bin holds the rest */
 
 /* The k-th largest (k in [1, n]) of a[0..n), reordering a. Hoare-partition quickselect. */
 static float kth_largest(float* a, int64_t n, int64_t k) {
@@ -70,64 +70,54 @@ static float kth_largest(float* a, int64_t n, int64_t k) {
     return a[target];
 }
 
-/* The k-th largest of n non-negative scores: a histogram of the top RADIX_BITS bits (for
-   non-negative floats the bit pattern orders like the value) finds the bin holding it, then a
-   quickselect runs on that bin's few entries only. */
-static float kth_largest_radix(const float* s, float* work, uint32_t* hist, int64_t n, int64_t k) {
-    memset(hist, 0, sizeof(uint32_t) * RADIX_BINS);
-    for (int64_t i = 0; i < n; i++) hist[bits_of(s[i]) >> (32 - RADIX_BITS)]++;
+/* The k-th largest of n non-negative scores whose largest is `top`. For non-negative floats the
+   bit pattern orders like the value, so a score's key -- how many 1/16 octaves it lies below the
+   largest -- orders the scores in bins of width 2^(1/16). A histogram of the keys (four
+   interleaved copies, so equal keys in a row do not wait on each other) finds the bin holding the
+   k-th largest; a branchless pass collects that bin's few scores and a quickselect finishes. */
+static float kth_largest_keyed(const float* s, float top, float* work, uint16_t* key, uint32_t* hist,
+                               int64_t n, int64_t k) {
+    uint32_t top_key = bits_of(top) >> KEY_SHIFT;
+    memset(hist, 0, sizeof(uint32_t) * KEY_BINS * 4);
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t d = top_key - (bits_of(s[i]) >> KEY_SHIFT);  /* wraps for NaN: the last bin */
+        key[i] = (uint16_t)(d < KEY_BINS - 1 ? d : KEY_BINS - 1);
+    }
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        hist[key[i]]++; hist[KEY_BINS + key[i + 1]]++; hist[2 * KEY_BINS + key[i + 2]]++; hist[3 * KEY_BINS + key[i + 3]]++;
+    }
+    for (; i < n; i++) hist[key[i]]++;
     int64_t need = k;
-    int bin = RADIX_BINS - 1;
-    for (; bin > 0; bin--) {
-        if ((int64_t)hist[bin] >= need) break;
-        need -= hist[bin];
+    int bin = 0;
+    for (; bin < KEY_BINS - 1; bin++) {
+        int64_t h = (int64_t)hist[bin] + hist[KEY_BINS + bin] + hist[2 * KEY_BINS + bin] + hist[3 * KEY_BINS + bin];
+        if (h >= need) break;
+        need -= h;
     }
     int64_t m = 0;
-    for (int64_t i = 0; i < n; i++)
-        if ((int)(bits_of(s[i]) >> (32 - RADIX_BITS)) == bin) work[m++] = s[i];
+    for (i = 0; i < n; i++) { work[m] = s[i]; m += key[i] == bin; }
     return kth_largest(work, m, need);
 }
 
-/* The k-th largest of s[0..n) guided by the previous row's cut: rows of one tensor have
-   similar score distributions, so the cut relative to the row's mean score moves little from
-   row to row. One counting pass over a window [lo, hi) around the guess tells whether the
-   cut lies inside (fewer than k scores >= hi, at least k >= lo); then only the window's few
-   scores are selected. Otherwise (first row, a jump) the radix selection runs; the window's
-   width adapts to the misses. The result is the exact k-th largest either way. */
-typedef struct { float ratio; float eps; int valid; } guess_t;
-
-static float row_mean(const float* s, int64_t n) {
+/* score[i] = |x[i]| * scale[i] (scale may be NULL); returns the largest score (NaN ignored). */
+static float score_row(const float* x, const float* scale, float* score, int64_t n) {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) acc[j] += s[i + j];
-    float total = 0;
-    for (; i < n; i++) total += s[i];
-    for (int j = 0; j < 8; j++) total += acc[j];
-    return total / (float)n;
-}
-
-static float kth_largest_guided(const float* s, float* work, uint32_t* hist, int64_t n, int64_t k, guess_t* g) {
-    float mean = row_mean(s, n);
-    int usable = mean > 0 && isfinite(mean);
-    if (g->valid && usable) {
-        float center = g->ratio * mean;
-        float lo = center * (1.0f - g->eps), hi = center * (1.0f + g->eps);
-        int32_t c_lo = 0, c_hi = 0;
-        for (int64_t i = 0; i < n; i++) { c_lo += s[i] >= lo; c_hi += s[i] >= hi; }
-        if (c_hi < k && k <= c_lo) {
-            int64_t m = 0;
-            for (int64_t i = 0; i < n; i++) { work[m] = s[i]; m += (s[i] >= lo) & (s[i] < hi); }
-            float cut = kth_largest(work, m, k - c_hi);
-            if (8 * m > n && g->eps > 1e-3f) g->eps *= 0.7f;  /* a wide window: narrow it */
-            g->ratio = cut / mean;
-            return cut;
+        for (int j = 0; j < 8; j++) {
+            float v = scale ? fabsf(x[i + j]) * scale[i + j] : fabsf(x[i + j]);
+            score[i + j] = v;
+            acc[j] = v > acc[j] ? v : acc[j];
         }
-        g->eps = g->eps < 0.5f ? 2.0f * g->eps : 1.0f;  /* a miss: widen (eps 1 brackets every cut) */
+    float top = 0;
+    for (; i < n; i++) {
+        float v = scale ? fabsf(x[i]) * scale[i] : fabsf(x[i]);
+        score[i] = v;
+        top = v > top ? v : top;
     }
-    float cut = kth_largest_radix(s, work, hist, n, k);
-    if (usable) { g->ratio = cut / mean; g->valid = 1; if (g->eps <= 0) g->eps = 0.05f; }
-    return cut;
+    for (int j = 0; j < 8; j++) top = acc[j] > top ? acc[j] : top;
+    return top;
 }
 
 /* mask[r, i] = score[r, i] among the `keep` largest of row r, score = |x| * scale (scale may be NULL).
@@ -140,54 +130,48 @@ int spon_topk_mask_f32(const float* x, const float* scale, int64_t rows, int64_t
     {
         float* score = (float*)malloc(sizeof(float) * width);
         float* work = (float*)malloc(sizeof(float) * width);
-        uint32_t* hist = (uint32_t*)malloc(sizeof(uint32_t) * RADIX_BINS);
-        guess_t guess = {0.0f, 0.0f, 0};
-        if (!score || !work || !hist) {
+        uint16_t* key = (uint16_t*)malloc(sizeof(uint16_t) * width);
+        uint32_t* hist = (uint32_t*)malloc(sizeof(uint32_t) * KEY_BINS * 4);
+        if (!score || !work || !key || !hist) {
             #pragma omp atomic write
             failed = 1;
         }
         #pragma omp for schedule(static) reduction(+:kept_all)
         for (int64_t r = 0; r < rows; r++) {
-            if (!score || !work || !hist) continue;
+            if (!score || !work || !key || !hist) continue;
             const float* xr = x + r * width;
-            if (scale) for (int64_t i = 0; i < width; i++) score[i] = fabsf(xr[i]) * scale[i];
-            else for (int64_t i = 0; i < width; i++) score[i] = fabsf(xr[i]);
-            float cut = kth_largest_guided(score, work, hist, width, keep, &guess);
+            float top = score_row(xr, scale, score, width);
+            float cut = kth_largest_keyed(score, top, work, key, hist, width, keep);
+            /* every score >= the cut, written without a branch (a 50 % branch mispredicts per
+               entry) and counted in the same pass: x's bits or +0, and the mask */
             int32_t kept = 0;
-            for (int64_t i = 0; i < width; i++) kept += score[i] >= cut;
-            int exact = ties != 0 && kept > keep;  /* ties at the cut: keep the lowest-index ones */
-            int32_t equal_left = keep;
-            if (exact) for (int64_t i = 0; i < width; i++) equal_left -= score[i] > cut;
-            if (mask) {
-                uint8_t* m = mask + r * width;
-                if (!exact) for (int64_t i = 0; i < width; i++) m[i] = score[i] >= cut;
-                else for (int64_t i = 0; i < width; i++) {
-                    uint8_t on = score[i] > cut;
-                    if (!on && score[i] == cut && equal_left > 0) { on = 1; equal_left--; }
-                    m[i] = on;
-                }
+            uint8_t* m = mask ? mask + r * width : 0;
+            fbits_t* ob = out ? (fbits_t*)(out + r * width) : 0;
+            const fbits_t* xb = (const fbits_t*)xr;
+            if (ob && m) for (int64_t i = 0; i < width; i++) {
+                uint32_t on = score[i] >= cut; ob[i] = xb[i] & (0u - on); m[i] = (uint8_t)on; kept += on;
             }
-            if (out) {
-                float* o = out + r * width;
-                if (!exact) {  /* x's bits or +0, without a branch (a 50 % branch mispredicts per entry) */
-                    const fbits_t* xb = (const fbits_t*)xr;
-                    fbits_t* ob = (fbits_t*)o;
-                    for (int64_t i = 0; i < width; i++) ob[i] = xb[i] & (0u - (uint32_t)(score[i] >= cut));
-                }
-                else {
-                    int32_t left = keep;
-                    for (int64_t i = 0; i < width; i++) left -= score[i] > cut;
-                    for (int64_t i = 0; i < width; i++) {
-                        int on = score[i] > cut;
-                        if (!on && score[i] == cut && left > 0) { on = 1; left--; }
-                        o[i] = on ? xr[i] : 0.0f;
-                    }
+            else if (ob) for (int64_t i = 0; i < width; i++) {
+                uint32_t on = score[i] >= cut; ob[i] = xb[i] & (0u - on); kept += on;
+            }
+            else if (m) for (int64_t i = 0; i < width; i++) { uint8_t on = score[i] >= cut; m[i] = on; kept += on; }
+            else for (int64_t i = 0; i < width; i++) kept += score[i] >= cut;
+            int exact = ties != 0 && kept > keep;
+            if (exact) {  /* ties at the cut and exactly `keep` wanted: the lowest-index tied ones */
+                int32_t left = keep;
+                for (int64_t i = 0; i < width; i++) left -= score[i] > cut;
+                for (int64_t i = 0; i < width; i++) {
+                    uint32_t on = score[i] > cut;
+                    if (!on && score[i] == cut && left > 0) { on = 1; left--; }
+                    if (m) m[i] = (uint8_t)on;
+                    if (ob) ob[i] = xb[i] & (0u - on);
                 }
             }
             kept_all += exact ? keep : kept;
         }
         free(score);
         free(work);
+        free(key);
         free(hist);
     }
     if (kept_total) *kept_total = kept_all;
