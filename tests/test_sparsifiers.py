@@ -164,6 +164,37 @@ def test_suffix_replay_equals_the_full_replay_on_the_scored_tokens(family, polic
     assert sp._sliced_from is None
 
 
+@pytest.mark.parametrize("method,family,options", [("teal", "llama", {}), ("teal", "gemma3_text", {}),
+                                                   ("teal", "qwen3", {"projections": "mlp"}),
+                                                   ("wina", "llama", {"transform": True})])
+def test_greedy_reuse_gives_the_search_without_it_bit_for_bit(method, family, options, monkeypatch):
+    """ReplayMemo skips only work whose inputs a candidate did not change: the lookup (every step's
+    choice and block error) equals the one computed without reuse, with several captured calls."""
+    import spon_exp.sparsifiers.greedy as greedy
+
+    def search(capacity):
+        original = greedy.ReplayMemo.__init__
+        monkeypatch.setattr(greedy.ReplayMemo, "__init__",
+                            lambda self, block, names, calls, capacity_=9: original(self, block, names, calls, capacity))
+        counts = []
+        exit_ = greedy.ReplayMemo.__exit__
+        monkeypatch.setattr(greedy.ReplayMemo, "__exit__",
+                            lambda self, *exc: (counts.append((self.hits, self.misses)), exit_(self, *exc))[1])
+        lm, sp, _ = calibrated(method, family, allocation="greedy", greedy_step=0.1, refine_passes=0, **options)
+        monkeypatch.undo()
+        leftovers = [m for m in lm.model.modules() if isinstance(m, greedy._Memoised)]
+        return sp, counts, leftovers
+
+    reused, counts, leftovers = search(9)
+    plain, plain_counts, _ = search(0)  # capacity 0: every part recomputed
+    assert not leftovers  # the model is restored after the search
+    assert all(hits > misses for hits, misses in counts)  # most parts come from the memo
+    assert all(hits == 0 for hits, _ in plain_counts)
+    for layer, lookup in plain.greedy_lookup.items():
+        assert torch.equal(reused.greedy_lookup[layer], lookup), layer
+    assert reused.greedy_report == plain.greedy_report
+
+
 def test_greedy_lookup_is_reused_across_targets_and_saved(monkeypatch):
     lm, sp, ids = calibrated("teal", sparsity=0.25, allocation="greedy", greedy_sequences=2, greedy_step=0.1,
                              refine_passes=0)

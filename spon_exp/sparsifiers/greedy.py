@@ -9,6 +9,11 @@ trajectory (per-projection sparsities as a function of block sparsity) is kept p
 (``greedy_lookup``, saved in the state) and re-used for any target it covers; a higher target
 extends it from where it stopped.
 
+A replay does only the work a candidate changes: o_proj and the MLP run on the scored tokens
+only (:class:`SuffixReplay`), and the parts of the block whose upstream projections kept their
+sparsity are taken from the step before (:class:`ReplayMemo`: an MLP candidate reuses the
+attention, a k candidate reuses q and v). Both are exact: the lookup equals the full replays'.
+
 A method opts in by mixing :class:`GreedyAllocation` into its sparsifier and
 :class:`GreedyOptions` into its options, and by saying how a candidate's per-projection
 sparsities take effect (``apply`` in :meth:`GreedyAllocation.greedy_search`): TEAL sets
@@ -18,11 +23,13 @@ thresholds at those quantiles of the dense site values, WINA sets the top-k coun
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch import nn
 
 from spon_exp.models.adapters import DecoderBlock, Projection
 from spon_exp.sparsifiers.hooks import HookSet
@@ -144,11 +151,14 @@ class BlockInputs:
     def remove(self) -> None:
         self.hooks.remove()
 
-    def outputs(self, block: DecoderBlock) -> list[torch.Tensor]:
-        """Re-run ``block`` on every captured call (sparsifier hooks apply as set)."""
+    def outputs(self, block: DecoderBlock, on_call: Callable[[int], None] | None = None) -> list[torch.Tensor]:
+        """Re-run ``block`` on every captured call (sparsifier hooks apply as set);
+        ``on_call(i)`` runs before the ``i``-th."""
         outs = []
         with torch.no_grad():
-            for args, kwargs in self.calls[block.index]:
+            for i, (args, kwargs) in enumerate(self.calls[block.index]):
+                if on_call is not None:
+                    on_call(i)
                 out = block.module(*args, **kwargs)
                 outs.append(out[0] if isinstance(out, (tuple, list)) else out)
         return outs
@@ -200,6 +210,103 @@ class SuffixReplay:
     def __exit__(self, *exc) -> None:
         self.hooks.remove()
         self.sparsifier._sliced_from = None
+
+
+#: what each memoised part of a block reads, as the projections whose sparsity changes it: the
+#: q/k/v inputs are the block's (dense, captured) normalised input, the attention output depends
+#: on q/k/v/o, and gate/up read the residual after the attention (every supported family is
+#: sequential: attention, then MLP). down_proj and the MLP depend on all seven: never reused.
+UPSTREAM = {
+    "q_proj": ("q_proj",), "k_proj": ("k_proj",), "v_proj": ("v_proj",),
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "gate_proj": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"),
+    "up_proj": ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj"),
+}
+
+
+class _Memoised(nn.Module):
+    """Stands in for one submodule of a block during the greedy search: returns the output
+    computed before for the same captured call and the same sparsities of the projections it
+    depends on, else runs the module (with all its hooks) and keeps the output (least recently
+    used first out, ``capacity`` per captured call)."""
+
+    def __init__(self, inner: nn.Module, memo: ReplayMemo, deps: tuple[int, ...]):
+        super().__init__()
+        self.inner, self.memo, self.deps = inner, memo, deps
+        self.cache: OrderedDict = OrderedDict()
+
+    def forward(self, *args, **kwargs):
+        key = (self.memo.call, tuple(self.memo.state[i] for i in self.deps))
+        out = self.cache.get(key)
+        if out is not None:
+            self.cache.move_to_end(key)
+            self.memo.hits += 1
+            return out
+        out = self.inner(*args, **kwargs)
+        self.cache[key] = out
+        if len(self.cache) > self.memo.capacity * self.memo.calls:
+            self.cache.popitem(last=False)
+        self.memo.misses += 1
+        return out
+
+    def __getattr__(self, name):  # the block may read the module's attributes (weight, config)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+
+class ReplayMemo:
+    """Reuse what a greedy candidate does not change: while active, the q/k/v projections, the
+    attention module and gate/up of one block are :class:`_Memoised`, keyed by the captured
+    call and the candidate sparsities of their upstream projections (:data:`UPSTREAM`).
+
+    A step raises one projection, so most parts repeat from the previous step: an MLP candidate
+    reuses the attention, a k candidate reuses q and v. The replays compute exactly what the
+    full ones do (the same modules on the same inputs; only the work is not redone), about half
+    of it on a Llama-shaped block. Memory: up to ``capacity`` outputs per part and captured call
+    (the search holds 7 candidates and the current allocation)."""
+
+    def __init__(self, block: DecoderBlock, names: list[str], calls: int, capacity: int = 9):
+        self.state: tuple[float, ...] = ()
+        self.call, self.calls = 0, max(1, calls)
+        self.capacity = capacity
+        self.hits = self.misses = 0
+        self._swapped: list[tuple[nn.Module, str, nn.Module]] = []
+        index = {n: i for i, n in enumerate(names)}
+        parts = {n: block.projections[n].module for n in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+                 if n in block.projections}
+        if "qkv_input" in block.containers:
+            parts["attention"] = block.containers["qkv_input"]
+        for part, module in parts.items():
+            parent, attr = _parent_of(block.module, module)
+            if parent is None:
+                continue
+            deps = tuple(index[n] for n in UPSTREAM[part] if n in index)
+            parent._modules[attr] = _Memoised(module, self, deps)
+            self._swapped.append((parent, attr, module))
+
+    def begin_call(self, i: int) -> None:
+        self.call = i
+
+    def restore(self) -> None:
+        for parent, attr, module in reversed(self._swapped):
+            parent._modules[attr] = module
+        self._swapped.clear()
+
+    def __enter__(self) -> ReplayMemo:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
+def _parent_of(root: nn.Module, target: nn.Module) -> tuple[nn.Module | None, str]:
+    for module in root.modules():
+        for attr, child in module._modules.items():
+            if child is target:
+                return module, attr
+    return None, ""
 
 
 def block_output_error(outputs: list[torch.Tensor], targets: list[torch.Tensor], last_fraction: float) -> float:
@@ -259,41 +366,52 @@ class GreedyAllocation:
 
         for block in tqdm(self.blocks, desc=f"{self.name} greedy allocation", leave=False):
             names = self.greedy_names(block.index)
-            if not names:
-                continue
-            projs = [block.projections[n] for n in names]
-            with self.disabled():
-                targets = capture.outputs(block)
-
-            def error(sparsities: list[float]) -> float:
-                apply(projs, sparsities)
-                self._refresh_consumers()
-                self._shared.clear()
-                return block_output_error(capture.outputs(block), targets, self.options.greedy_last_fraction)
-
-            lookup = self.greedy_lookup.get(block.index)
-            if lookup is None or lookup.shape[1] != 2 + len(names):
-                lookup = torch.zeros(1, 2 + len(names), dtype=torch.float64)
-            if float(lookup[-1, 0]) < goal - 1e-9:
-                rows = greedy_trajectory(relative_sizes(block, names), self.options.greedy_step, goal, error,
-                                         start=lookup[-1, 2:].tolist())
-                if rows:
-                    extra = torch.tensor([[f, e, *s] for f, e, s in rows], dtype=torch.float64)
-                    lookup = torch.cat([lookup, extra])
-            self.greedy_lookup[block.index] = lookup
-            row = self.greedy_row(block.index)
-            achieved = float(row[0])
-            self.greedy_report[block.index] = {
-                "block_sparsity": achieved,
-                "greedy_error": error(row[2:].tolist()),
-                "uniform_error": error([achieved] * len(names)),
-            }
+            if names:
+                self._greedy_block(capture, apply, block, names, goal)
         self._shared.clear()
         if self.greedy_report:
             reports = list(self.greedy_report.values())
             log.info("%s greedy allocation: mean block error %.4g (uniform at the same block sparsity: %.4g)", self.name,
                      sum(r["greedy_error"] for r in reports) / len(reports),
                      sum(r["uniform_error"] for r in reports) / len(reports))
+
+    def _greedy_block(self, capture: BlockInputs, apply, block: DecoderBlock, names: list[str], goal: float) -> None:
+        """Extend one block's lookup to ``goal`` and report its error against uniform."""
+        projs = [block.projections[n] for n in names]
+        with self.disabled():
+            targets = capture.outputs(block)
+        with ReplayMemo(block, names, len(capture.calls[block.index])) as memo:
+
+            def error(sparsities: list[float]) -> float:
+                apply(projs, sparsities)
+                self._refresh_consumers()
+                self._shared.clear()
+                memo.state = tuple(sparsities)
+                return block_output_error(capture.outputs(block, memo.begin_call), targets,
+                                          self.options.greedy_last_fraction)
+
+            self._extend_lookup(block, names, error, goal)
+        log.debug("%s greedy layer %d: %d parts reused, %d computed", self.name, block.index, memo.hits, memo.misses)
+
+    def _extend_lookup(self, block: DecoderBlock, names: list[str], error: Callable[[list[float]], float],
+                       goal: float) -> None:
+        lookup = self.greedy_lookup.get(block.index)
+        if lookup is None or lookup.shape[1] != 2 + len(names):
+            lookup = torch.zeros(1, 2 + len(names), dtype=torch.float64)
+        if float(lookup[-1, 0]) < goal - 1e-9:
+            rows = greedy_trajectory(relative_sizes(block, names), self.options.greedy_step, goal, error,
+                                     start=lookup[-1, 2:].tolist())
+            if rows:
+                extra = torch.tensor([[f, e, *s] for f, e, s in rows], dtype=torch.float64)
+                lookup = torch.cat([lookup, extra])
+        self.greedy_lookup[block.index] = lookup
+        row = self.greedy_row(block.index)
+        achieved = float(row[0])
+        self.greedy_report[block.index] = {
+            "block_sparsity": achieved,
+            "greedy_error": error(row[2:].tolist()),
+            "uniform_error": error([achieved] * len(names)),
+        }
 
     def greedy_state(self) -> dict[str, torch.Tensor]:
         return {f"greedy_lookup.{layer}": t.clone() for layer, t in self.greedy_lookup.items()}
