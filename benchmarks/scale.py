@@ -257,6 +257,11 @@ def main() -> None:
     if "teal_greedy" in methods and "teal" in methods:
         ratios["teal_greedy_over_uniform_calibration"] = methods["teal_greedy"]["calibrate_s"] / methods["teal"]["calibrate_s"]
     report["ratios"] = ratios
+    if clock.cuda:  # which top-k each width ran (the Triton kernel or torch, timed at first use)
+        from spon_exp.sparsifiers.scoring import _GPU_CHOICE
+
+        report["topk_path"] = {f"{w} {str(dt).removeprefix('torch.')}{' scaled' if scaled else ''}": choice
+                               for (_, w, dt, scaled), choice in _GPU_CHOICE.items()}
     print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()), flush=True)
     stages = [st for st in ("throughput", "training") if st not in args.skip]
     if stages:

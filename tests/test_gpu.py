@@ -43,3 +43,27 @@ def test_cuda_bf16_calibrate_train_fold(family, variant):
     assert all(a.device.type == "cuda" for a in spon.alphas.values())
     _, report = fold_alpha_checked(lm.model, spon, ids[:4])
     assert report["max_abs_logit_diff"] == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("width", [576, 4096, 14336])
+def test_cuda_triton_topk_equals_torch(width, dtype):
+    """The compiled Triton top-k (the GPU path of WINA's and LaRoSA's masks) gives torch's
+    masks for both tie rules, and the dispatch in scoring picks one of the two and keeps it."""
+    from spon_exp.kernels import triton_select
+    from spon_exp.sparsifiers import scoring
+
+    g = torch.Generator(device="cuda").manual_seed(width)
+    x = torch.randn(300, width, device="cuda", generator=g).to(dtype)
+    x[0, : width // 2 + 8] = 1.0  # ties across the cut
+    scale = torch.rand(width, device="cuda", generator=g) + 0.5
+    keep = width // 2
+    for c in (None, scale):
+        score = x.float().abs() * (c if c is not None else 1.0)
+        for ties in ("keep", "break"):
+            mask = scoring.topk_mask(score, keep, ties)
+            out, kept = triton_select.topk_sparsify(x, keep, ties, c)
+            assert torch.equal(out, x * mask.to(dtype)) and torch.equal(kept, mask.sum(-1).int())
+            fused, dropped = scoring.topk_sparsify(x, keep, ties, c, measure=True)
+            assert torch.equal(fused, x * mask.to(dtype)) and int(dropped) == int((~mask).sum())
+    assert {v for k, v in scoring._GPU_CHOICE.items() if k[1] == width} <= {"triton", "torch"}

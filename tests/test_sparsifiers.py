@@ -504,8 +504,8 @@ def test_topk_mask_ties():
     score = torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.5], [5.0, 4.0, 3.0, 2.0, 1.0]])
     # keep 2: row 0 ties at the cut (2.0, 2.0)
     assert topk_mask(score, 2, "keep").tolist() == [[True, False, True, True, False], [True, True, False, False, False]]
-    broken = topk_mask(score, 2, "break")
-    assert broken.sum(-1).tolist() == [2, 2] and broken[0, 0] and broken[1].tolist() == [True, True, False, False, False]
+    broken = topk_mask(score, 2, "break")  # the tie at the cut goes to the lowest index
+    assert broken.tolist() == [[True, False, True, False, False], [True, True, False, False, False]]
     assert topk_mask(score, 5).all() and not topk_mask(score, 0).any()
     x = torch.randn(64, 96, generator=torch.Generator().manual_seed(0))
     reference = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, x.abs().topk(40, dim=-1).indices, True)
@@ -531,6 +531,7 @@ def test_fused_topk_kernel_equals_torch(width, keep):
         exact = select.topk_mask_cpu(x, keep, "break", c)
         assert (exact.sum(-1) == keep).all()
         assert torch.equal(exact & ~kernel, torch.zeros_like(exact))  # a subset of the tie-keeping mask
+        assert torch.equal(exact, topk_mask(score, keep, "break"))  # ties: lowest index first, as torch's path
         cut = score.masked_fill(~exact, float("inf")).amin(-1, keepdim=True)
         assert (score.masked_fill(exact, float("-inf")) <= cut).all()  # nothing left out beats a kept one
         assert torch.equal(magnitude_topk_mask(x, keep, "keep", c), kernel)
@@ -571,8 +572,7 @@ def test_fused_topk_kernel_exact_on_awkward_rows():
         score = x.abs() * (c if c is not None else 1.0)
         assert torch.equal(select.topk_mask_cpu(x, keep, "keep", c), topk_mask(score, keep, "keep"))
         exact = select.topk_mask_cpu(x, keep, "break", c)
-        assert (exact.sum(-1) == keep).all()
-        assert torch.equal(exact & ~topk_mask(score, keep, "keep"), torch.zeros_like(exact))
+        assert torch.equal(exact, topk_mask(score, keep, "break")) and (exact.sum(-1) == keep).all()
 
 
 def test_larosa_rotation_is_the_covariance_eigenbasis():

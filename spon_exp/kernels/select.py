@@ -14,8 +14,8 @@ selection). Rows are split between OpenMP threads.
 The scores are computed as ``fabsf(x) * c`` in float32, the same single rounding as
 ``x.float().abs() * c`` in torch, so the masks equal torch's. Ties at the cut: ``keep``
 keeps every entry equal to the ``keep``-th largest; ``break`` keeps exactly ``keep``,
-taking the tied entries of lowest index (``torch.topk`` picks among ties in no documented
-order).
+taking the tied entries of lowest index (as :func:`~spon_exp.sparsifiers.scoring.topk_mask`
+and the GPU kernel, :mod:`spon_exp.kernels.triton_select`, do).
 
 Float32 inputs only; anything else (and a machine without a C compiler, or
 ``SPON_EXP_DISABLE_SPARSE_KERNEL=1``) returns ``None`` and the caller uses torch.
@@ -42,6 +42,9 @@ _C_SOURCE = r"""
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 /* float bits, read through a type that may alias a float (branchless selects vectorise) */
 typedef uint32_t __attribute__((may_alias)) fbits_t;
@@ -50,6 +53,7 @@ static inline uint32_t bits_of(float f) { uint32_t u; memcpy(&u, &f, sizeof u); 
 
 #define KEY_SHIFT 19  /* a key keeps the exponent and 4 mantissa bits: 16 bins per octave */
 #define KEY_BINS 256  /* 16 octaves below the row's largest score; the last bin holds the rest */
+_Static_assert(KEY_BINS <= 256, "keys are bytes");
 
 /* The k-th largest (k in [1, n]) of a[0..n), reordering a. Hoare-partition quickselect. */
 static float kth_largest(float* a, int64_t n, int64_t k) {
@@ -74,14 +78,14 @@ static float kth_largest(float* a, int64_t n, int64_t k) {
    bit pattern orders like the value, so a score's key -- how many 1/16 octaves it lies below the
    largest -- orders the scores in bins of width 2^(1/16). A histogram of the keys (four
    interleaved copies, so equal keys in a row do not wait on each other) finds the bin holding the
-   k-th largest; a branchless pass collects that bin's few scores and a quickselect finishes. */
-static float kth_largest_keyed(const float* s, float top, float* work, uint16_t* key, uint32_t* hist,
+   k-th largest; a pass collects that bin's few scores and a quickselect finishes. */
+static float kth_largest_keyed(const float* s, float top, float* work, uint8_t* key, uint32_t* hist,
                                int64_t n, int64_t k) {
     uint32_t top_key = bits_of(top) >> KEY_SHIFT;
     memset(hist, 0, sizeof(uint32_t) * KEY_BINS * 4);
     for (int64_t i = 0; i < n; i++) {
         uint32_t d = top_key - (bits_of(s[i]) >> KEY_SHIFT);  /* wraps for NaN: the last bin */
-        key[i] = (uint16_t)(d < KEY_BINS - 1 ? d : KEY_BINS - 1);
+        key[i] = (uint8_t)(d < KEY_BINS - 1 ? d : KEY_BINS - 1);
     }
     int64_t i = 0;
     for (; i + 4 <= n; i += 4) {
@@ -96,7 +100,15 @@ static float kth_largest_keyed(const float* s, float top, float* work, uint16_t*
         need -= h;
     }
     int64_t m = 0;
-    for (i = 0; i < n; i++) { work[m] = s[i]; m += key[i] == bin; }
+    i = 0;
+#if defined(__SSE2__)  /* sixteen keys per compare; only the matches are visited */
+    const __m128i want = _mm_set1_epi8((char)bin);
+    for (; i + 16 <= n; i += 16) {
+        unsigned hit = (unsigned)_mm_movemask_epi8(_mm_cmpeq_epi8(_mm_loadu_si128((const __m128i*)(key + i)), want));
+        while (hit) { work[m++] = s[i + __builtin_ctz(hit)]; hit &= hit - 1; }
+    }
+#endif
+    for (; i < n; i++) { work[m] = s[i]; m += key[i] == bin; }
     return kth_largest(work, m, need);
 }
 
@@ -130,7 +142,7 @@ int spon_topk_mask_f32(const float* x, const float* scale, int64_t rows, int64_t
     {
         float* score = (float*)malloc(sizeof(float) * width);
         float* work = (float*)malloc(sizeof(float) * width);
-        uint16_t* key = (uint16_t*)malloc(sizeof(uint16_t) * width);
+        uint8_t* key = (uint8_t*)malloc(width);
         uint32_t* hist = (uint32_t*)malloc(sizeof(uint32_t) * KEY_BINS * 4);
         if (!score || !work || !key || !hist) {
             #pragma omp atomic write

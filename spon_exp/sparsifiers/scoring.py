@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from spon_exp.models.adapters import Projection
 
+log = logging.getLogger(__name__)
 
 TIES = ("break", "keep")
 
@@ -22,13 +25,14 @@ def topk_mask(score: torch.Tensor, keep: int, ties: str = "break") -> torch.Tens
     """Boolean mask of the ``keep`` highest scores along the last dimension.
 
     ``ties="break"``: exactly ``keep`` per row (WINA's reference, ``topk`` + ``scatter``);
-    where scores tie at the cut, ``torch.topk`` picks. ``ties="keep"``: every score equal to
-    the ``keep``-th largest is kept too (LaRoSA's reference, ``|x| >= kthvalue``), so a row
-    may keep more.
+    where scores tie at the cut, the tied entries of lowest index are kept (``torch.topk``
+    picks in no documented order; this rule is the CPU and GPU kernels' too, so every path
+    gives the same mask). ``ties="keep"``: every score equal to the ``keep``-th largest is
+    kept too (LaRoSA's reference, ``|x| >= kthvalue``), so a row may keep more.
 
     Both compare against the row's ``keep``-th largest score (one selection, no sort and no
     index scatter: ~4x cheaper than ``topk`` + ``scatter`` on a CPU); with ``break`` only the
-    rows where a tie made the mask too wide are redone with ``topk``.
+    rows where a tie made the mask too wide are redone.
     """
     if ties not in TIES:
         raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
@@ -37,14 +41,16 @@ def topk_mask(score: torch.Tensor, keep: int, ties: str = "break") -> torch.Tens
         return torch.ones_like(score, dtype=torch.bool)
     if keep <= 0:
         return torch.zeros_like(score, dtype=torch.bool)
-    mask = score >= kth_largest(score, keep)
+    cut = kth_largest(score, keep)
+    mask = score >= cut
     if ties == "break":
         rows = mask.reshape(-1, width)
         wide = (rows.sum(dim=-1) > keep).nonzero().squeeze(-1)
         if wide.numel():
-            exact = torch.zeros((wide.numel(), width), dtype=torch.bool, device=score.device)
-            exact.scatter_(-1, score.reshape(-1, width)[wide].topk(keep, dim=-1).indices, True)
-            rows[wide] = exact
+            wide_scores, wide_cut = score.reshape(-1, width)[wide], cut.reshape(-1, 1)[wide]
+            above, tied = wide_scores > wide_cut, wide_scores == wide_cut
+            room = keep - above.sum(dim=-1, keepdim=True)
+            rows[wide] = above | (tied & (tied.cumsum(dim=-1) <= room))
     return mask
 
 
@@ -71,17 +77,77 @@ def magnitude_topk_mask(x: torch.Tensor, keep: int, ties: str = "break",
 def topk_sparsify(x: torch.Tensor, keep: int, ties: str = "break", column_scale: torch.Tensor | None = None,
                   measure: bool = False) -> tuple[torch.Tensor, torch.Tensor | int | None]:
     """``x`` with all but its ``keep`` highest-scoring entries per row zeroed (score
-    ``|x_i|·c_i``), and the number of zeroed entries if ``measure``. On the CPU without
-    autograd one kernel pass writes the result (no mask tensor, no product); otherwise
-    ``x * mask`` (:func:`magnitude_topk_mask`)."""
+    ``|x_i|·c_i``), and the number of zeroed entries if ``measure``. Without autograd one
+    kernel pass writes the result (no mask tensor, no product): the C kernel on the CPU, the
+    Triton kernel on a GPU where it is the faster (:func:`_gpu_topk_sparsify`); otherwise
+    ``x * mask`` (:func:`magnitude_topk_mask`). Every path gives the same mask."""
     from spon_exp.kernels.select import topk_sparsify_cpu
 
     fused = topk_sparsify_cpu(x, keep, ties, column_scale)
+    if fused is None and x.device.type == "cuda" and not (x.requires_grad and torch.is_grad_enabled()):
+        fused = _gpu_topk_sparsify(x, keep, ties, column_scale)
     if fused is not None:
         out, kept = fused
         return out, (x.numel() - kept if measure else None)
     mask = magnitude_topk_mask(x, keep, ties, column_scale)
     return x * mask.to(x.dtype), ((~mask).sum() if measure else None)
+
+
+#: per (device, width, dtype, scaled): "triton" or "torch", whichever was faster on first use
+_GPU_CHOICE: dict[tuple, str] = {}
+
+
+def _torch_topk_sparsify(x: torch.Tensor, keep: int, ties: str, column_scale: torch.Tensor | None) -> torch.Tensor:
+    return x * magnitude_topk_mask(x, keep, ties, column_scale).to(x.dtype)
+
+
+def _gpu_topk_sparsify(x: torch.Tensor, keep: int, ties: str,
+                       column_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The Triton kernel's ``(output, entries kept)`` on a CUDA tensor, or ``None`` to use
+    torch: on the first call of a (device, width, dtype) both are timed on the input and the
+    faster is kept (their masks are equal, so the choice changes the speed only); a kernel
+    that fails to build leaves torch in place, with one warning."""
+    key = (x.device, x.shape[-1], x.dtype, column_scale is not None)
+    if _GPU_CHOICE.get(key) == "torch":
+        return None
+    try:
+        from spon_exp.kernels import triton_select
+    except ImportError:
+        _GPU_CHOICE[key] = "torch"
+        return None
+    scale = column_scale.to(device=x.device, dtype=torch.float32) if column_scale is not None else None
+    if not triton_select.applies(x, keep, scale):
+        return None
+    try:
+        if key not in _GPU_CHOICE:
+            _GPU_CHOICE[key] = _faster_on_gpu(
+                {"triton": lambda: triton_select.topk_sparsify(x, keep, ties, scale),
+                 "torch": lambda: _torch_topk_sparsify(x, keep, ties, column_scale)})
+            log.info("top-k on %s (width %d, %s): %s is the faster", x.device, x.shape[-1], x.dtype, _GPU_CHOICE[key])
+            if _GPU_CHOICE[key] == "torch":
+                return None
+        out, kept = triton_select.topk_sparsify(x, keep, ties, scale)
+    except Exception as e:  # noqa: BLE001 - a kernel that does not build: torch selects
+        log.warning("Triton top-k unavailable on %s, using torch: %s", x.device, e)
+        _GPU_CHOICE[key] = "torch"
+        return None
+    return out, kept.sum()
+
+
+def _faster_on_gpu(candidates: dict, repeats: int = 3) -> str:
+    """The name of the fastest callable (after one warm-up call each; CUDA-synchronised)."""
+    import time
+
+    best = {}
+    for name, fn in candidates.items():
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+        best[name] = time.perf_counter() - t0
+    return min(best, key=best.get)
 
 
 def keep_count(width: int, sparsity: float) -> int:
