@@ -247,11 +247,13 @@ class RSparseSparsifier(Sparsifier):
             down, up = self.factors[proj.key]
             # x ⊙ (1 − m); zero on tokens the token policy keeps dense
             dropped_part = rest if rest is not None else x - args[0]
-            low_in = F.linear(dropped_part, down.to(x.dtype))
+            down, up = down.to(x.dtype), up.to(x.dtype)
             if (output.requires_grad and torch.is_grad_enabled()) or not output.is_contiguous():
-                return output + F.linear(low_in, up.to(x.dtype))
-            # inference: accumulate into the projection's output, no second output-sized tensor
-            output.view(-1, output.shape[-1]).addmm_(low_in.reshape(-1, low_in.shape[-1]), up.to(x.dtype).T)
+                return output + F.linear(F.linear(dropped_part, down), up)
+            # inference: (down · restᵀ)ᵀ (a wide product: about twice as fast as the skinny
+            # rest · downᵀ on a CPU), accumulated into the projection's output in place
+            low_t = down @ dropped_part.reshape(-1, dropped_part.shape[-1]).T
+            output.view(-1, output.shape[-1]).addmm_(low_t.T, up.T)
             return output
         return hook
 
