@@ -7,8 +7,8 @@ For each width (a real model's projection input widths) it times, on ``rows`` to
 and prints each as a share of the matmul, with the kernel's speed-up over torch. Medians of
 interleaved repeats. JSON to ``benchmarks/results/select_<device>.json``.
 
-    OMP_NUM_THREADS=1 python benchmarks/perf/select.py                     # CPU, the packaged model's widths
-    python benchmarks/perf/select.py --device cuda --dtype bfloat16 --widths 4096 14336 --rows 2048 8192
+    OMP_NUM_THREADS=1 python benchmarks/perf/topk.py                     # CPU, the packaged model's widths
+    python benchmarks/perf/topk.py --device cuda --dtype bfloat16 --widths 4096 14336 --rows 2048 8192
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def main() -> None:
             print(f"{rows:>6} x {width:<6} matmul {med['matmul'] * 1e3:8.3f} ms | torch top-k "
                   f"{case['torch_over_matmul']:.2f} x matmul | kernel {case['kernel_over_matmul']:.2f} x matmul "
                   f"({case['kernel_speedup_over_torch']:.1f}x faster than torch)", flush=True)
-    out = args.out or RESULTS / f"select_{device.split(':')[0]}.json"
+    out = args.out or RESULTS / f"topk_{device.split(':')[0]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
