@@ -172,10 +172,10 @@ def test_greedy_reuse_gives_the_search_without_it_bit_for_bit(method, family, op
     choice and block error) equals the one computed without reuse, with several captured calls."""
     import spon_exp.sparsifiers.greedy as greedy
 
-    def search(capacity):
+    def search(reuse):
         original = greedy.ReplayMemo.__init__
         monkeypatch.setattr(greedy.ReplayMemo, "__init__",
-                            lambda self, block, names, calls, capacity_=9: original(self, block, names, calls, capacity))
+                            lambda self, block, names, calls, reuse_=True: original(self, block, names, calls, reuse))
         counts = []
         exit_ = greedy.ReplayMemo.__exit__
         monkeypatch.setattr(greedy.ReplayMemo, "__exit__",
@@ -185,8 +185,8 @@ def test_greedy_reuse_gives_the_search_without_it_bit_for_bit(method, family, op
         leftovers = [m for m in lm.model.modules() if isinstance(m, greedy._Memoised)]
         return sp, counts, leftovers
 
-    reused, counts, leftovers = search(9)
-    plain, plain_counts, _ = search(0)  # capacity 0: every part recomputed
+    reused, counts, leftovers = search(True)
+    plain, plain_counts, _ = search(False)  # every part recomputed
     assert not leftovers  # the model is restored after the search
     assert all(hits > misses for hits, misses in counts)  # most parts come from the memo
     assert all(hits == 0 for hits, _ in plain_counts)

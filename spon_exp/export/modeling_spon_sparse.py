@@ -253,8 +253,14 @@ class SparseRuntime:
             if not self.enabled or x is None:
                 return None
             down, up = site.low_rank
+            down, up = down.to(x.dtype), up.to(x.dtype)
             dropped_part = x - args[0]  # x ⊙ (1 − m); zero on tokens kept dense
-            return output + F.linear(F.linear(dropped_part, down.to(x.dtype)), up.to(x.dtype))
+            if (output.requires_grad and torch.is_grad_enabled()) or not output.is_contiguous():
+                return output + F.linear(F.linear(dropped_part, down), up)
+            # inference: (down · restᵀ)ᵀ accumulated into the output in place, as spon-exp computes it
+            low_t = down @ dropped_part.reshape(-1, dropped_part.shape[-1]).T
+            output.view(-1, output.shape[-1]).addmm_(low_t.T, up.T)
+            return output
         return hook
 
 

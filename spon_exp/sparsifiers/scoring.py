@@ -84,7 +84,8 @@ def topk_sparsify(x: torch.Tensor, keep: int, ties: str = "break", column_scale:
     from spon_exp.kernels.select import topk_sparsify_cpu
 
     fused = topk_sparsify_cpu(x, keep, ties, column_scale)
-    if fused is None and x.device.type == "cuda" and not (x.requires_grad and torch.is_grad_enabled()):
+    if (fused is None and x.device.type == "cuda" and not (x.requires_grad and torch.is_grad_enabled())
+            and not torch.compiler.is_compiling()):  # a compiled graph traces torch's ops
         fused = _gpu_topk_sparsify(x, keep, ties, column_scale)
     if fused is not None:
         out, kept = fused
