@@ -4,28 +4,14 @@ and the op's CUDA registration routes to it. Skipped where triton is not install
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-# Triton jits its own library functions (tl.zeros, ...) when it is first imported, so the
-# interpreter must be on before that: tests/conftest.py sets TRITON_INTERPRET=1 for the suite
-# on machines without CUDA (this line: a run with --noconftest). With CUDA the gpu tests
-# (tests/test_gpu_sparse_decode.py) check the compiled kernel instead.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton", reason="triton is not installed")
-import triton.language as tl  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+from tests.triton_interpreter import interpreted_triton_or_skip
 
-if not isinstance(tl.zeros, InterpretedFunction):
-    if torch.cuda.is_available():
-        pytest.skip("CUDA machine without TRITON_INTERPRET=1: the gpu tests check the compiled kernel",
-                    allow_module_level=True)
-    raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it first): "
-                       "the interpreter tests cannot run")
+interpreted_triton_or_skip()
 
 from spon_exp.kernels import ops, triton_gemv  # noqa: E402
 

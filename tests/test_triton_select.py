@@ -6,24 +6,13 @@ falls back to torch when the kernel fails. Skipped where triton is not installed
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
 import torch
 
-# the interpreter must be on before triton is first imported (tests/conftest.py sets it for
-# the suite on machines without CUDA; this line: a run with --noconftest)
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton", reason="triton is not installed")
-import triton.language as tl  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+from tests.triton_interpreter import interpreted_triton_or_skip
 
-if not isinstance(tl.zeros, InterpretedFunction):
-    if torch.cuda.is_available():
-        pytest.skip("CUDA machine without TRITON_INTERPRET=1: the gpu tests check the compiled kernel",
-                    allow_module_level=True)
-    raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it first)")
+interpreted_triton_or_skip()
 
 from spon_exp.kernels import select, triton_select  # noqa: E402
 from spon_exp.sparsifiers import scoring  # noqa: E402
