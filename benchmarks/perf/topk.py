@@ -2,7 +2,8 @@
 
 For each width (a real model's projection input widths) it times, on ``rows`` tokens:
 - ``matmul``: the dense projection ``x @ W.T`` (width x width) the mask gates;
-- ``torch``: ``x * mask`` with the mask from torch (``kthvalue`` on a CPU, ``topk`` on a GPU);
+- ``torch``: ``x * mask`` with the mask from torch ops only (``kthvalue`` on a CPU, ``topk``
+  on a GPU: :func:`~spon_exp.sparsifiers.scoring.topk_mask` of the score tensor);
 - ``kernel``: the fused kernel (the C kernel on a CPU, the Triton kernel on a GPU);
 and prints each as a share of the matmul, with the kernel's speed-up over torch. Medians of
 interleaved repeats. JSON to ``benchmarks/results/select_<device>.json``.
@@ -66,7 +67,7 @@ def main() -> None:
             keep = scoring.keep_count(width, args.sparsity)
             paths = {
                 "matmul": lambda: x @ w.T,
-                "torch": lambda: scoring._torch_topk_sparsify(x, keep, "break", scale),
+                "torch": lambda: x * scoring.topk_mask(x.float().abs() * scale, keep, "break").to(dtype),
                 "kernel": lambda: kernel_fn(x, keep, "break", scale),
             }
             for fn in paths.values():  # warm-up (and the Triton compile)
