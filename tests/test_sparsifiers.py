@@ -142,6 +142,34 @@ def test_block_replay_equals_the_forward_bit_for_bit(family, use_cache):
             assert torch.equal(replayed, forward_outputs[block.index]), (family, block.index)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_block_inputs_keep_exactly_the_sequences_asked_for(family):
+    """greedy_sequences=N searches on N sequences even when a calibration batch holds more: the
+    batch is cut, and the replay of the cut call is the forward's on those sequences."""
+    lm = tiny(family)
+    blocks = find_decoder_blocks(lm.model)
+    capture = BlockInputs(blocks, max_sequences=3)
+    forward_outputs = {}
+
+    def keep_output(module, args, output, index):
+        forward_outputs.setdefault(index, []).append((output[0] if isinstance(output, (tuple, list)) else output).clone())
+
+    handles = [b.module.register_forward_hook(lambda m, a, o, i=b.index: keep_output(m, a, o, i)) for b in blocks]
+    with torch.no_grad():
+        for batch in random_ids(8, 24).split(2):  # batches of 2: the second is cut to 1
+            lm.model(batch)
+    for h in handles:
+        h.remove()
+    capture.remove()
+    for block in blocks:
+        assert capture.sequences[block.index] == 3
+        replayed = capture.outputs(block)
+        assert [r.shape[0] for r in replayed] == [2, 1]
+        expected = [forward_outputs[block.index][0], forward_outputs[block.index][1][:1]]
+        for got, want in zip(replayed, expected):
+            assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (family, block.index)
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 @pytest.mark.parametrize("policy", ["all", "last_half"])
 def test_suffix_replay_equals_the_full_replay_on_the_scored_tokens(family, policy):

@@ -122,10 +122,25 @@ def _is_cache(name: str, value) -> bool:
     return isinstance(value, Cache)
 
 
+def _first_of_batch(value, batch: int, keep: int):
+    """``value`` (tensors in tuples, lists and dicts) detached, with every tensor of two or more
+    dimensions whose first is the batch cut to its first ``keep`` entries."""
+    if torch.is_tensor(value):
+        value = value.detach()
+        return value[:keep] if keep < batch and value.dim() >= 2 and value.shape[0] == batch else value
+    if type(value) in (tuple, list):
+        return type(value)(_first_of_batch(v, batch, keep) for v in value)
+    if isinstance(value, dict):
+        return {k: _first_of_batch(v, batch, keep) for k, v in value.items()}
+    return value
+
+
 class BlockInputs:
     """The arguments each decoder block receives during forwards (hidden states, rotary
     embeddings, masks), kept for the first ``max_sequences`` sequences so a block can be
-    re-run on its own. KV caches are dropped: replays never extend a cache."""
+    re-run on its own (a batch that holds more is cut to them: every tensor argument with the
+    batch as its first of two or more dimensions). KV caches are dropped: replays never
+    extend a cache."""
 
     def __init__(self, blocks: list[DecoderBlock], max_sequences: int | None = None):
         self.calls: dict[int, list[tuple[tuple, dict]]] = {b.index: [] for b in blocks}
@@ -143,8 +158,12 @@ class BlockInputs:
             kwargs = {k: v for k, v in kwargs.items() if not _is_cache(k, v)}
             if "use_cache" in kwargs:
                 kwargs["use_cache"] = False
-            self.calls[index].append((tuple(a.detach() if torch.is_tensor(a) else a for a in args), kwargs))
-            self.sequences[index] += hidden.shape[0]
+            batch = keep = hidden.shape[0]
+            if self.max_sequences is not None:
+                keep = min(batch, self.max_sequences - self.sequences[index])
+            args, kwargs = _first_of_batch((args, kwargs), batch, keep)
+            self.calls[index].append((args, kwargs))
+            self.sequences[index] += keep
             return None
         return hook
 
