@@ -296,8 +296,7 @@ class ReplayMemo:
         self.hits = self.misses = 0
         self._swapped: list[tuple[nn.Module, str, nn.Module]] = []
         index = {n: i for i, n in enumerate(names)}
-        parts = {n: block.projections[n].module for n in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-                 if n in block.projections}
+        parts = {n: block.projections[n].module for n in UPSTREAM if n in block.projections}
         if "qkv_input" in block.containers:
             parts["attention"] = block.containers["qkv_input"]
         for part, module in parts.items():
