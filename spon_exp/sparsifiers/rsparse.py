@@ -164,7 +164,7 @@ class RSparseSparsifier(Sparsifier):
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.column_norms = ColumnNorms()
         self._inputs: dict[str, torch.Tensor] = {}  # original input, pre-hook -> forward hook
-        self._rests: dict[str, torch.Tensor] = {}  # x ⊙ (1 − m) where the fused kernel split it off
+        self._lows: dict[str, torch.Tensor] = {}  # down · (x ⊙ (1 − m))ᵀ where the fused kernel split it off
         self.shares: dict[str, float] = {}  # per projection, from sparse_share_file
 
     # ----------------------------------------------------------------- budget
@@ -229,7 +229,7 @@ class RSparseSparsifier(Sparsifier):
     def detach(self) -> None:
         super().detach()
         self._inputs.clear()
-        self._rests.clear()
+        self._lows.clear()
 
     def _stash_hook(self, proj: Projection):
         def hook(module, args):
@@ -241,21 +241,25 @@ class RSparseSparsifier(Sparsifier):
     def _low_rank_hook(self, proj: Projection):
         def hook(module, args, output):
             x = self._inputs.pop(proj.key, None)
-            rest = self._rests.pop(proj.key, None)
+            low_t = self._lows.pop(proj.key, None)
             if x is None:
                 return None
             down, up = self.factors[proj.key]
-            # x ⊙ (1 − m); zero on tokens the token policy keeps dense
-            dropped_part = rest if rest is not None else x - args[0]
             down, up = down.to(x.dtype), up.to(x.dtype)
             if (output.requires_grad and torch.is_grad_enabled()) or not output.is_contiguous():
+                dropped_part = x - args[0]  # x ⊙ (1 − m); zero on tokens the token policy keeps dense
                 return output + F.linear(F.linear(dropped_part, down), up)
             # inference: (down · restᵀ)ᵀ (a wide product: about twice as fast as the skinny
             # rest · downᵀ on a CPU), accumulated into the projection's output in place
-            low_t = down @ dropped_part.reshape(-1, dropped_part.shape[-1]).T
+            if low_t is None:
+                low_t = self._low_t(down, x - args[0])
             output.view(-1, output.shape[-1]).addmm_(low_t.T, up.T)
             return output
         return hook
+
+    @staticmethod
+    def _low_t(down: torch.Tensor, dropped_part: torch.Tensor) -> torch.Tensor:
+        return down @ dropped_part.reshape(-1, dropped_part.shape[-1]).T
 
     # ------------------------------------------------------------ calibration
     def compute_factors(self) -> None:
@@ -290,7 +294,9 @@ class RSparseSparsifier(Sparsifier):
         if fused is not None:
             out, rest, kept = fused
             if rest is not None and proj.key in self._inputs and self._inputs[proj.key].shape == x.shape:
-                self._rests[proj.key] = rest  # the rank path's input, already split off
+                # the rank path's first product, while the split-off rest is still in cache (read
+                # again after the projection's matmul, it came from memory: 3 % of a forward)
+                self._lows[proj.key] = self._low_t(self.factors[proj.key][0].to(x.dtype), rest)
             n_dropped = x.numel() - kept
         else:
             mask = self.score(proj, x) > tau
