@@ -42,6 +42,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("teal", "wina", "rsparse", "larosa")
 # calibration-only rows: TEAL's greedy per-layer allocation beside its uniform one (target <= 3x)
 VARIANTS = {"teal_greedy": ("teal", {"allocation": "greedy"})}
+FORWARD_TARGET, GREEDY_TARGET = 1.10, 3.0  # issue 12: sparse / dense forward; greedy / uniform calibration
 PAPER_EVAL_TOKENS = 290_000  # WikiText-2 test split, Llama-3 tokenizer (~287k)
 PAPER_SPON_STEPS = 150
 
@@ -135,7 +136,30 @@ def forward_ratio(model, sparsifier, ids: torch.Tensor, clock: Clock, repeats: i
             dense.append(clock.time(fwd))
         sparse.append(clock.time(fwd))
     d, s = statistics.median(dense), statistics.median(sparse)
-    return {"dense_s": d, "sparse_s": s, "ratio": s / d}
+    return {"dense_s": d, "sparse_s": s, "ratio": s / d, "ratio_ci": ratio_interval(dense, sparse),
+            "dense_runs_s": dense, "sparse_runs_s": sparse}
+
+
+def ratio_interval(dense: list[float], sparse: list[float]) -> list[float] | None:
+    """95 % paired-bootstrap interval of median(sparse) / median(dense): the repeats are
+    resampled with the same indices for both (each sparse forward ran right after its dense
+    one, so a slow spell of the machine moves both). None below 3 repeats."""
+    from spon_exp.evaluation.uncertainty import Bootstrap
+
+    if len(dense) < 3:
+        return None
+    boot = Bootstrap()
+    idx = boot.indices(len(dense))
+    d = torch.tensor(dense, dtype=torch.float64)[idx].quantile(0.5, dim=1)
+    s = torch.tensor(sparse, dtype=torch.float64)[idx].quantile(0.5, dim=1)
+    return boot.interval(s / d)
+
+
+def verdict(value: float, interval: list[float] | None, target: float) -> str:
+    """met / missed where the interval is on one side of the target, else within noise."""
+    if interval is None:
+        return "met" if value <= target else "missed"
+    return "met" if interval[1] <= target else "missed" if interval[0] > target else "at the target within noise"
 
 
 def method_stage(name: str, model, calib: torch.Tensor, ids: torch.Tensor, args, clock: Clock) -> tuple[dict, object]:
@@ -257,12 +281,26 @@ def main() -> None:
     if "teal_greedy" in methods and "teal" in methods:
         ratios["teal_greedy_over_uniform_calibration"] = methods["teal_greedy"]["calibrate_s"] / methods["teal"]["calibrate_s"]
     report["ratios"] = ratios
+    targets = {}
+    for n, r in methods.items():
+        if f"forward_4x{args.seq_len}" in r:
+            f = r[f"forward_4x{args.seq_len}"]
+            targets[f"{n}_sparse_over_dense_4x{args.seq_len}"] = {
+                "value": f["ratio"], "ci": f["ratio_ci"], "target": FORWARD_TARGET,
+                "verdict": verdict(f["ratio"], f["ratio_ci"], FORWARD_TARGET)}
+    if "teal_greedy_over_uniform_calibration" in ratios:  # one timing each: no interval
+        g = ratios["teal_greedy_over_uniform_calibration"]
+        targets["teal_greedy_over_uniform_calibration"] = {"value": g, "ci": None, "target": GREEDY_TARGET,
+                                                           "verdict": verdict(g, None, GREEDY_TARGET)}
+    report["targets"] = targets
     if clock.cuda:  # which top-k each width ran (the Triton kernel or torch, timed at first use)
         from spon_exp.sparsifiers.scoring import _GPU_CHOICE
 
         report["topk_path"] = {f"{w} {str(dt).removeprefix('torch.')}{' scaled' if scaled else ''}": choice
                                for (_, w, dt, scaled), choice in _GPU_CHOICE.items()}
-    print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()), flush=True)
+    for k, t in targets.items():
+        ci = f" [{t['ci'][0]:.3f}, {t['ci'][1]:.3f}]" if t["ci"] else ""
+        print(f"{k} {t['value']:.3f}{ci} (target <= {t['target']}): {t['verdict']}", flush=True)
     stages = [st for st in ("throughput", "training") if st not in args.skip]
     if stages:
         if teal is None:
