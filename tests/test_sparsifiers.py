@@ -595,12 +595,44 @@ def test_fused_topk_kernel_exact_on_awkward_rows():
     x[53:60] = x[53:60].round()
     x[60] = torch.logspace(-12, 6, width)[torch.randperm(width, generator=g)]  # cut far below the top
     x[61, : width - keep + 5] = 1e-30  # the cut among near-zero scores
+    order = x[62].abs().argsort(descending=True)  # a few ties at the cut inside one small bin
+    x[62, order[keep - 3: keep + 3]] = x[62, order[keep - 1]].item()
     scale = torch.rand(width, generator=g) + 0.5
     for c in (None, scale):
         score = x.abs() * (c if c is not None else 1.0)
         assert torch.equal(select.topk_mask_cpu(x, keep, "keep", c), topk_mask(score, keep, "keep"))
         exact = select.topk_mask_cpu(x, keep, "break", c)
         assert torch.equal(exact, topk_mask(score, keep, "break")) and (exact.sum(-1) == keep).all()
+
+
+def test_fused_kernels_portable_build_equals_the_avx2_one(monkeypatch, tmp_path):
+    """The kernels are built with -mavx2 where the CPU has it; the portable build (no AVX2)
+    must give the same masks, outputs and counts."""
+    import ctypes
+
+    from spon_exp.kernels import cbuild, select
+
+    if not select.available():
+        pytest.skip("no C compiler")
+    for capability, flags in (("AVX512", ["-mavx2"]), ("AVX2", ["-mavx2"]), ("DEFAULT", [])):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert cbuild.avx2_flags() == flags
+    monkeypatch.undo()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 300, generator=g) * torch.logspace(-2, 2, 64).unsqueeze(-1)
+    x[0, :130] = 1.0  # ties across the cut
+    scale = torch.rand(300, generator=g) + 0.5
+    native = [(select.topk_mask_cpu(x, 120, ties, c), select.topk_sparsify_cpu(x, 120, ties, c),
+               select.threshold_split_cpu(x, 0.8, c)) for ties in ("keep", "break") for c in (None, scale)]
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    portable = select.bind(cbuild.build("spon_exp_topk_select", select._C_SOURCE, [])[0])
+    assert isinstance(portable, ctypes.CDLL)
+    monkeypatch.setattr(select, "_lib", portable)
+    again = [(select.topk_mask_cpu(x, 120, ties, c), select.topk_sparsify_cpu(x, 120, ties, c),
+              select.threshold_split_cpu(x, 0.8, c)) for ties in ("keep", "break") for c in (None, scale)]
+    for (mask, (out, kept), (k, r, n)), (mask2, (out2, kept2), (k2, r2, n2)) in zip(native, again):
+        assert torch.equal(mask, mask2) and torch.equal(out, out2) and kept == kept2
+        assert torch.equal(k, k2) and torch.equal(r, r2) and n == n2
 
 
 def test_larosa_rotation_is_the_covariance_eigenbasis():

@@ -60,10 +60,22 @@ def compile_source(cc: str, source: str, flags: list[str], dest: Path) -> None:
         os.replace(tmp_so, dest)  # atomic
 
 
-def build(name: str, source: str) -> tuple[ctypes.CDLL, dict]:
+def avx2_flags() -> list[str]:
+    """``["-mavx2"]`` where torch dispatches to AVX2 or AVX-512 on this CPU (so the CPU has
+    AVX2; ``ATEN_CPU_CAPABILITY=default`` turns it off), else nothing. No ``-mfma``: with
+    ``-ffp-contract=fast`` it would fuse multiply-adds and change a kernel's rounding."""
+    import torch
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    return ["-mavx2"] if capability in ("AVX2", "AVX512") else []
+
+
+def build(name: str, source: str, extra_flags: list[str] | None = None) -> tuple[ctypes.CDLL, dict]:
     """Compile (or reuse the cached build of) ``source`` and load it; raises with the
     compiler's message when no build works, or when ``SPON_EXP_DISABLE_SPARSE_KERNEL=1``
-    switches the C kernels off. Returns the library and how it was built."""
+    switches the C kernels off. ``extra_flags`` (e.g. :func:`avx2_flags`) are part of the
+    cache key, so machines with other CPUs sharing a cache build their own. Returns the
+    library and how it was built."""
     if os.environ.get("SPON_EXP_DISABLE_SPARSE_KERNEL", "") not in ("", "0"):
         raise RuntimeError("disabled by SPON_EXP_DISABLE_SPARSE_KERNEL")
     cc = compiler()
@@ -72,7 +84,7 @@ def build(name: str, source: str) -> tuple[ctypes.CDLL, dict]:
     cid = compiler_id(cc)
     errors = []
     for omp in (True, False):
-        flags = BASE_FLAGS + (["-fopenmp"] if omp else [])
+        flags = BASE_FLAGS + list(extra_flags or []) + (["-fopenmp"] if omp else [])
         key = hashlib.sha256("\0".join([source, " ".join(flags), cid, platform.machine()]).encode()).hexdigest()[:16]
         so = cache_root() / name / f"{name}_{key}.so"
         try:
