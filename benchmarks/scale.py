@@ -257,6 +257,9 @@ def main() -> None:
         args.ppl_sequences, args.ppl_batch, args.train_steps, args.repeats = 4, 2, 2, 1
     dtype = getattr(torch, args.dtype)
     clock = Clock(args.device)
+    from spon_exp.hostmem import keep_freed_memory
+
+    report_host = {"keep_freed_memory": keep_freed_memory()}  # as the spon-exp runner does: both arms alike
 
     t0 = time.perf_counter()
     model, tokenizer = build_model(args.shape, args.layers, args.device, dtype)
@@ -269,7 +272,7 @@ def main() -> None:
                     "device": args.device, "device_name": (torch.cuda.get_device_name() if clock.cuda
                                                            else platform.processor() or platform.machine()),
                     "dtype": args.dtype, "torch": torch.__version__, "sparsity": args.sparsity,
-                    "seq_len": args.seq_len, "calib_tokens": calib.numel(), "methods": {}}
+                    "seq_len": args.seq_len, "calib_tokens": calib.numel(), **report_host, "methods": {}}
     teal = None
     for name in args.methods:  # one method attached at a time
         report["methods"][name], sp = method_stage(name, model, calib, ids, args, clock)

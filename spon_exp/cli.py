@@ -51,6 +51,7 @@ def _save_hydra_files(cfg: DictConfig, run_dir: Path) -> None:
 
 def _main(cfg: DictConfig) -> dict | None:
     from spon_exp.data.corpora import CorpusError
+    from spon_exp.hostmem import keep_freed_memory
     from spon_exp.models.loading import ModelNotFoundError
     from spon_exp.runner import guard_run_dir, is_done, run, summary_table
     from spon_exp.tracking.files import RESULTS, read_json
@@ -63,6 +64,7 @@ def _main(cfg: DictConfig) -> dict | None:
     try:
         guard_run_dir(run_dir, config_hash(cfg))  # before .hydra/ is written: a refused config changes nothing
         _save_hydra_files(cfg, run_dir)
+        keep_freed_memory()  # CPU temporaries reuse warm pages (spon_exp/hostmem.py)
         results = run(cfg, run_dir)
     except (ConfigError, ModelNotFoundError, CorpusError, FileExistsError) as e:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
