@@ -294,8 +294,8 @@ class RSparseSparsifier(Sparsifier):
         if fused is not None:
             out, rest, kept = fused
             if rest is not None and proj.key in self._inputs and self._inputs[proj.key].shape == x.shape:
-                # the rank path's first product, while the split-off rest is still in cache (read
-                # again after the projection's matmul, it came from memory: 3 % of a forward)
+                # the rank path's first product now, while the split-off rest is still in cache
+                # (after the projection's matmul it is read back from memory)
                 self._lows[proj.key] = self._low_t(self.factors[proj.key][0].to(x.dtype), rest)
             n_dropped = x.numel() - kept
         else:
