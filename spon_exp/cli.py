@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from spon_exp.config import ConfigError, register_configs
+from spon_exp.config import ConfigError, register_configs, resolve_aliases
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 VERBOSE_FLAG = "--verbose"  # taken out of sys.argv before Hydra parses it
@@ -58,6 +58,14 @@ def _main(cfg: DictConfig) -> dict | None:
     from spon_exp.tracking.identity import config_hash
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:  # sparsifier.sparsity=0.4 is sparsity=0.4: one name for one run
+        resolve_aliases(cfg, explicit_sparsity=any(o.split("=", 1)[0].lstrip("+~") == "sparsity"
+                                                   for o in HydraConfig.get().overrides.task))
+    except ConfigError as e:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise
+        print(f"spon-exp: error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
     if cfg.skip_if_done and is_done(run_dir, config_hash(cfg)):
         log.info("Skipping %s: results.json there says ok for this config", run_dir)
         return read_json(run_dir / RESULTS)

@@ -24,6 +24,7 @@ from omegaconf import MISSING, OmegaConf
 from spon_exp.models.loading import PACKAGED
 from spon_exp.sparsifiers import REGISTRY
 from spon_exp.spon.train import TrainOptions
+from spon_exp.tracking.identity import sparsifier_label
 
 
 @dataclass
@@ -36,11 +37,12 @@ class ModelConfig:
 
 
 #: ``sparsifier.*`` keys of the schema that are not the method's options
-NOT_OPTIONS = ("name", "label")
+NOT_OPTIONS = ("name", "label", "sparsity")
 
 
 def sparsifier_options(node) -> dict:
-    """The method's options of a ``sparsifier`` config node (without ``name`` and ``label``)."""
+    """The method's options of a ``sparsifier`` config node (without ``name``, ``label`` and
+    the ``sparsity`` alias)."""
     return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in NOT_OPTIONS}
 
 
@@ -59,7 +61,9 @@ def sparsifier_schema(name: str, class_name: str) -> type:
     schema = dataclasses.make_dataclass(
         class_name, [("name", str, field(default=name)),
                      # a preset's label for tables and W&B (sparsifier=teal_ref): not part of a run's identity
-                     ("label", Optional[str], field(default=None))]
+                     ("label", Optional[str], field(default=None)),
+                     # sparsifier.sparsity=0.4: the same setting as the top-level sparsity=0.4 (resolve_aliases)
+                     ("sparsity", Optional[float], field(default=None))]
         + [(f.name, types[f.name], copied(f)) for f in dataclasses.fields(options)])
     schema.__module__ = __name__  # pickled by reference (submitit ships the config): assign it to class_name here
     return schema
@@ -106,6 +110,11 @@ class PplConfig:
     # stream start for sliding) / none / chunk (before every block or window) / stream (once)
     bos: str = "auto"
     score_first_window: bool = True  # sliding: false leaves the first context + 1 tokens unscored (TEAL)
+    # which tokens count: all (every target of the protocol) / sparsified (only the positions the
+    # sparsifier's token policy sparsified, the same positions for dense, sparse and +SPON)
+    score: str = "all"
+    # true (experiment=paper): a config that would score a token computed from dense inputs fails validation
+    forbid_dense_scored: bool = False
 
 
 @dataclass
@@ -196,6 +205,9 @@ def register_configs() -> None:
 
     # sweep run folders: ${spon_flat_dirname:${hydra:job.override_dirname}} (conf/config.yaml)
     OmegaConf.register_new_resolver("spon_flat_dirname", flat_dirname, replace=True)
+    # a single run's folder name: the sparsity, given as sparsity= or as its alias sparsifier.sparsity=
+    OmegaConf.register_new_resolver("spon_sparsity", lambda alias, sparsity: sparsity if alias is None else alias,
+                                    replace=True)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     for group, schemas in SCHEMAS.items():
@@ -205,6 +217,45 @@ def register_configs() -> None:
 
 class ConfigError(ValueError):
     """A config value that composes but cannot work; raised before any heavy work."""
+
+
+def resolve_aliases(cfg, explicit_sparsity: bool = False) -> None:
+    """``sparsifier.sparsity=0.4`` is the top-level ``sparsity=0.4``: moved there (and the
+    alias cleared) before the run is named, so both spellings name one run. ``explicit_sparsity``:
+    the top-level ``sparsity`` was also given; two different values are an error."""
+    alias = cfg.sparsifier.get("sparsity") if "sparsifier" in cfg else None
+    if alias is None:
+        return
+    if explicit_sparsity and cfg.sparsity != alias:
+        raise ConfigError(f"sparsity={cfg.sparsity} and sparsifier.sparsity={alias} disagree; they are one setting: "
+                          f"give only sparsity={alias}")
+    cfg.sparsity = alias
+    cfg.sparsifier.sparsity = None
+
+
+def scored_token_check(cfg) -> str | None:
+    """Why the perplexity protocol would score tokens computed from dense inputs (the token
+    policy leaves the early tokens of a forward dense and ``eval.ppl.score=all`` scores them),
+    or None when every scored token ran sparse."""
+    from spon_exp.sparsifiers.base import TokenPolicy
+
+    p = cfg.eval.ppl
+    if p.score == "sparsified" or not REGISTRY[cfg.sparsifier.name].sparsifies:
+        return None
+    policy = TokenPolicy.from_options(sparsifier_options(cfg.sparsifier))
+    if p.protocol == "chunks":
+        forward = p.seq_len + int(p.bos == "chunk")
+        scored = forward - 1  # every position but the last predicts a target
+    else:
+        forward = p.context + p.window + 1
+        scored = p.window
+    dense = forward - policy.sparsified(forward)  # the leading positions run dense
+    first_scored = forward - 1 - scored  # the scored positions are the last ones but the very last
+    if dense <= first_scored:
+        return None
+    return (f"sparsifier={sparsifier_label(cfg.sparsifier)} sparsifies only the last {forward - dense} of each "
+            f"{forward}-token forward (sparsifier.token_policy={policy.kind}), so eval.ppl.score=all scores "
+            f"{dense - first_scored} tokens per forward computed from dense inputs")
 
 
 def validate(cfg) -> None:
@@ -238,6 +289,7 @@ def validate(cfg) -> None:
         (cfg.eval.ppl.window >= 1, f"eval.ppl.window must be >= 1, got {cfg.eval.ppl.window}"),
         (cfg.eval.ppl.bos in ("auto", "none", "chunk", "stream"),
          f"eval.ppl.bos must be auto, none, chunk or stream, got {cfg.eval.ppl.bos!r}"),
+        (cfg.eval.ppl.score in ("all", "sparsified"), f"eval.ppl.score must be all or sparsified, got {cfg.eval.ppl.score!r}"),
         (cfg.eval.ppl.score_first_window or cfg.eval.ppl.max_tokens is None
          or cfg.eval.ppl.max_tokens > cfg.eval.ppl.context + 1,
          f"eval.ppl.score_first_window=false leaves the first eval.ppl.context + 1 = {cfg.eval.ppl.context + 1} tokens "
@@ -265,6 +317,11 @@ def validate(cfg) -> None:
         build_sparsifier(cfg.sparsifier.name, sparsity=cfg.sparsity, **options)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"sparsifier={cfg.sparsifier.name}: {e}") from None
+    dense_scored = scored_token_check(cfg) if cfg.eval.ppl.forbid_dense_scored else None
+    if dense_scored:
+        raise ConfigError(f"this protocol (eval.ppl.forbid_dense_scored=true, experiment=paper) scores only tokens "
+                          f"computed sparse, but {dense_scored}; use eval.ppl.score=sparsified or "
+                          f"sparsifier.token_policy=all")
     _check_lengths_and_corpora(cfg)
 
 

@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from spon_exp import __version__
-from spon_exp.config import sparsifier_options, validate
+from spon_exp.config import resolve_aliases, sparsifier_options, validate
 from spon_exp.sparsifiers import REGISTRY
 from spon_exp.tracking.files import (ENV, METRICS, RESULTS, MetricsWriter, environment, read_json, write_json_atomic,
                                      write_text_atomic)
@@ -164,8 +164,9 @@ def _initial_results(cfg: DictConfig, identity: RunIdentity, timer: Timer) -> di
         "model": {"path": cfg.model.path, "name": cfg.model.name, "dtype": cfg.model.dtype},
         "sparsifier": cfg.sparsifier.name, "sparsifier_label": sparsifier_label(cfg.sparsifier),
         "spon_count": cfg.spon.count, "calib_corpus": cfg.calib.corpus,
-        "seed": cfg.seed, "sweep_name": cfg.sweep_name, "wandb_run_id": identity.wandb_run_id,
-        "sparsity": {"target": cfg.sparsity, "measured": None},
+        "seed": cfg.seed, "seed_group": identity.seed_group, "sweep_name": cfg.sweep_name,
+        "wandb_run_id": identity.wandb_run_id,
+        "sparsity": {"target": cfg.sparsity, "measured": None, "effective": None},
         "ppl": {}, "gap_closure": {}, "timings": timer.timings, "cache": {},
     }
 
@@ -182,6 +183,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    resolve_aliases(cfg)  # sparsifier.sparsity -> sparsity, before the run is named
     identity = RunIdentity.of(cfg)
     guard_run_dir(run_dir, identity.config_hash)
     metrics = MetricsWriter(run_dir / METRICS)
@@ -419,13 +421,16 @@ class Evaluation:
 
     def __init__(self, cfg: DictConfig, model, tokenizer, timer: Timer, metrics: MetricsWriter):
         from spon_exp.evaluation.perplexity import PerplexityProtocol, resolve_bos
+        from spon_exp.sparsifiers.base import TokenPolicy
 
         self.model, self.tokenizer, self.timer, self.metrics = model, tokenizer, timer, metrics
         p = cfg.eval.ppl
         bos, bos_token_id = resolve_bos(p.bos, p.protocol, tokenizer)  # "auto": the tokenizer's add_bos_token
+        sparse_tokens = TokenPolicy.from_options(sparsifier_options(cfg.sparsifier)) if p.score == "sparsified" else None
         self.protocol = PerplexityProtocol(protocol=p.protocol, seq_len=p.seq_len, context=p.context,
                                            window=p.window, batch_size=p.batch_size, bos=bos,
-                                           bos_token_id=bos_token_id, score_first_window=p.score_first_window)
+                                           bos_token_id=bos_token_id, score_first_window=p.score_first_window,
+                                           score=p.score, sparse_tokens=sparse_tokens)
         self.data = {c: _ppl_data(tokenizer, c, cfg) for c in p.corpora}
         self.corpora = list(self.data)
         self.zeroshot_cfg = cfg.eval.zeroshot
@@ -448,7 +453,7 @@ class Evaluation:
                                                              desc=f"perplexity {corpus} ({variant})")
                 if counting:
                     m = measure.measured_sparsity()
-                    self.measured = {"measured": m["model"], "per_layer": m["per_layer"],
+                    self.measured = {"measured": m["model"], "effective": m["effective"], "per_layer": m["per_layer"],
                                      "per_projection": m["per_projection"], "measured_on": corpus}
                 self._logged(corpus, variant)
         if self.zeroshot_tasks:
@@ -613,11 +618,12 @@ def summary_table(results: dict) -> str:
     """The short table printed at the end of a run (± half the 95 % interval)."""
     from spon_exp.tracking.intervals import format_with_interval
 
-    measured = results["sparsity"].get("measured")
+    measured, effective = results["sparsity"].get("measured"), results["sparsity"].get("effective")
     lines = [f"spon-exp run {results['config_hash']}  [{results['status']}]",
-             f"model {results['model']['name']}  sparsifier {results['sparsifier']}  "
+             f"model {results['model']['name']}  sparsifier {results.get('sparsifier_label') or results['sparsifier']}  "
              f"target sparsity {results['sparsity']['target']}  measured "
-             + (f"{measured:.3f}" if measured is not None else "n/a"),
+             + (f"{measured:.3f}" if measured is not None else "n/a")
+             + (f"  effective {effective:.3f}" if effective is not None else ""),
              f"{'corpus':<14}{'dense':>18}{'sparse':>18}{'+SPON':>18}{'gap closed':>18}"]
     for corpus, v in results["ppl"].items():
         ci = (results.get("ppl_ci") or {}).get(corpus) or {}
@@ -639,5 +645,27 @@ def summary_table(results: dict) -> str:
     if sens and sens.get("spread") is not None:
         lines.append(f"sensitivity: thresholds x(1 ± {sens['relative_perturbation']:g}) move sparse perplexity by up to "
                      f"{sens['spread']:.4f} ({sens['relative_spread'] * 100:.2f} %)")
+    note = effective_sparsity_note(results["sparsity"])
+    if note:
+        lines.append(note)
+    if (results.get("ppl_protocol") or {}).get("score") == "sparsified":
+        lines.append("perplexity scores only the tokens the token policy sparsified (eval.ppl.score=sparsified)")
+    if results["ppl"]:
+        lines.append(f"± is half the 95 % interval over the evaluation text of this one seed ({results.get('seed')}); "
+                     f"it excludes training randomness: compare over seeds (--multirun seed=0,1,2, then spon-exp-collect)")
     lines.append("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in results["timings"].items()))
     return "\n".join(lines)
+
+
+#: Measured and effective sparsity further apart than this get a line in the summary.
+EFFECTIVE_SPARSITY_GAP = 0.05
+
+
+def effective_sparsity_note(sparsity: dict) -> str | None:
+    """One line when the token policy kept enough tokens dense that the sparsity over every
+    evaluated token is far below the sparsity over the sparsified ones."""
+    measured, effective = sparsity.get("measured"), sparsity.get("effective")
+    if measured is None or effective is None or measured - effective <= EFFECTIVE_SPARSITY_GAP:
+        return None
+    return (f"note: effective sparsity {effective:.3f} over every evaluated token is {(measured - effective) * 100:.0f} "
+            f"points below the measured {measured:.3f}: the token policy ran the other tokens dense")

@@ -753,7 +753,7 @@ def test_options_are_the_schema_constructor_and_description():
     from spon_exp.sparsifiers import TealOptions, TealSparsifier
 
     schema = {f.name: f.default for f in dataclasses.fields(TealConfig)}
-    assert schema == {"name": "teal", "label": None, **dataclasses.asdict(TealOptions())}
+    assert schema == {"name": "teal", "label": None, "sparsity": None, **dataclasses.asdict(TealOptions())}
     sp = build_sparsifier("teal", sparsity=0.4, allocation="greedy", greedy_step=0.1)
     assert sp.options == TealOptions(allocation="greedy", greedy_step=0.1)
     assert sp.describe() == {"name": "teal", "sparsity": 0.4, **dataclasses.asdict(sp.options)}

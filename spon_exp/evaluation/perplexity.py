@@ -27,6 +27,11 @@ A BOS policy says where a beginning-of-sequence token goes (it is fed, never sco
   for ``chunks``, ``stream`` for ``sliding`` when it adds one, ``none`` otherwise
   (:func:`resolve_bos`). With ``none`` and ``chunk`` the text blocks are the same, so those
   perplexities differ only by what the BOS does (and the first token of a block being scored).
+Which tokens are scored (``score``): ``all`` the protocol's targets, or ``sparsified`` only
+the positions the sparsifier's token policy sparsifies in that forward (its trailing tokens:
+TEAL's reference sparsifies the last ⌊T/2⌋ of a prefill, R-Sparse's the last 10 %), so no
+scored token is computed from dense inputs. The dense and +SPON variants score the same
+positions, so the three stay paired.
 Logits are computed in chunks from the final hidden states (never a full [B, T, V] copy).
 """
 
@@ -41,8 +46,10 @@ from torch import nn
 
 from spon_exp.spon.alpha import dense_mode
 from spon_exp.models.head import chunked_logits, final_hidden
+from spon_exp.sparsifiers.base import TokenPolicy
 
 PROTOCOLS = ("chunks", "sliding")
+SCORES = ("all", "sparsified")
 BOS_POLICIES = ("none", "chunk", "stream")  # as resolved; the config also accepts "auto"
 
 
@@ -57,8 +64,14 @@ class PerplexityProtocol:
     bos: str = "none"  # none / chunk / stream (resolve "auto" with resolve_bos first)
     bos_token_id: int | None = None  # needed unless bos == "none"
     score_first_window: bool = True  # sliding: False leaves the first context + 1 tokens unscored (TEAL)
+    score: str = "all"  # all / sparsified (only the positions ``sparse_tokens`` sparsifies)
+    sparse_tokens: TokenPolicy | None = None  # the sparsifier's token policy, for score="sparsified"
 
     def __post_init__(self):
+        if self.score not in SCORES:
+            raise ValueError(f"perplexity score must be one of {SCORES}, got {self.score!r}")
+        if self.score == "sparsified" and self.sparse_tokens is None:
+            raise ValueError("score='sparsified' needs the sparsifier's token policy (sparse_tokens)")
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"perplexity protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         if self.bos not in BOS_POLICIES:
@@ -74,7 +87,18 @@ class PerplexityProtocol:
             out["seq_len"] = self.seq_len
         else:
             out.update(context=self.context, window=self.window, score_first_window=self.score_first_window)
+        if self.score != "all":
+            out["score"] = self.score
+            out["sparse_tokens"] = vars(self.sparse_tokens)
         return out
+
+    def first_scored(self, length: int, score_from: int) -> int:
+        """The first scored position of a forward of ``length`` tokens whose protocol scores
+        from ``score_from``: later where ``score="sparsified"`` and the policy leaves the
+        forward's leading tokens dense."""
+        if self.score == "sparsified":
+            return max(score_from, length - self.sparse_tokens.sparsified(length))
+        return score_from
 
 
 def tokenizer_adds_bos(tokenizer) -> bool:
@@ -157,16 +181,23 @@ def _chunk_batches(blocks: torch.Tensor, batch_size: int, bos: str, bos_token_id
         yield (_with_bos(rows, bos_token_id), 0) if bos == "chunk" else (rows, 0)
 
 
+def _all_scored(length: int, score_from: int) -> int:
+    return score_from
+
+
 def block_nll_chunks(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4, chunk: int = 2048,
-                     desc: str | None = None, bos: str = "none", bos_token_id: int | None = None) -> BlockNLL:
+                     desc: str | None = None, bos: str = "none", bos_token_id: int | None = None,
+                     first_scored=_all_scored) -> BlockNLL:
     """Each ``[N, L]`` block's summed NLL; its scored tokens are L - 1, or L where ``bos``
-    puts a BOS in front of it (``chunk``); ``stream``: see :func:`_chunk_batches`."""
+    puts a BOS in front of it (``chunk``); ``stream``: see :func:`_chunk_batches`.
+    ``first_scored(length, score_from)``: where scoring starts (:meth:`PerplexityProtocol.first_scored`)."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
     batches = list(_chunk_batches(blocks, batch_size, bos, bos_token_id))
     sums, tokens = [], []
     for ids, score_from in tqdm(batches, desc=desc, disable=desc is None, leave=False):
+        score_from = first_scored(ids.shape[1], score_from)
         sums.append(_nll_rows(model, ids.to(device), score_from, chunk))
         tokens += [ids.shape[1] - 1 - score_from] * ids.shape[0]
     return BlockNLL(torch.cat(sums), torch.tensor(tokens, dtype=torch.int64))
@@ -191,7 +222,7 @@ def _sliding_windows(n: int, context: int, window: int, bos: str, score_first_wi
 
 def block_nll_sliding(model: nn.Module, stream: torch.Tensor, context: int = 2048, window: int = 512,
                       chunk: int = 2048, desc: str | None = None, bos: str = "none", bos_token_id: int | None = None,
-                      score_first_window: bool = True) -> BlockNLL:
+                      score_first_window: bool = True, first_scored=_all_scored) -> BlockNLL:
     """Every token of ``stream`` scored exactly once (the first only after a BOS), in windows
     of ``window`` targets, each predicted with up to ``context`` earlier tokens (and the one
     just before the window) as context; ``bos`` as in the module docstring. Without
@@ -212,8 +243,9 @@ def block_nll_sliding(model: nn.Module, stream: torch.Tensor, context: int = 204
         score_from = first - 1 - begin
         if bos_in_front:
             ids, score_from = _with_bos(ids, bos_token_id), score_from + 1
+        score_from = first_scored(ids.shape[1], score_from)
         nll.append(_nll_rows(model, ids.to(device), score_from, chunk))
-        tokens.append(last - first)
+        tokens.append(ids.shape[1] - 1 - score_from)
     return BlockNLL(torch.cat(nll), torch.tensor(tokens, dtype=torch.int64))
 
 
@@ -222,9 +254,10 @@ def block_nll(model: nn.Module, data: torch.Tensor, protocol: PerplexityProtocol
     ``[N, L]`` blocks for ``chunks``, a 1-D token stream for ``sliding``."""
     p = protocol
     if p.protocol == "chunks":
-        return block_nll_chunks(model, data, p.batch_size, p.logits_chunk_tokens, desc, p.bos, p.bos_token_id)
+        return block_nll_chunks(model, data, p.batch_size, p.logits_chunk_tokens, desc, p.bos, p.bos_token_id,
+                                p.first_scored)
     return block_nll_sliding(model, data, p.context, p.window, p.logits_chunk_tokens, desc, p.bos, p.bos_token_id,
-                             p.score_first_window)
+                             p.score_first_window, p.first_scored)
 
 
 def first_batch(data: torch.Tensor, protocol: PerplexityProtocol) -> torch.Tensor:

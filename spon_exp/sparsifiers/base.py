@@ -72,6 +72,14 @@ class TokenPolicy:
     dense_first_fraction: float = 0.0
     rounding: str = "ceil"
 
+    @classmethod
+    def from_options(cls, options) -> TokenPolicy:
+        """The policy a sparsifier's options (an ``Options`` instance or its fields as a dict)
+        declare; ``dense_first_fraction`` where the method has it (WINA)."""
+        get = options.get if isinstance(options, dict) else lambda k, d=None: getattr(options, k, d)
+        return cls(get("token_policy", "all"), get("token_fraction", 0.5), get("dense_first_fraction", 0.0) or 0.0,
+                   get("token_rounding", "ceil"))
+
     def sparsified(self, num_tokens: int) -> int:
         """How many trailing tokens of a forward of ``num_tokens`` are sparsified."""
         if self.kind == "all" or num_tokens == 1:
@@ -87,10 +95,11 @@ class TokenPolicy:
 class _SharedInput:
     """A site's sparsified input, kept until every consumer sharing it has used it."""
 
-    __slots__ = ("x", "key", "out", "remaining", "dropped", "seen")
+    __slots__ = ("x", "key", "out", "remaining", "dropped", "seen", "evaluated")
 
-    def __init__(self, x, key, out, remaining, dropped, seen):
-        self.x, self.key, self.out, self.remaining, self.dropped, self.seen = x, key, out, remaining, dropped, seen
+    def __init__(self, x, key, out, remaining, dropped, seen, evaluated):
+        self.x, self.key, self.out, self.remaining = x, key, out, remaining
+        self.dropped, self.seen, self.evaluated = dropped, seen, evaluated
 
 
 class Sparsifier(Switchable):
@@ -116,7 +125,7 @@ class Sparsifier(Switchable):
             raise TypeError(f"{self.name} sparsifier options must be {self.Options.__name__}, got {type(options).__name__}")
         self.options = options
         self.seed = seed  # calibration sampling
-        self.tokens = TokenPolicy(options.token_policy, options.token_fraction, rounding=options.token_rounding)
+        self.tokens = TokenPolicy.from_options(options)
         self.hooks = HookSet()
         self._attached = False
         self.blocks: list[DecoderBlock] = []
@@ -126,7 +135,8 @@ class Sparsifier(Switchable):
         self._measuring = False
         self._sliced_from: int | None = None  # a replay's per-token parts see only the last tokens of this many
         self._dropped: dict[str, float] = defaultdict(float)
-        self._seen: dict[str, float] = defaultdict(float)
+        self._seen: dict[str, float] = defaultdict(float)  # entries of the sparsified tokens
+        self._evaluated: dict[str, float] = defaultdict(float)  # entries of every token, dense-policy ones included
         self._init_state()
 
     def _init_state(self) -> None:
@@ -234,6 +244,7 @@ class Sparsifier(Switchable):
         if self._measuring:
             self._dropped[proj.key] += float(dropped)
             self._seen[proj.key] += float(part.numel())
+            self._evaluated[proj.key] += float(x.numel())
         return out
 
     def _make_hook(self, proj: Projection):
@@ -251,13 +262,15 @@ class Sparsifier(Switchable):
                 if self._measuring:  # every consumer's matrix skips the same columns
                     self._dropped[proj.key] += shared.dropped
                     self._seen[proj.key] += shared.seen
+                    self._evaluated[proj.key] += shared.evaluated
                 return (shared.out, *args[1:])
-            before = (self._dropped[proj.key], self._seen[proj.key])
+            before = (self._dropped[proj.key], self._seen[proj.key], self._evaluated[proj.key])
             out = self._apply(proj, x)
             consumers = self._consumers.get((proj.layer, proj.site, key), 1)
             if consumers > 1:
                 self._shared[site] = _SharedInput(x, key, out, consumers - 1, self._dropped[proj.key] - before[0],
-                                                  self._seen[proj.key] - before[1])
+                                                  self._seen[proj.key] - before[1],
+                                                  self._evaluated[proj.key] - before[2])
             return (out, *args[1:])
 
         return hook
@@ -268,6 +281,7 @@ class Sparsifier(Switchable):
         """Count dropped input entries of every sparsified projection while inside."""
         self._dropped.clear()
         self._seen.clear()
+        self._evaluated.clear()
         self._measuring = True
         try:
             yield
@@ -275,11 +289,14 @@ class Sparsifier(Switchable):
             self._measuring = False
 
     def measured_sparsity(self) -> dict:
-        """Measured sparsity per projection, per layer and model-wide (parameter-weighted)."""
+        """Measured sparsity per projection, per layer and model-wide (parameter-weighted), over
+        the tokens the token policy sparsified; ``effective``: model-wide over every token the
+        projections saw, the ones the policy kept dense counted as not sparsified."""
         per_proj = {p.key: self._dropped[p.key] / self._seen[p.key] for p in self.projections if self._seen.get(p.key)}
         if not per_proj:
-            return {"model": None, "per_layer": {}, "per_projection": {}}
+            return {"model": None, "effective": None, "per_layer": {}, "per_projection": {}}
         weights = {p.key: p.num_params for p in self.projections if p.key in per_proj}
+        effective = {k: self._dropped[k] / self._evaluated[k] for k in per_proj}
         per_layer: dict[int, list] = defaultdict(lambda: [0.0, 0.0])
         for p in self.projections:
             if p.key in per_proj:
@@ -288,6 +305,7 @@ class Sparsifier(Switchable):
         model = sum(per_proj[k] * w for k, w in weights.items()) / sum(weights.values())
         return {
             "model": model,
+            "effective": sum(effective[k] * w for k, w in weights.items()) / sum(weights.values()),
             "per_layer": {str(layer): s / w for layer, (s, w) in sorted(per_layer.items())},
             "per_projection": per_proj,
         }

@@ -42,7 +42,7 @@ the same basis, and masks and scores are the same.
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -127,7 +127,6 @@ class WinaSparsifier(GreedyAllocation, Sparsifier):
     Options = WinaOptions
 
     def _init_state(self) -> None:
-        self.tokens = replace(self.tokens, dense_first_fraction=self.options.dense_first_fraction)
         self._norm_names = set(resolve_norm_projections(self.options.norm_projections))
         self.thresholds: dict[str, float] = {}
         self.column_norms = ColumnNorms()

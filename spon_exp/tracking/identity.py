@@ -32,11 +32,41 @@ def sparsifier_label(node) -> str:
     return node.get("label") or node.name
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """Names the run: its resolved config minus logging / launcher / path settings."""
+#: Options added after runs were named, at the value that reproduces those runs: left out of
+#: every hash while at that value, so existing runs and caches keep their names
+NEW_OPTION_DEFAULTS = {"ppl": {"score": "all", "forbid_dense_scored": False}}
+
+
+def _ppl_identity(ppl: dict) -> dict:
+    return {k: v for k, v in ppl.items() if NEW_OPTION_DEFAULTS["ppl"].get(k, object()) != v}
+
+
+def _identity_config(cfg: DictConfig) -> dict:
     c = {k: v for k, v in plain(cfg).items() if k not in NON_IDENTITY_KEYS}
     c.get("spon", {}).pop("checkpoint_every", None)
-    c.get("sparsifier", {}).pop("label", None)  # a preset's name, not a setting
+    for key in NOT_SPARSIFIER_SETTINGS:
+        c.get("sparsifier", {}).pop(key, None)
+    if "eval" in c and "ppl" in c["eval"]:
+        c["eval"]["ppl"] = _ppl_identity(c["eval"]["ppl"])
+    return c
+
+
+#: ``sparsifier.*`` keys that are no setting of the method: a preset's name, and the alias
+#: ``sparsifier.sparsity`` (moved to the top-level ``sparsity`` before a run is named)
+NOT_SPARSIFIER_SETTINGS = ("label", "sparsity")
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Names the run: its resolved config minus logging / launcher / path settings."""
+    return _digest(_identity_config(cfg))
+
+
+def seed_group(cfg: DictConfig) -> str:
+    """Names the run's configuration across seeds: :func:`config_hash` computed without
+    ``seed``. Runs that differ only in their seed share it: ``spon-exp-collect`` aggregates
+    them, and W&B groups them by the ``seed_group`` config key."""
+    c = _identity_config(cfg)
+    c.pop("seed", None)
     return _digest(c)
 
 
@@ -54,7 +84,8 @@ def sparsifier_key(cfg: DictConfig) -> str:
     c = plain(cfg)
     return _digest({
         "model": {k: c["model"][k] for k in ("path", "dtype")},
-        "sparsifier": {k: v for k, v in c["sparsifier"].items() if k != "label"}, "sparsity": c["sparsity"],
+        "sparsifier": {k: v for k, v in c["sparsifier"].items() if k not in NOT_SPARSIFIER_SETTINGS},
+        "sparsity": c["sparsity"],
         "seed": c["seed"],
         "calib": {k: c["calib"][k] for k in ("corpus", "seq_len", "threshold_sequences", "batch_size")},
         **_text_versions([c["calib"]["corpus"]]),
@@ -69,13 +100,21 @@ def alpha_key(cfg: DictConfig) -> str:
                     "calib": {k: c["calib"][k] for k in ("corpus", "seq_len", "num_sequences")}})
 
 
+#: ``sparsifier.*`` options that say which tokens of a forward are sparsified
+TOKEN_POLICY_KEYS = ("token_policy", "token_fraction", "token_rounding", "dense_first_fraction")
+
+
 def dense_key(cfg: DictConfig) -> str:
     """What the dense baseline depends on: the weights as loaded and the evaluation settings
-    (not the sparsifier, the sparsity, SPON or the seed)."""
+    (not the sparsifier, the sparsity, SPON or the seed; but with ``eval.ppl.score=sparsified``
+    the sparsifier's token policy, which picks the scored tokens)."""
     c = plain(cfg)
+    scored = ({"scored_tokens": {k: c["sparsifier"][k] for k in TOKEN_POLICY_KEYS if k in c["sparsifier"]}}
+              if c["eval"]["ppl"].get("score") == "sparsified" else {})
     return _digest({
         "model": {k: c["model"].get(k) for k in ("path", "dtype", "device", "device_map")},
-        "ppl": c["eval"]["ppl"], "zeroshot": c["eval"]["zeroshot"],  # every protocol option (bos, ...) included
+        # every protocol option (bos, ...) included
+        "ppl": _ppl_identity(c["eval"]["ppl"]), "zeroshot": c["eval"]["zeroshot"], **scored,
         **_text_versions(c["eval"]["ppl"]["corpora"]),
     })
 
@@ -138,8 +177,10 @@ class RunIdentity:
     alpha_key: str
     dense_key: str
     wandb_run_id: str
+    seed_group: str
 
     @classmethod
     def of(cls, cfg: DictConfig) -> RunIdentity:
         chash = config_hash(cfg)
-        return cls(chash, sparsifier_key(cfg), alpha_key(cfg), dense_key(cfg), wandb_run_id(cfg.sweep_name, chash))
+        return cls(chash, sparsifier_key(cfg), alpha_key(cfg), dense_key(cfg), wandb_run_id(cfg.sweep_name, chash),
+                   seed_group(cfg))

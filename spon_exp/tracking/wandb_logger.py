@@ -30,8 +30,13 @@ log = logging.getLogger(__name__)
 
 
 def grouping_keys(cfg) -> dict:
-    """Flat keys to group and filter runs by on a dashboard."""
+    """Flat keys to group and filter runs by on a dashboard. ``seed_group`` (the config hash
+    without the seed) puts a configuration's seeds in one group: Group by it in the runs table
+    for mean ± spread per configuration."""
+    from spon_exp.tracking.identity import seed_group
+
     return {
+        "seed_group": seed_group(cfg),
         "model_name": cfg.model.name,
         "sparsifier_name": sparsifier_label(cfg.sparsifier),
         "target_sparsity": cfg.sparsity,
@@ -63,6 +68,7 @@ def summary_from_results(results: dict) -> dict:
     sparsity = results.get("sparsity") or {}
     out["sparsity/target"] = sparsity.get("target")
     out["sparsity/measured"] = sparsity.get("measured")
+    out["sparsity/effective"] = sparsity.get("effective")
     out.update(_zeroshot_summary(results.get("zeroshot") or {}))
     out["fold/max_abs_logit_diff"] = (results.get("fold") or {}).get("max_abs_logit_diff")
     out["sensitivity/relative_spread"] = (results.get("sensitivity") or {}).get("relative_spread")
@@ -97,8 +103,9 @@ def results_from_summary(summary: dict, config: dict, state: str | None = None, 
         "status": summary.get("status", state), "config_hash": config.get("config_hash") or run_id,
         "model": {"name": config.get("model_name")}, "sparsifier": config.get("sparsifier_name"),
         "calib_corpus": config.get("calib_corpus"), "spon_count": config.get("spon_count"),
-        "seed": config.get("seed"),
-        "sparsity": {"target": config.get("target_sparsity"), "measured": summary.get("sparsity/measured")},
+        "seed": config.get("seed"), "seed_group": config.get("seed_group"),
+        "sparsity": {"target": config.get("target_sparsity"), "measured": summary.get("sparsity/measured"),
+                     "effective": summary.get("sparsity/effective")},
         "ppl": {}, "ppl_ci": {}, "gap_closure": {}, "gap_closure_ci": {},
         "zeroshot": {"variants": {}, "ci": {}, "average": {}, "average_ci": {}},
     }
