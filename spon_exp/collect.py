@@ -19,6 +19,7 @@ import itertools
 import json
 import logging
 import math
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -40,6 +41,7 @@ def _row(results: dict, source: str) -> dict:
         "status": results.get("status") or "unknown",
         "error": results.get("error"),
         "config_hash": results.get("config_hash"),
+        "seed_group": results.get("seed_group"),
         "model": model.get("name") if isinstance(model, dict) else model,
         "sparsifier": results.get("sparsifier_label") or results.get("sparsifier"),  # a preset: its label
         "calib_corpus": results.get("calib_corpus"),
@@ -47,6 +49,7 @@ def _row(results: dict, source: str) -> dict:
         "seed": results.get("seed"),
         "sparsity": sparsity.get("target"),
         "measured_sparsity": sparsity.get("measured"),
+        "effective_sparsity": sparsity.get("effective"),
         "ppl": results.get("ppl") or {},
         "ppl_ci": results.get("ppl_ci") or {},
         "gap_closure": _gap_closures(results),
@@ -219,56 +222,189 @@ def _exact(x, ci) -> list:
     return [x, *(interval(ci) or (None, None))]
 
 
-def _cell(row: dict, corpus: str) -> str:
-    if row["status"] != "ok":
-        return row["status"].upper()
-    p, ci = row["ppl"].get(corpus, {}), row["ppl_ci"].get(corpus) or {}
-    parts = [_pm(p.get(v), ci.get(v)) for v in VARIANTS if v in p]
-    g = row["gap_closure"].get(corpus)
-    return " / ".join(parts) + (f" ({_pct(g, row['gap_closure_ci'].get(corpus))})" if g is not None else "")
-
-
 def _key(row: dict) -> tuple:
     return tuple(str(row.get(k)) for k in ROW_KEYS)
 
 
+# ---------------------------------------------------------------- seed groups
+def _group_key(row: dict) -> tuple:
+    """Runs that differ only in their seed: the same ``seed_group`` (results.json records it);
+    runs written before it existed group by the table's row keys and sparsity."""
+    return (*_key(row), row["sparsity"], row.get("seed_group"))
+
+
+def seed_groups(rows: list[dict]) -> list[list[dict]]:
+    """The rows of each configuration, seeds together, in table order. A run the sweep expected
+    but never wrote (no seed group known) joins the one configuration of its row keys and
+    sparsity where there is exactly one."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[_group_key(r)].append(r)
+    for key in [k for k in groups if k[-1] is None]:
+        homes = [k for k in groups if k[:-1] == key[:-1] and k[-1] is not None]
+        if len(homes) == 1:
+            groups[homes[0]] += groups.pop(key)
+    return [sorted(groups[k], key=lambda r: str(r["seed"]))
+            for k in sorted(groups, key=lambda k: (*k[:-2], k[-2] if k[-2] is not None else -1, str(k[-1])))]
+
+
+def _units(row: dict) -> dict | None:
+    """The run's per-block NLLs and per-document scores (``eval_units.safetensors`` in its
+    folder), read once; None where there are none (older runs, W&B rows)."""
+    if "_units" not in row:
+        from spon_exp.runner import UNITS_FILE
+
+        path = Path(row["source"]) / UNITS_FILE
+        row["_units"] = None
+        if path.is_file():
+            from safetensors.torch import load_file
+
+            try:
+                row["_units"] = load_file(str(path))
+            except Exception as e:  # noqa: BLE001 - a damaged file only loses the two-level interval
+                log.warning("%s: unreadable (%s); its seeds are resampled without their blocks", path, e)
+    return row["_units"]
+
+
+def _seed_run(row: dict, corpus: str):
+    from spon_exp.evaluation.perplexity import BlockNLL
+    from spon_exp.evaluation.seeds import SeedRun
+
+    ppl = {v: x for v, x in row["ppl"].get(corpus, {}).items() if v in VARIANTS and not _missing(x)}
+    units = _units(row)
+    blocks = None
+    if units is not None and all(f"{corpus}.{v}.nll" in units for v in ppl):
+        blocks = {v: BlockNLL.from_state(units, f"{corpus}.{v}") for v in ppl}
+    return SeedRun(row["seed"], ppl, blocks)
+
+
+def _bootstrap():
+    from spon_exp.evaluation.uncertainty import Bootstrap
+
+    return Bootstrap()
+
+
+def group_summary(group: list[dict], corpus: str) -> dict:
+    """One configuration on one corpus: its ok runs aggregated over seeds
+    (:func:`spon_exp.evaluation.seeds.aggregate`). A single run keeps the interval it stored
+    (over its evaluation blocks), so the table agrees with the run's own summary."""
+    from spon_exp.evaluation.seeds import aggregate
+
+    ok = [r for r in group if r["status"] == "ok" and corpus in r["ppl"]]
+    not_ok = defaultdict(int)
+    for r in group:
+        if r["status"] != "ok":
+            not_ok[r["status"]] += 1
+    out = {"rows": ok, "not_ok": dict(not_ok), "n": len(ok)}
+    if not ok:
+        return out
+    agg = aggregate([_seed_run(r, corpus) for r in ok], _bootstrap())
+    if len(ok) == 1:  # one run: its own interval, as its summary printed it
+        row = ok[0]
+        for name, stat in agg["statistics"].items():
+            stored = (row["gap_closure_ci"].get(corpus) if name == "gap_closure"
+                      else (row["ppl_ci"].get(corpus) or {}).get(name.split("/", 1)[1]))
+            stat["ci"] = list(interval(stored)) if interval(stored) else None
+        agg["covers"] = "blocks" if any(s["ci"] for s in agg["statistics"].values()) else "none"
+    out.update(agg)
+    for key in ("measured_sparsity", "effective_sparsity"):
+        values = [r[key] for r in ok if not _missing(r[key])]
+        out[key] = sum(values) / len(values) if values else None
+    return out
+
+
+def _stat(summary: dict, name: str) -> dict:
+    return (summary.get("statistics") or {}).get(name) or {}
+
+
+PPL_COLUMNS = ("dense", "sparse", "+SPON")
+
+
 def ppl_tables(rows: list[dict]) -> dict[str, list[list[str]]]:
-    """One table per evaluation corpus: rows model x sparsifier (x calib, spon count),
-    columns target sparsity, cells ``dense / sparse / +SPON (gap closure)``."""
+    """One table per evaluation corpus, one row per configuration (its seeds aggregated):
+    ``n`` seeds, each variant's mean perplexity ± half its 95 % interval, the mean gap closure
+    with its interval, the between-seed SD of the gap closure (in points), measured and
+    effective sparsity, what the interval resamples, and runs that did not finish."""
     corpora = sorted({c for r in rows for c in r["ppl"]}) or ["(none)"]
-    sparsities = sorted({r["sparsity"] for r in rows if r["sparsity"] is not None})
+    header = [*ROW_KEYS, "sparsity", "n", *PPL_COLUMNS, "gap closure", "gap SD (pts)", "measured", "effective",
+              "interval over", "seed_group", "not ok"]
     tables = {}
     for corpus in corpora:
-        grid: dict = defaultdict(dict)
-        for r in rows:
-            if r["status"] == "ok" and corpus not in r["ppl"]:
-                continue
-            cell = _cell(r, corpus)
-            previous = grid[_key(r)].get(r["sparsity"])
-            grid[_key(r)][r["sparsity"]] = cell if previous is None else f"{previous}; {cell}"  # e.g. seeds
-        header = [*ROW_KEYS, *[f"{s:g}" for s in sparsities]]
-        body = [[*k, *[grid[k].get(s, "-") for s in sparsities]] for k in sorted(grid)]
+        body = []
+        for group in seed_groups(rows):
+            summary = group_summary(group, corpus)
+            if not summary["n"] and not summary["not_ok"]:
+                continue  # ok runs that did not evaluate this corpus
+            first = group[0]
+            not_ok = ", ".join(f"{n} {status}" for status, n in sorted(summary["not_ok"].items()))
+            if summary["n"]:
+                cells = [_pm(_stat(summary, f"ppl/{v}").get("mean"), _stat(summary, f"ppl/{v}").get("ci"))
+                         for v in VARIANTS]
+                gap = _stat(summary, "gap_closure")
+                cells += [_pct(gap.get("mean"), gap.get("ci")),
+                          "-" if gap.get("sd") is None else f"{gap['sd'] * 100:.1f}",
+                          _fmt(summary["measured_sparsity"], 3), _fmt(summary["effective_sparsity"], 3),
+                          summary["covers"]]
+            else:
+                status = sorted(summary["not_ok"])[0].upper()
+                cells = [status, status, status, "-", "-", "-", "-", "-"]
+            body.append([*_key(first), _fmt(first["sparsity"]), str(summary["n"]), *cells,
+                         str(first.get("seed_group") or "-")[:8], not_ok or "-"])
         tables[f"ppl_{corpus}"] = [header, *body]
     return tables
 
 
 def ppl_csv_tables(rows: list[dict]) -> dict[str, list[list]]:
-    """The CSV twin of :func:`ppl_tables`: one row per run (not a pivot: a pivot cell cannot
-    hold three values and six interval ends as columns), exact numbers, gap closure as a
-    fraction, blank where a run has no value or no interval."""
+    """The CSV twin of :func:`ppl_tables`: per configuration the exact mean, interval ends and
+    between-seed SD of each perplexity and the gap closure (a fraction), blank where absent."""
     corpora = sorted({c for r in rows for c in r["ppl"]}) or ["(none)"]
-    header = [*ROW_KEYS, "sparsity", "seed", "status", *_ci_columns(*VARIANTS, "gap_closure"), "source"]
+    stats = [*(f"ppl/{v}" for v in VARIANTS), "gap_closure"]
+    columns = [c for name in stats for c in (_csv_name(name), f"{_csv_name(name)}_ci_low",
+                                             f"{_csv_name(name)}_ci_high", f"{_csv_name(name)}_sd")]
+    header = [*ROW_KEYS, "sparsity", "seed_group", "n", "seeds", *columns, "measured_sparsity", "effective_sparsity",
+              "interval_over", "not_ok"]
     tables = {}
     for corpus in corpora:
         body = []
-        for r in sorted(rows, key=lambda r: (_key(r), r["sparsity"] or 0, str(r["seed"]))):
+        for group in seed_groups(rows):
+            summary = group_summary(group, corpus)
+            if not summary["n"] and not summary["not_ok"]:
+                continue
+            values = []
+            for name in stats:
+                st = _stat(summary, name)
+                values += [*_exact(st.get("mean"), st.get("ci")), st.get("sd")]
+            first = group[0]
+            body.append([*_key(first), first["sparsity"], first.get("seed_group"), summary["n"],
+                         " ".join(str(r["seed"]) for r in summary["rows"]), *values,
+                         summary.get("measured_sparsity"), summary.get("effective_sparsity"), summary.get("covers"),
+                         " ".join(f"{n} {s}" for s, n in sorted(summary["not_ok"].items()))])
+        tables[f"ppl_{corpus}"] = [header, *body]
+    return tables
+
+
+def _csv_name(statistic: str) -> str:
+    return statistic.split("/", 1)[1] if statistic.startswith("ppl/") else statistic
+
+
+def ppl_seed_csv_tables(rows: list[dict]) -> dict[str, list[list]]:
+    """Every run's own values (one row per seed): the exact numbers behind the aggregated
+    table, each with the interval over its evaluation blocks."""
+    corpora = sorted({c for r in rows for c in r["ppl"]}) or ["(none)"]
+    header = [*ROW_KEYS, "sparsity", "seed_group", "seed", "status", *_ci_columns(*VARIANTS, "gap_closure"),
+              "measured_sparsity", "effective_sparsity", "source"]
+    tables = {}
+    for corpus in corpora:
+        body = []
+        for r in sorted(rows, key=lambda r: (_key(r), r["sparsity"] or 0, str(r.get("seed_group")), str(r["seed"]))):
             if r["status"] == "ok" and corpus not in r["ppl"]:
                 continue
             p, ci = r["ppl"].get(corpus, {}), r["ppl_ci"].get(corpus) or {}
             values = [x for v in VARIANTS for x in _exact(p.get(v), ci.get(v))]
             values += _exact(r["gap_closure"].get(corpus), r["gap_closure_ci"].get(corpus))
-            body.append([*_key(r), r["sparsity"], r["seed"], r["status"], *values, r["source"]])
-        tables[f"ppl_{corpus}"] = [header, *body]
+            body.append([*_key(r), r["sparsity"], r.get("seed_group"), r["seed"], r["status"], *values,
+                         r["measured_sparsity"], r["effective_sparsity"], r["source"]])
+        tables[f"ppl_{corpus}_seeds"] = [header, *body]
     return tables
 
 
@@ -301,11 +437,12 @@ def zeroshot_csv_table(rows: list[dict]) -> list[list]:
 
 
 def runs_table(rows: list[dict]) -> list[list[str]]:
-    header = ["status", *ROW_KEYS, "seed", "sparsity", "measured", "fold_max_abs_logit_diff",
-              "sensitivity_relative_spread", "config_hash", "error", "source"]
+    header = ["status", *ROW_KEYS, "seed", "sparsity", "measured", "effective", "fold_max_abs_logit_diff",
+              "sensitivity_relative_spread", "config_hash", "seed_group", "error", "source"]
     return [header, *[[r["status"], *_key(r), str(r["seed"]), _fmt(r["sparsity"]), _fmt(r["measured_sparsity"], 3),
-                       _g(r["fold_max_abs_logit_diff"]), _g(r["sensitivity_relative_spread"]),
-                       str(r["config_hash"]), (r["error"] or "")[:120], r["source"]] for r in rows]]
+                       _fmt(r["effective_sparsity"], 3), _g(r["fold_max_abs_logit_diff"]),
+                       _g(r["sensitivity_relative_spread"]), str(r["config_hash"]), str(r.get("seed_group") or "-"),
+                       (r["error"] or "")[:120], r["source"]] for r in rows]]
 
 
 def to_markdown(table: list[list[str]]) -> str:
@@ -326,14 +463,18 @@ def write_tables(rows: list[dict], out: Path) -> dict[str, Path]:
     written = {}
     for name, table in tables.items():
         (out / f"{name}.md").write_text(to_markdown(table))
-        with (out / f"{name}.csv").open("w", newline="") as f:
-            csv.writer(f).writerows(csv_tables[name])
         written[name] = out / f"{name}.md"
+    for name, table in {**csv_tables, **ppl_seed_csv_tables(rows)}.items():
+        with (out / f"{name}.csv").open("w", newline="") as f:
+            csv.writer(f).writerows(table)
     return written
 
 
 # ------------------------------------------------------------------------ plots
 def write_plots(rows: list[dict], out: Path) -> list[Path]:
+    """Perplexity and gap closure against target sparsity, one line per (model, sparsifier,
+    calibration corpus, SPON count); each point a configuration's mean over its seeds, its bar
+    the 95 % interval of the table (over seeds and text; one run: over its text)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -344,39 +485,41 @@ def write_plots(rows: list[dict], out: Path) -> list[Path]:
     paths = []
     for corpus in corpora:
         series: dict = defaultdict(list)
-        for r in ok:
-            if corpus in r["ppl"]:
-                series[(r["model"], r["sparsifier"], r["calib_corpus"], r["spon_count"])].append(r)
+        for group in seed_groups(ok):
+            summary = group_summary(group, corpus)
+            if summary["n"]:
+                series[_key(group[0])].append((group[0]["sparsity"], summary))
         if not series:
             continue
         fig, (ax_ppl, ax_gap) = plt.subplots(1, 2, figsize=(11, 4))
-        for (model, sparsifier, calib, count), rs in sorted(series.items(), key=lambda kv: str(kv[0])):
-            rs = sorted(rs, key=lambda r: r["sparsity"])
-            xs = [r["sparsity"] * 100 for r in rs]
-            label = f"{model} {sparsifier} (calib {calib})"
-            sparse = [r["ppl"][corpus].get("sparse") for r in rs]
-            spon = [r["ppl"][corpus].get("spon") for r in rs]
-            ppl_ci = [(r["ppl_ci"].get(corpus) or {}) for r in rs]
+        for (model, sparsifier, calib, count), points in sorted(series.items(), key=lambda kv: str(kv[0])):
+            points = sorted(points, key=lambda p: p[0])
+            xs = [x * 100 for x, _ in points]
+            seeds = sorted({s["n"] for _, s in points})
+            label = f"{model} {sparsifier} (calib {calib}; n={'/'.join(map(str, seeds))})"
+            stats = {name: [_stat(s, name) for _, s in points] for name in ("ppl/dense", "ppl/sparse", "ppl/spon",
+                                                                           "gap_closure")}
+            sparse = [st.get("mean") for st in stats["ppl/sparse"]]
             line = ax_ppl.plot(xs, sparse, "o--", label=f"{label}")[0]
             color = line.get_color()
-            _error_bars(ax_ppl, xs, sparse, [ci.get("sparse") for ci in ppl_ci], color)
+            _error_bars(ax_ppl, xs, sparse, [st.get("ci") for st in stats["ppl/sparse"]], color)
+            spon = [st.get("mean") for st in stats["ppl/spon"]]
             if any(v is not None for v in spon):
                 ax_ppl.plot(xs, spon, "o-", color=color, label=f"{label} + SPON x{count}")
-                _error_bars(ax_ppl, xs, spon, [ci.get("spon") for ci in ppl_ci], color)
-                gaps = [r["gap_closure"].get(corpus) for r in rs]
+                _error_bars(ax_ppl, xs, spon, [st.get("ci") for st in stats["ppl/spon"]], color)
+                gaps = [st.get("mean") for st in stats["gap_closure"]]
                 ax_gap.plot(xs, [g * 100 if g is not None else None for g in gaps], "o-", color=color,
                             label=f"{label} x{count}")
-                _error_bars(ax_gap, xs, gaps, [r["gap_closure_ci"].get(corpus) for r in rs], color, scale=100)
-            dense = [(r["ppl"][corpus]["dense"], ci.get("dense")) for r, ci in zip(rs, ppl_ci)
-                     if r["ppl"][corpus].get("dense") is not None]
+                _error_bars(ax_gap, xs, gaps, [st.get("ci") for st in stats["gap_closure"]], color, scale=100)
+            dense = [st for st in stats["ppl/dense"] if st.get("mean") is not None]
             if dense:
-                ax_ppl.axhline(dense[0][0], color=color, linewidth=0.8, linestyle=":")
-                if interval(dense[0][1]) is not None:
-                    ax_ppl.axhspan(*interval(dense[0][1]), color=color, alpha=0.1, linewidth=0)
+                ax_ppl.axhline(dense[0]["mean"], color=color, linewidth=0.8, linestyle=":")
+                if interval(dense[0].get("ci")) is not None:
+                    ax_ppl.axhspan(*interval(dense[0]["ci"]), color=color, alpha=0.1, linewidth=0)
         ax_ppl.set(xlabel="target sparsity (%)", ylabel=f"perplexity ({corpus})", yscale="log",
                    title="perplexity: sparse (dashed), +SPON (solid), dense (dotted)\n"
-                         "bars, band: 95 % interval where the run has one")
-        ax_gap.set(xlabel="target sparsity (%)", ylabel="gap closure (%)", title="SPON gap closure")
+                         "mean over n seeds; bars, band: 95 % interval over seeds and text")
+        ax_gap.set(xlabel="target sparsity (%)", ylabel="gap closure (%)", title="SPON gap closure (mean over seeds)")
         for ax in (ax_ppl, ax_gap):
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
@@ -400,13 +543,116 @@ def _error_bars(ax, xs, ys, cis, color, scale=1.0) -> None:
                                       [max(0.0, (hi - y) * scale) for _, y, (_, hi) in pts]])
 
 
+# ------------------------------------------------------------------- comparison
+#: ``key=value`` names a run's field in :func:`_row` under these spellings too
+FIELD_ALIASES = {"model": "model", "model.name": "model", "sparsifier": "sparsifier", "sparsity": "sparsity",
+                 "sparsifier.sparsity": "sparsity", "spon.count": "spon_count", "spon_count": "spon_count",
+                 "calib": "calib_corpus", "calib.corpus": "calib_corpus", "calib_corpus": "calib_corpus",
+                 "seed": "seed", "seed_group": "seed_group", "config_hash": "config_hash"}
+
+
+def _same_value(actual, wanted: str) -> bool:
+    if actual is None:
+        return wanted.lower() in ("null", "none")
+    try:
+        return math.isclose(float(actual), float(wanted), rel_tol=1e-9, abs_tol=1e-12)
+    except (TypeError, ValueError):
+        return str(actual).lower() == wanted.lower()
+
+
+def _config_value(row: dict, key: str):
+    """A dotted key of the run's resolved config (``config.yaml`` in its folder)."""
+    if "_config" not in row:
+        from omegaconf import OmegaConf
+
+        path = Path(row["source"]) / "config.yaml"
+        try:
+            row["_config"] = OmegaConf.load(path) if path.is_file() else None
+        except Exception:  # noqa: BLE001 - an unreadable config only fails this filter
+            row["_config"] = None
+    cfg = row["_config"]
+    if cfg is None:
+        return None
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(cfg, key, default=None)
+
+
+def _matches(row: dict, condition: str) -> bool:
+    key, sep, wanted = condition.partition("=")
+    if not sep:
+        raise ValueError(f"{condition!r} is not key=value (e.g. sparsity=0.4 or spon.lr=0.001)")
+    if key in ("seed_group", "config_hash"):  # hashes: a prefix is enough, as the tables print 8 characters
+        return str(row.get(key) or "").startswith(wanted) and bool(wanted)
+    if key in FIELD_ALIASES:
+        return _same_value(row.get(FIELD_ALIASES[key]), wanted)
+    return _same_value(_config_value(row, key), wanted)
+
+
+def select_group(rows: list[dict], conditions: list[str], side: str) -> list[dict]:
+    """The finished runs matching every ``key=value`` condition; they must be the seeds of one
+    configuration, else a one-line error says how to narrow the selection."""
+    chosen = [r for r in rows if r["status"] == "ok" and all(_matches(r, c) for c in conditions)]
+    if not chosen:
+        raise ValueError(f"--{side} {' '.join(conditions)} matches no finished run")
+    groups = sorted({str(r.get("seed_group")) for r in chosen})
+    if len(groups) > 1:
+        raise ValueError(f"--{side} {' '.join(conditions)} matches {len(groups)} configurations (seed groups "
+                         f"{', '.join(g[:8] for g in groups)}); add key=value conditions until one is left, "
+                         f"e.g. seed_group={groups[0][:8]}")
+    return sorted(chosen, key=lambda r: str(r["seed"]))
+
+
+def compare_groups(rows: list[dict], baseline: list[str], candidate: list[str]) -> dict:
+    """``{corpus: spon_exp.evaluation.seeds.compare(...)}`` for every corpus both sides
+    evaluated: candidate − baseline, with the interval over seeds and blocks."""
+    from spon_exp.evaluation.seeds import compare
+
+    base, cand = select_group(rows, baseline, "baseline"), select_group(rows, candidate, "candidate")
+    if {id(r) for r in base} & {id(r) for r in cand}:
+        raise ValueError("--baseline and --candidate select the same runs; make them differ")
+    corpora = sorted(set.intersection(*[set(r["ppl"]) for r in [*base, *cand]]))
+    if not corpora:
+        raise ValueError("the two sides share no evaluation corpus")
+    return {corpus: compare([_seed_run(r, corpus) for r in base], [_seed_run(r, corpus) for r in cand], _bootstrap())
+            for corpus in corpora}
+
+
+COMPARED = ("ppl/final", "gap_closure", "ppl/dense", "ppl/sparse", "ppl/spon")
+
+
+def comparison_table(result: dict) -> list[list[str]]:
+    header = ["corpus", "statistic", "baseline", "candidate", "candidate − baseline", "95 % interval", "excludes 0",
+              "seeds", "interval over"]
+    body = []
+    for corpus, comp in result.items():
+        seeds = (f"paired, n={comp['n_baseline']}" if comp["paired"]
+                 else f"unpaired, n={comp['n_baseline']} / {comp['n_candidate']}")
+        for name in [n for n in COMPARED if n in comp["statistics"]]:
+            st = comp["statistics"][name]
+            scale, digits, unit = (100, 1, " pts") if name == "gap_closure" else (1, 3, "")
+            ci = interval(st["ci"])
+            body.append([corpus, name, _fmt(None if st["baseline"] is None else st["baseline"] * scale, digits),
+                         _fmt(None if st["candidate"] is None else st["candidate"] * scale, digits),
+                         "-" if st["difference"] is None else f"{st['difference'] * scale:+.{digits}f}{unit}",
+                         "-" if ci is None else f"[{ci[0] * scale:+.{digits}f}, {ci[1] * scale:+.{digits}f}]",
+                         {True: "yes", False: "no", None: "-"}[st["excludes_zero"]], seeds, comp["covers"]])
+    return [header, *body]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="spon-exp-collect", description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", nargs="*", default=["outputs"], help="folders to scan for results.json")
     parser.add_argument("--wandb-project", action="append", default=[], help="also read runs of entity/project")
     parser.add_argument("--out", default=None, help="output folder (default: <first folder>/tables)")
+    parser.add_argument("--baseline", nargs="+", metavar="KEY=VALUE",
+                        help="compare: the runs of one configuration (its seeds), e.g. sparsity=0.4 or spon.count=0")
+    parser.add_argument("--candidate", nargs="+", metavar="KEY=VALUE",
+                        help="compare: the other configuration; reports candidate − baseline with its interval")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if bool(args.baseline) != bool(args.candidate):
+        parser.error("a comparison needs both --baseline and --candidate")
     rows = [r for folder in args.folders for r in read_runs(folder)]
     for project in args.wandb_project:
         rows += read_wandb(project)
@@ -414,6 +660,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spon-exp-collect: error: no results.json under {', '.join(args.folders)}")
         return 2
     out = Path(args.out or Path(args.folders[0]) / "tables")
+    if args.baseline:
+        try:
+            result = compare_groups(rows, args.baseline, args.candidate)
+        except ValueError as e:
+            print(f"spon-exp-collect: error: {e}", file=sys.stderr)
+            return 2
+        out.mkdir(parents=True, exist_ok=True)
+        table = to_markdown(comparison_table(result))
+        (out / "comparison.md").write_text(f"baseline: {' '.join(args.baseline)}\n"
+                                           f"candidate: {' '.join(args.candidate)}\n\n{table}")
+        (out / "comparison.json").write_text(json.dumps({"baseline": args.baseline, "candidate": args.candidate,
+                                                         "corpora": result}, indent=2))
+        print(f"candidate ({' '.join(args.candidate)}) − baseline ({' '.join(args.baseline)}):\n\n{table}")
+        print(f"written: {out / 'comparison.md'}, {out / 'comparison.json'}")
+        return 0
     written = write_tables(rows, out)
     plots = write_plots(rows, out)
     from spon_exp.diagnostics.plots import collect_diagnostics
