@@ -32,14 +32,14 @@ NEW = {**BASE, "config_hash": "new", "sparsity": {"target": 0.5, "measured": 0.5
        "sensitivity": {"relative_perturbation": 1e-6, "corpus": "wikipedia", "sparse": 37.69,
                        "perturbed": {"+1e-06": 37.8, "-1e-06": 37.5}, "spread": 0.3, "relative_spread": 0.008},
        "cache": {"sparsifier": "hit", "alpha": "hit", "dense": "miss"}}
-NEW_CELL = "24.81 ± 0.75 / 37.69 ± 1.20 / 30.49 ± 0.90 (55.9 % ± 4.1)"
+NEW_CELLS = ["24.81 ± 0.75", "37.69 ± 1.20", "30.49 ± 0.90", "55.9 % ± 4.1"]  # dense, sparse, +SPON, gap closure
 
 # written before intervals existed: gap closure (45 - 33) / (45 - 24.81) = 0.594
 OLD = {**BASE, "config_hash": "old", "sparsity": {"target": 0.6, "measured": 0.6},
        "ppl": {"wikipedia": {"dense": 24.81, "sparse": 45.0, "spon": 33.0}}, "gap_closure": {"wikipedia": 0.594},
        "zeroshot": {"variants": {"dense": {"piqa": {"paper_metric": 0.7}}},
                     "average": {"dense": 0.6512, "sparse": 0.55, "spon": 0.6}, "recovery": 0.5}}
-OLD_CELL = "24.81 / 45.00 / 33.00 (59 %)"
+OLD_CELLS = ["24.81", "45.00", "33.00", "59 %"]
 
 
 def write_runs(folder, *runs):
@@ -60,6 +60,13 @@ def md_rows(path) -> list[list[str]]:
     return [[c.strip() for c in line.strip("|").split(" | ")] for line in lines[:1] + lines[2:]]
 
 
+def ppl_cells(path) -> list[list[str]]:
+    """Each configuration's dense / sparse / +SPON / gap closure cells of a ppl table."""
+    header, *rows = md_rows(path)
+    at = header.index("dense")
+    return [row[at:at + 4] for row in rows]
+
+
 def csv_rows(path) -> dict[str, dict]:
     with path.open(newline="") as f:
         return {row["config_hash"] if "config_hash" in row else row["source"].rsplit("/", 1)[-1]: row
@@ -69,10 +76,15 @@ def csv_rows(path) -> dict[str, dict]:
 def test_ppl_cells_show_half_widths_and_csv_the_exact_ends(tmp_path):
     write_runs(tmp_path / "runs", NEW, OLD)
     out = collect(tmp_path, str(tmp_path / "runs"))
-    header, row = md_rows(out / "ppl_wikipedia.md")
-    assert header == ["model", "sparsifier", "calib_corpus", "spon_count", "0.5", "0.6"]
-    assert row == ["m", "teal", "wikipedia", "1", NEW_CELL, OLD_CELL]
-    rows = csv_rows(out / "ppl_wikipedia.csv")
+    header, new_row, old_row = md_rows(out / "ppl_wikipedia.md")
+    assert header[:6] == ["model", "sparsifier", "calib_corpus", "spon_count", "sparsity", "n"]
+    assert new_row[:6] == ["m", "teal", "wikipedia", "1", "0.50", "1"] and old_row[4:6] == ["0.60", "1"]
+    assert ppl_cells(out / "ppl_wikipedia.md") == [NEW_CELLS, OLD_CELLS]
+    with (out / "ppl_wikipedia.csv").open(newline="") as f:
+        new_group, old_group = list(csv.DictReader(f))  # one configuration each, its one run's own interval
+    assert (new_group["spon"], new_group["spon_ci_low"], new_group["spon_ci_high"]) == ("30.49", "29.6", "31.4")
+    assert new_group["n"] == "1" and new_group["gap_closure_sd"] == "" and old_group["spon_ci_low"] == ""
+    rows = csv_rows(out / "ppl_wikipedia_seeds.csv")
     new, old = rows["new"], rows["old"]
     assert (new["dense"], new["dense_ci_low"], new["dense_ci_high"]) == ("24.81", "24.1", "25.6")
     assert (new["spon"], new["spon_ci_low"], new["spon_ci_high"]) == ("30.49", "29.6", "31.4")
@@ -109,7 +121,7 @@ def test_runs_table_shows_fold_check_and_sensitivity(tmp_path):
 def test_old_results_alone_render_as_before(tmp_path):
     write_runs(tmp_path / "runs", OLD)
     out = collect(tmp_path, str(tmp_path / "runs"))
-    assert md_rows(out / "ppl_wikipedia.md")[1][-1] == OLD_CELL
+    assert ppl_cells(out / "ppl_wikipedia.md") == [OLD_CELLS]
     assert "±" not in (out / "zeroshot.md").read_text() + (out / "ppl_wikipedia.md").read_text()
     assert (out / "ppl_vs_sparsity_wikipedia.png").stat().st_size > 1000
 
@@ -119,7 +131,7 @@ def test_a_null_interval_shows_the_plain_number(tmp_path):
               "ppl_ci": {"wikipedia": {"dense": [24.1, 25.6]}}}
     write_runs(tmp_path / "runs", no_gap)
     out = collect(tmp_path, str(tmp_path / "runs"))
-    assert md_rows(out / "ppl_wikipedia.md")[1][-1] == "24.81 ± 0.75 / 37.69 / 30.49 (56 %)"
+    assert ppl_cells(out / "ppl_wikipedia.md") == [["24.81 ± 0.75", "37.69", "30.49", "56 %"]]
 
 
 def test_plot_draws_error_bars_only_where_intervals_exist(tmp_path, monkeypatch):
@@ -179,7 +191,7 @@ def test_wandb_summary_round_trips_through_collect(tmp_path, monkeypatch):
     assert back["zeroshot"]["average_ci"] == NEW["zeroshot"]["average_ci"]
     assert back["zeroshot"]["ci"] == NEW["zeroshot"]["ci"] and back["zeroshot"]["recovery_ci"] == [0.45, 0.71]
     out = collect(tmp_path, str(tmp_path / "no_local_runs"), "--wandb-project", "me/spon")
-    assert md_rows(out / "ppl_wikipedia.md")[1][-2:] == [NEW_CELL, OLD_CELL]
+    assert ppl_cells(out / "ppl_wikipedia.md") == [NEW_CELLS, OLD_CELLS]
     assert md_rows(out / "zeroshot.md")[1][-2:] == ["57.9 % ± 13.0", "ok"]
     assert csv_rows(out / "runs.csv")["new"]["fold_max_abs_logit_diff"] == "3.1e-06"
-    assert csv_rows(out / "ppl_wikipedia.csv")["new"]["spon_ci_high"] == "31.4"
+    assert csv_rows(out / "ppl_wikipedia_seeds.csv")["new"]["spon_ci_high"] == "31.4"

@@ -114,8 +114,11 @@ def test_collect_marks_failed_and_missing_runs(tmp_path, capsys):
     assert collect_main([str(tmp_path / "sweeps"), "--out", str(out)]) == 0
     table = (out / "ppl_wikipedia.md").read_text()
     assert "FAILED" in table and "MISSING" in table
-    header, row = table.splitlines()[0], table.splitlines()[2]
-    assert "| 0.4 | 0.5 | 1.5 |" in header and row.count("/") >= 2
+    lines = table.splitlines()
+    assert "| sparsity | n |" in lines[0] and len(lines) == 5  # one row per configuration: 0.4, 0.5, 1.5
+    ok, missing, failed = lines[2:]
+    assert "| 0.40 | 1 |" in ok and "| 0.50 | 0 | MISSING |" in missing and "1 missing" in missing
+    assert "| 1.50 | 0 | FAILED |" in failed and "1 failed" in failed
     assert "failed" in (out / "runs.csv").read_text()
     assert (out / "ppl_vs_sparsity_wikipedia.png").stat().st_size > 1000
 
