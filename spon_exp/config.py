@@ -85,6 +85,9 @@ class CalibConfig:
     seq_len: int = 256
     threshold_sequences: int = 16  # the first N of them calibrate the sparsifier
     batch_size: int = 4  # forward batch for calibration passes
+    # none: blocks of text only; row: every block is BOS + seq_len - 1 text tokens, as the rows of
+    # TEAL's and LaRoSA's reference calibration (docs/FIDELITY.md, "calibration BOS")
+    bos: str = "none"
 
 
 @dataclass
@@ -283,6 +286,10 @@ def validate(cfg) -> None:
         (cfg.spon.steps is None or cfg.spon.steps >= 0, f"spon.steps must be >= 0, got {cfg.spon.steps}"),
         (cfg.calib.num_sequences >= 1, f"calib.num_sequences must be >= 1, got {cfg.calib.num_sequences}"),
         (cfg.calib.seq_len >= 2, f"calib.seq_len must be >= 2, got {cfg.calib.seq_len}"),
+        (cfg.calib.bos in ("none", "row"), f"calib.bos must be none or row, got {cfg.calib.bos!r}"),
+        (cfg.calib.bos == "none" or cfg.calib.seq_len >= 3,
+         f"calib.bos=row puts a BOS in front of calib.seq_len - 1 text tokens; calib.seq_len={cfg.calib.seq_len} "
+         f"is too short, use 3 or more"),
         (cfg.eval.ppl.seq_len >= 2, f"eval.ppl.seq_len must be >= 2, got {cfg.eval.ppl.seq_len}"),
         (cfg.eval.ppl.protocol in ("chunks", "sliding"), f"eval.ppl.protocol must be chunks or sliding, got {cfg.eval.ppl.protocol!r}"),
         (cfg.eval.ppl.context >= 0, f"eval.ppl.context must be >= 0, got {cfg.eval.ppl.context}"),
@@ -359,11 +366,12 @@ def _check_lengths_and_corpora(cfg) -> None:
     from spon_exp.models.loading import model_context_length, tokenizer_without_weights
 
     p = cfg.eval.ppl
-    if p.bos == "chunk":  # bos=stream without a BOS token encodes the stream without one
-        tokenizer = tokenizer_without_weights(cfg.model.path)
-        if tokenizer is not None and getattr(tokenizer, "bos_token_id", None) is None:
-            raise ConfigError(f"eval.ppl.bos={p.bos} needs a BOS token and the tokenizer of {cfg.model.path} has none; "
-                              f"use eval.ppl.bos=none (or auto)")
+    for key, value, fix in (("eval.ppl.bos", p.bos, "none (or auto)"), ("calib.bos", cfg.calib.bos, "none")):
+        if value in ("chunk", "row"):  # bos=stream without a BOS token encodes the stream without one
+            tokenizer = tokenizer_without_weights(cfg.model.path)
+            if tokenizer is not None and getattr(tokenizer, "bos_token_id", None) is None:
+                raise ConfigError(f"{key}={value} needs a BOS token and the tokenizer of {cfg.model.path} has none; "
+                                  f"use {key}={fix}")
     try:
         positions = model_context_length(cfg.model.path)
     except (ValueError, OSError) as e:  # an unreadable config.json / GGUF, an unknown tiny family

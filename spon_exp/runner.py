@@ -268,7 +268,8 @@ def _load_data(ctx: RunContext, model, tokenizer) -> tuple[torch.Tensor, Evaluat
 
     c = ctx.cfg.calib
     with ctx.timer.stage("load_data"):
-        calib = token_blocks(tokenizer, c.corpus, "calibration", c.seq_len, c.num_sequences)
+        calib = token_blocks(tokenizer, c.corpus, "calibration", c.seq_len, c.num_sequences,
+                             bos_token_id=tokenizer.bos_token_id if c.bos == "row" else None)
         if calib.shape[0] < c.num_sequences:
             log.warning("Corpus %s has only %d calibration sequences of %d tokens (asked for %d)",
                         c.corpus, calib.shape[0], c.seq_len, c.num_sequences)

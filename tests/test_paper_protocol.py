@@ -209,3 +209,31 @@ def test_seeds_by_sparsity_sweep_collects_into_one_row_per_sparsity(tmp_path):
     comparison = json.loads((out / "comparison.json").read_text())["corpora"]["wikipedia"]
     sparse = comparison["statistics"]["ppl/sparse"]
     assert comparison["paired"] and sparse["difference"] > 0 and sparse["ci"] is not None
+
+
+# ---------------------------------------------------------- calibration BOS
+def test_calibration_rows_with_a_bos_are_bos_plus_text(tmp_path):
+    from spon_exp.data.corpora import token_blocks
+    from spon_exp.data.tokenizer import byte_tokenizer
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(f"passage {i}: " + "some text of the passage " * 20 for i in range(40)))
+    tok = byte_tokenizer()
+    plain = token_blocks(tok, str(corpus), "calibration", 31, max_blocks=4)
+    rows = token_blocks(tok, str(corpus), "calibration", 32, max_blocks=4, bos_token_id=256)
+    assert rows.shape == (4, 32) and (rows[:, 0] == 256).all()
+    assert torch.equal(rows[:, 1:], plain)  # the same text, one token shorter per row
+
+
+def test_calibration_bos_names_the_calibration_artefacts_not_the_dense_baseline():
+    plain, spelled = compose_cfg(SMALL), compose_cfg(SMALL + ["calib.bos=none"])
+    assert RunIdentity.of(plain) == RunIdentity.of(spelled)  # the default keeps every name
+    row = RunIdentity.of(compose_cfg(SMALL + ["calib.bos=row"]))
+    before = RunIdentity.of(plain)
+    assert row.sparsifier_key != before.sparsifier_key and row.alpha_key != before.alpha_key
+    assert row.dense_key == before.dense_key and row.config_hash != before.config_hash
+
+
+def test_calibration_bos_without_a_bos_token_fails_early():
+    with pytest.raises(ConfigError, match="calib.bos=row needs a BOS token"):
+        validate(compose_cfg(SMALL + ["calib.bos=row"]))

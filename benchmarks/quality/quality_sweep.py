@@ -28,7 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from spon_exp.collect import read_runs, write_plots, write_tables
+from spon_exp.collect import group_summary, read_runs, seed_groups, write_plots, write_tables
 
 REPO = Path(__file__).resolve().parents[2]
 TARGETS = {0.5: 0.60, 0.6: 0.80}  # gap-closure targets (issue: quality sweep)
@@ -70,19 +70,30 @@ def main() -> None:
     written = write_tables(rows, out)
     plots = write_plots(rows, out)
     print(written["ppl_wikipedia"].read_text() if "ppl_wikipedia" in written else "no finished runs")
-    summary = []
-    for r in sorted(rows, key=lambda r: (r["sparsifier"], r["sparsity"] or 0)):
-        p = r["ppl"].get("wikipedia", {})
-        g = r["gap_closure"].get("wikipedia")
-        target = TARGETS.get(r["sparsity"])
-        summary.append({"sparsifier": r["sparsifier"], "sparsity": r["sparsity"], "status": r["status"],
-                        "measured_sparsity": r["measured_sparsity"], **p, "gap_closure": g,
-                        "target": target, "meets_target": None if target is None or g is None else g >= target})
+    summary = []  # one entry per configuration, its seeds aggregated (spon-exp-collect's table)
+    for group in seed_groups(rows):
+        agg = group_summary(group, "wikipedia")
+        if not agg["n"]:
+            summary.append({"sparsifier": group[0]["sparsifier"], "sparsity": group[0]["sparsity"], "n": 0,
+                            "not_ok": agg["not_ok"]})
+            continue
+        stats = agg["statistics"]
+        gap = stats.get("gap_closure", {})
+        target = TARGETS.get(group[0]["sparsity"])
+        summary.append({
+            "sparsifier": group[0]["sparsifier"], "sparsity": group[0]["sparsity"], "n": agg["n"],
+            "seeds": agg["seeds"], "interval_over": agg["covers"], "not_ok": agg["not_ok"],
+            "measured_sparsity": agg["measured_sparsity"], "effective_sparsity": agg["effective_sparsity"],
+            **{v: stats[f"ppl/{v}"]["mean"] for v in ("dense", "sparse", "spon") if f"ppl/{v}" in stats},
+            **{f"{v}_ci": stats[f"ppl/{v}"]["ci"] for v in ("dense", "sparse", "spon") if f"ppl/{v}" in stats},
+            "gap_closure": gap.get("mean"), "gap_closure_ci": gap.get("ci"), "gap_closure_sd": gap.get("sd"),
+            "gap_closure_per_seed": gap.get("values"), "target": target,
+            "meets_target": None if target is None or gap.get("mean") is None else gap["mean"] >= target})
     for s in summary:
-        if s["target"] is not None and s["gap_closure"] is not None:
+        if s.get("target") is not None and s.get("gap_closure") is not None:
             verdict = "meets" if s["meets_target"] else "MISSES"
-            print(f"{s['sparsifier']} {s['sparsity']:.0%}: gap closure {s['gap_closure']:.1%} {verdict} target "
-                  f"{s['target']:.0%}")
+            print(f"{s['sparsifier']} {s['sparsity']:.0%}: mean gap closure {s['gap_closure']:.1%} over {s['n']} seeds "
+                  f"{verdict} target {s['target']:.0%}")
     (out / "quality.json").write_text(json.dumps(summary, indent=2))
     print("written:", ", ".join(str(p) for p in [*written.values(), *plots, out / "quality.json"]))
 

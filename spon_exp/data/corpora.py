@@ -243,10 +243,19 @@ def token_stream(tokenizer, corpus: str, split: str, separator: str = "\n\n") ->
     return stream
 
 
-def token_blocks(tokenizer, corpus: str, split: str, seq_len: int, max_blocks: int | None = None) -> torch.Tensor:
-    """Non-overlapping ``[N, seq_len]`` token blocks of a corpus split (tail dropped)."""
+def token_blocks(tokenizer, corpus: str, split: str, seq_len: int, max_blocks: int | None = None,
+                 bos_token_id: int | None = None) -> torch.Tensor:
+    """Non-overlapping ``[N, seq_len]`` token blocks of a corpus split (tail dropped). With
+    ``bos_token_id`` every block is that BOS followed by ``seq_len - 1`` text tokens (the rows
+    TEAL's and LaRoSA's calibration feeds: their tokenizer call puts a BOS at the start of every
+    overflow row)."""
     if seq_len < 2:
         raise CorpusError(f"seq_len must be >= 2, got {seq_len}")
+    if bos_token_id is not None:
+        text = token_blocks(tokenizer, corpus, split, seq_len - 1, max_blocks) if seq_len > 2 else None
+        if text is None:
+            raise CorpusError("a block with a BOS needs seq_len >= 3")
+        return torch.cat([torch.full_like(text[:, :1], int(bos_token_id)), text], dim=1)
     stream = token_stream(tokenizer, corpus, split)
     n = stream.numel() // seq_len
     if n == 0:

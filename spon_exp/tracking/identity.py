@@ -34,11 +34,20 @@ def sparsifier_label(node) -> str:
 
 #: Options added after runs were named, at the value that reproduces those runs: left out of
 #: every hash while at that value, so existing runs and caches keep their names
-NEW_OPTION_DEFAULTS = {"ppl": {"score": "all", "forbid_dense_scored": False}}
+NEW_OPTION_DEFAULTS = {"ppl": {"score": "all", "forbid_dense_scored": False}, "calib": {"bos": "none"}}
+
+
+def _without_new_defaults(group: str, node: dict) -> dict:
+    return {k: v for k, v in node.items() if NEW_OPTION_DEFAULTS[group].get(k, object()) != v}
 
 
 def _ppl_identity(ppl: dict) -> dict:
-    return {k: v for k, v in ppl.items() if NEW_OPTION_DEFAULTS["ppl"].get(k, object()) != v}
+    return _without_new_defaults("ppl", ppl)
+
+
+def _calib(c: dict, keys: tuple[str, ...]) -> dict:
+    """The calibration settings an artefact depends on, ``bos`` only where it is not ``none``."""
+    return _without_new_defaults("calib", {k: c["calib"][k] for k in (*keys, "bos") if k in c["calib"]})
 
 
 def _identity_config(cfg: DictConfig) -> dict:
@@ -48,6 +57,8 @@ def _identity_config(cfg: DictConfig) -> dict:
         c.get("sparsifier", {}).pop(key, None)
     if "eval" in c and "ppl" in c["eval"]:
         c["eval"]["ppl"] = _ppl_identity(c["eval"]["ppl"])
+    if "calib" in c:
+        c["calib"] = _without_new_defaults("calib", c["calib"])
     return c
 
 
@@ -87,7 +98,7 @@ def sparsifier_key(cfg: DictConfig) -> str:
         "sparsifier": {k: v for k, v in c["sparsifier"].items() if k not in NOT_SPARSIFIER_SETTINGS},
         "sparsity": c["sparsity"],
         "seed": c["seed"],
-        "calib": {k: c["calib"][k] for k in ("corpus", "seq_len", "threshold_sequences", "batch_size")},
+        "calib": _calib(c, ("corpus", "seq_len", "threshold_sequences", "batch_size")),
         **_text_versions([c["calib"]["corpus"]]),
     })
 
@@ -97,7 +108,7 @@ def alpha_key(cfg: DictConfig) -> str:
     c = plain(cfg)
     spon = {k: v for k, v in c["spon"].items() if k != "checkpoint_every"}
     return _digest({"sparsifier": sparsifier_key(cfg), "spon": spon,
-                    "calib": {k: c["calib"][k] for k in ("corpus", "seq_len", "num_sequences")}})
+                    "calib": _calib(c, ("corpus", "seq_len", "num_sequences"))})
 
 
 #: ``sparsifier.*`` options that say which tokens of a forward are sparsified
