@@ -118,6 +118,9 @@ class PplConfig:
     score: str = "all"
     # true (experiment=paper): a config that would score a token computed from dense inputs fails validation
     forbid_dense_scored: bool = False
+    # evaluation: the test split every table reports; validation: the split a recipe search scores
+    # (sweeps/tune_spon*.yaml), disjoint from it and from calibration
+    split: str = "evaluation"
 
 
 @dataclass
@@ -297,6 +300,8 @@ def validate(cfg) -> None:
         (cfg.eval.ppl.bos in ("auto", "none", "chunk", "stream"),
          f"eval.ppl.bos must be auto, none, chunk or stream, got {cfg.eval.ppl.bos!r}"),
         (cfg.eval.ppl.score in ("all", "sparsified"), f"eval.ppl.score must be all or sparsified, got {cfg.eval.ppl.score!r}"),
+        (cfg.eval.ppl.split in ("evaluation", "validation"),
+         f"eval.ppl.split must be evaluation (the test split) or validation, got {cfg.eval.ppl.split!r}"),
         (cfg.eval.ppl.score_first_window or cfg.eval.ppl.max_tokens is None
          or cfg.eval.ppl.max_tokens > cfg.eval.ppl.context + 1,
          f"eval.ppl.score_first_window=false leaves the first eval.ppl.context + 1 = {cfg.eval.ppl.context + 1} tokens "
@@ -304,6 +309,9 @@ def validate(cfg) -> None:
         (cfg.spon.checkpoint_every >= 0, f"spon.checkpoint_every must be >= 0 (0 = never), got {cfg.spon.checkpoint_every}"),
         (cfg.spon.init in ("zero", "mean_dropped"), f"spon.init must be zero or mean_dropped, got {cfg.spon.init!r}"),
         (cfg.spon.schedule in ("constant", "cosine", "linear"), f"spon.schedule must be constant, cosine or linear, got {cfg.spon.schedule!r}"),
+        (cfg.spon.average in ("none", "ema", "polyak"), f"spon.average must be none, ema or polyak, got {cfg.spon.average!r}"),
+        (0 < cfg.spon.ema_decay < 1, f"spon.ema_decay must be in (0, 1), e.g. 0.95, got {cfg.spon.ema_decay}"),
+        (0 <= cfg.spon.average_from < 1, f"spon.average_from is a fraction of the steps in [0, 1), got {cfg.spon.average_from}"),
         (cfg.logger.backend in ("none", "wandb"), f"logger.backend must be none or wandb, got {cfg.logger.backend!r}"),
         (set(cfg.eval.variants) <= {"dense", "sparse", "spon"}, f"eval.variants must be among dense/sparse/spon, got {list(cfg.eval.variants)}"),
         (cfg.eval.bootstrap.resamples >= 100, f"eval.bootstrap.resamples must be >= 100, got {cfg.eval.bootstrap.resamples}"),
@@ -406,7 +414,7 @@ def _check_lengths_and_corpora(cfg) -> None:
     needs: dict[str, dict] = {cfg.calib.corpus: {"calibration": (cfg.calib.seq_len, f"calib.seq_len={cfg.calib.seq_len}")}}
     evaluation = (p.seq_len, f"eval.ppl.seq_len={p.seq_len}") if p.protocol == "chunks" else (2, "eval.ppl.protocol=sliding")
     for corpus in p.corpora:
-        needs.setdefault(corpus, {})["evaluation"] = evaluation
+        needs.setdefault(corpus, {})[p.split] = evaluation
     if all(corpus in BUILTIN for corpus in needs):  # large corpora: nothing to count
         return
     tokenizer = tokenizer_without_weights(cfg.model.path)

