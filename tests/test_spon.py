@@ -148,7 +148,8 @@ def test_iterate_average_is_the_average_of_the_iterates(average):
     cfg = TrainConfig(lr=1e-2, steps=6, batch_size=2, average=average, ema_decay=0.8, average_from=0.5)
     lm, sp, spon, ids = setup()
     iterates = []
-    train_alpha(lm.model, sp, spon, ids, cfg, on_step=lambda *_: iterates.append(spon.alpha_state()))
+    train_alpha(lm.model, sp, spon, ids, cfg,
+                on_step=lambda *_: iterates.append({k: v.clone() for k, v in spon.alpha_state().items()}))
     got = spon.alpha_state()
     for key in got:
         seq = [it[key] for it in iterates]  # alpha after each step
