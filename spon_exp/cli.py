@@ -49,7 +49,7 @@ def _save_hydra_files(cfg: DictConfig, run_dir: Path) -> None:
     OmegaConf.save(hydra_cfg.overrides.task, folder / "overrides.yaml")
 
 
-def _main(cfg: DictConfig) -> dict | None:
+def _main(cfg: DictConfig) -> dict | float | None:
     from spon_exp.data.corpora import CorpusError
     from spon_exp.hostmem import keep_freed_memory
     from spon_exp.models.loading import ModelNotFoundError
@@ -66,6 +66,8 @@ def _main(cfg: DictConfig) -> dict | None:
             raise
         print(f"spon-exp: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    if cfg.search.seeds:  # a recipe-search trial: the sweeper (Optuna) gets its objective
+        return _trial(cfg, run_dir)
     if cfg.skip_if_done and is_done(run_dir, config_hash(cfg)):
         log.info("Skipping %s: results.json there says ok for this config", run_dir)
         return read_json(run_dir / RESULTS)
@@ -92,8 +94,17 @@ def _main(cfg: DictConfig) -> dict | None:
     return results
 
 
+def _trial(cfg: DictConfig, trial_dir: Path) -> float:
+    """One trial of a recipe search: validated once, then every seed run (spon_exp.runner.run_trial)."""
+    from spon_exp.config import validate
+    from spon_exp.runner import run_trial
+
+    validate(cfg)  # a bad config fails the trial before any seed runs
+    return run_trial(cfg, trial_dir, overrides=list(HydraConfig.get().overrides.task))
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def _hydra_main(cfg: DictConfig) -> dict | None:
+def _hydra_main(cfg: DictConfig) -> dict | float | None:
     return _main(cfg)
 
 

@@ -175,6 +175,14 @@ class PathsConfig:
 
 
 @dataclass
+class SearchConfig:
+    # non-empty: this job is one trial of a recipe search (sweeps/tune_spon*.yaml). It runs the
+    # config once per seed (into <job folder>/seed=<s>) and returns the mean gap closure of
+    # the first perplexity corpus to the sweeper (Optuna); it must score eval.ppl.split=validation
+    seeds: list[int] = field(default_factory=list)
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     sparsifier: Any = MISSING
@@ -189,6 +197,7 @@ class Config:
     save_export: bool = True  # write the folded sparse state (thresholds + biases) into the run folder
     save_checkpoint: bool = False  # also a from_pretrained-loadable checkpoint (a full weight copy)
     skip_if_done: bool = False  # re-launched sweeps: skip a run whose results.json says ok
+    search: SearchConfig = field(default_factory=SearchConfig)
     # groups whose content is not part of the schema (hydra/launcher is validated by Hydra)
     launcher: Any = None
     experiment: Any = None
@@ -206,11 +215,27 @@ SCHEMAS = {
 }
 
 
+def trial_dirname(override_dirname: str) -> str:
+    import hashlib
+
+    return "trial-" + hashlib.sha256(override_dirname.encode()).hexdigest()[:12]
+
+
+def sqlite_url(folder: str, name: str = "optuna.db") -> str:
+    path = Path(folder).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path / name}"
+
+
 def register_configs() -> None:
     from spon_exp.tracking.identity import flat_dirname
 
     # sweep run folders: ${spon_flat_dirname:${hydra:job.override_dirname}} (conf/config.yaml)
     OmegaConf.register_new_resolver("spon_flat_dirname", flat_dirname, replace=True)
+    # a search trial's folder: a short hash of its overrides (many swept recipe keys are too long a name)
+    OmegaConf.register_new_resolver("spon_trial_dirname", trial_dirname, replace=True)
+    # an Optuna study beside its sweep: sqlite:///<sweep folder>/optuna.db (the folder made first)
+    OmegaConf.register_new_resolver("spon_sqlite", sqlite_url, replace=True)
     # a single run's folder name: the sparsity, given as sparsity= or as its alias sparsifier.sparsity=
     OmegaConf.register_new_resolver("spon_sparsity", lambda alias, sparsity: sparsity if alias is None else alias,
                                     replace=True)
@@ -302,6 +327,10 @@ def validate(cfg) -> None:
         (cfg.eval.ppl.score in ("all", "sparsified"), f"eval.ppl.score must be all or sparsified, got {cfg.eval.ppl.score!r}"),
         (cfg.eval.ppl.split in ("evaluation", "validation"),
          f"eval.ppl.split must be evaluation (the test split) or validation, got {cfg.eval.ppl.split!r}"),
+        (not cfg.search.seeds or cfg.eval.ppl.split == "validation",
+         "a search trial (search.seeds set) must score the validation split, never the test split: "
+         "set eval.ppl.split=validation"),
+        (len(set(cfg.search.seeds)) == len(cfg.search.seeds), f"search.seeds repeats a seed: {list(cfg.search.seeds)}"),
         (cfg.eval.ppl.score_first_window or cfg.eval.ppl.max_tokens is None
          or cfg.eval.ppl.max_tokens > cfg.eval.ppl.context + 1,
          f"eval.ppl.score_first_window=false leaves the first eval.ppl.context + 1 = {cfg.eval.ppl.context + 1} tokens "

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 # Keys that do not change a run's numbers: where it logs, how it is launched, where files go.
 NON_IDENTITY_KEYS = ("logger", "launcher", "paths", "local", "experiment", "sweep_name", "skip_if_done",
-                     "save_export", "save_checkpoint")
+                     "save_export", "save_checkpoint", "search")
 
 
 def _digest(obj) -> str:
