@@ -31,11 +31,26 @@ def compose_sweep(name: str, overrides=()):
                        return_hydra_config=True)
 
 
+def _values(override) -> list:
+    """A swept override's values; an Optuna ``interval`` gives its two ends."""
+    from hydra.core.override_parser.types import IntervalSweep
+
+    value = override.value()
+    if isinstance(value, IntervalSweep):
+        return [value.start, value.end]
+    return list(override.sweep_string_iterator())
+
+
 def sweep_combinations(cfg) -> list[list[str]]:
+    """Every grid point of a grid sweep; for a search (Optuna sweeper, whose space is too large
+    to enumerate) every value of each parameter once, the others at their first value."""
     params = cfg.hydra.sweeper.params or {}
     parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
-    axes = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] for o in parsed]
-    return [list(c) for c in itertools.product(*axes)]
+    axes = [[f"{o.get_key_element()}={v}" for v in _values(o)] for o in parsed]
+    if "optuna" not in str(cfg.hydra.sweeper.get("_target_", "")).lower():
+        return [list(c) for c in itertools.product(*axes)]
+    first = [axis[0] for axis in axes]
+    return [first[:i] + [value] + first[i + 1:] for i, axis in enumerate(axes) for value in axis]
 
 
 @pytest.mark.parametrize("sweep", SWEEPS, ids=[p.stem for p in SWEEPS])

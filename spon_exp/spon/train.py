@@ -39,8 +39,8 @@ class TrainOptions:
     """The training settings a config chooses (``spon.*``: :class:`spon_exp.config.SponConfig`
     extends this class, and :meth:`TrainConfig.from_options` reads them back)."""
 
-    # Defaults chosen by measurement: benchmarks/quality/tune_spon.py, record in
-    # benchmarks/results/spon_tuning.jsonl (README "Benchmarks").
+    # Defaults from a hand grid scored on the test split (benchmarks/results/spon_tuning.jsonl);
+    # sweeps/tune_spon*.yaml searches them on the validation split instead.
     lr: float = 3e-4
     steps: Optional[int] = 150  # optimiser steps; null -> use epochs
     epochs: Optional[float] = None
