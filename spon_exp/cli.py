@@ -38,11 +38,11 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def _save_hydra_files(cfg: DictConfig, run_dir: Path) -> None:
+def _save_hydra_files(cfg: DictConfig, folder: Path) -> None:
     """What Hydra writes to ``.hydra/`` (``hydra.output_subdir`` is null in conf/config.yaml so
-    that Hydra itself writes nothing before the folder guard has accepted the run)."""
+    that Hydra itself writes nothing before the folder guard has accepted the run), into the
+    folder the run gives (``.hydra.attempt-<N>/`` beside a finished run's)."""
     hydra_cfg = HydraConfig.get()
-    folder = run_dir / ".hydra"
     folder.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, folder / "config.yaml")
     OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), folder / "hydra.yaml")
@@ -73,9 +73,8 @@ def _main(cfg: DictConfig) -> dict | float | None:
         return read_json(run_dir / RESULTS)
     try:
         guard_run_dir(run_dir, config_hash(cfg))  # before .hydra/ is written: a refused config changes nothing
-        _save_hydra_files(cfg, run_dir)
         keep_freed_memory()  # CPU temporaries reuse warm pages (spon_exp/hostmem.py)
-        results = run(cfg, run_dir)
+        results = run(cfg, run_dir, hydra_files=lambda folder: _save_hydra_files(cfg, folder))
     except (ConfigError, ModelNotFoundError, CorpusError, FileExistsError) as e:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # let the launcher record this job as failed and go on with the others

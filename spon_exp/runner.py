@@ -11,9 +11,12 @@ import contextlib
 import json
 import logging
 import math
+import os
 import re
+import shutil
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -86,12 +89,20 @@ def _attempt_files(run_dir: Path, chash: str) -> tuple[Path, Path]:
     """``(results file, error file)`` of a new attempt: results.json and error.txt, or, while
     the folder holds a finished run of this config, ``results.attempt-<N>.json`` and
     ``error.attempt-<N>.txt`` (N one more than any there)."""
-    if not is_done(run_dir, chash):
+    number = _attempt_number(run_dir, chash)
+    if number is None:
         return run_dir / RESULTS, run_dir / "error.txt"
-    numbers = [int(m.group(1)) for p in run_dir.glob("results.attempt-*.json")
-               if (m := re.fullmatch(r"results\.attempt-(\d+)\.json", p.name))]
-    n = max(numbers, default=0) + 1
-    return run_dir / f"results.attempt-{n}.json", run_dir / f"error.attempt-{n}.txt"
+    return run_dir / f"results.attempt-{number}.json", run_dir / f"error.attempt-{number}.txt"
+
+
+def _attempt_number(run_dir: Path, chash: str) -> int | None:
+    """None while the folder holds no finished run of this config; else the number of a new
+    attempt beside it (one more than any attempt file or folder there)."""
+    if not is_done(run_dir, chash):
+        return None
+    numbers = [int(m.group(1)) for p in run_dir.glob("*.attempt-*")
+               if (m := re.fullmatch(r".*\.attempt-(\d+)(\.[a-z]+)?", p.name))]
+    return max(numbers, default=0) + 1
 
 
 def _ppl_data(tokenizer, corpus: str, cfg: DictConfig):
@@ -123,20 +134,56 @@ class RunContext:
 
 
 class _Attempt:
-    """Where one attempt records itself: results.json, or ``results.attempt-<N>.json`` while
-    the folder holds a finished run of this config (see :func:`run`)."""
+    """Where one attempt records itself: results.json, metrics.jsonl and ``.hydra/``, or, while
+    the folder holds a finished run of this config, ``results.attempt-<N>.json``,
+    ``metrics.attempt-<N>.jsonl`` and ``.hydra.attempt-<N>/`` beside them (see :func:`run`)."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path, chash: str):
         self.cfg, self.run_dir = cfg, run_dir
-        self.results_file, self.error_file = _attempt_files(run_dir, chash)
-        self.keeps_finished_run = self.results_file.name != RESULTS
+        self.number = _attempt_number(run_dir, chash)
+        self.keeps_finished_run = self.number is not None
+        suffix = "" if self.number is None else f".attempt-{self.number}"
+        self.results_file = run_dir / (RESULTS if self.number is None else f"results{suffix}.json")
+        self.error_file = run_dir / f"error{suffix}.txt"
+        self.metrics_file = run_dir / (METRICS if self.number is None else f"metrics{suffix}.jsonl")
+        self.hydra_dir = run_dir / f"{HYDRA_DIR}{suffix}"
 
     def _record_run(self) -> None:  # the environment and config behind results.json
         write_json_atomic(self.run_dir / ENV, environment())
         write_text_atomic(self.run_dir / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
 
+    def _log_handlers(self) -> list[logging.FileHandler]:
+        """File handlers writing into this run folder (Hydra's ``<job>.log``)."""
+        return [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)
+                and Path(h.baseFilename).parent == self.run_dir.resolve() and ".attempt-" not in h.baseFilename]
+
+    def _redirect_logs(self) -> None:
+        """Beside a finished run, this attempt logs to ``<job>.attempt-<N>.log``: the run's log stays as it is."""
+        self._logs = []
+        for handler in self._log_handlers():
+            path = Path(handler.baseFilename)
+            handler.acquire()
+            try:
+                handler.close()
+                handler.baseFilename = str(path.with_name(f"{path.stem}.attempt-{self.number}{path.suffix}"))
+            finally:
+                handler.release()
+            self._logs.append((handler, path))
+
+    def _restore_logs(self, ok: bool) -> None:
+        for handler, path in getattr(self, "_logs", []):
+            handler.acquire()
+            try:
+                handler.close()
+                if ok and Path(handler.baseFilename).exists():
+                    os.replace(handler.baseFilename, path)  # the attempt that produced results.json
+                handler.baseFilename = str(path)
+            finally:
+                handler.release()
+
     def start(self, results: dict) -> None:
         if self.keeps_finished_run:
+            self._redirect_logs()
             log.info("%s holds a finished run of this config: this attempt writes %s and replaces results.json "
                      "only if it finishes ok", self.run_dir, self.results_file.name)
         else:
@@ -151,10 +198,28 @@ class _Attempt:
     def finish(self, results: dict, ok: bool) -> None:
         results["finished_at"] = datetime.now(timezone.utc).isoformat()
         write_json_atomic(self.results_file, results)
-        if ok and self.keeps_finished_run:
+        self._restore_logs(ok)
+        if ok and self.keeps_finished_run:  # this attempt's record becomes the run's
             self._record_run()
+            if self.metrics_file.exists():
+                os.replace(self.metrics_file, self.run_dir / METRICS)
+            if self.hydra_dir.is_dir():
+                _replace_folder(self.hydra_dir, self.run_dir / HYDRA_DIR)
             write_json_atomic(self.run_dir / RESULTS, results)
             self.results_file.unlink()
+
+
+HYDRA_DIR = ".hydra"  # Hydra's record of the run (written by the CLI through run(..., hydra_files=...))
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """``target`` replaced by ``new`` (two renames; the old one removed after)."""
+    old = target.with_name(f"{target.name}.replaced")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _initial_results(cfg: DictConfig, identity: RunIdentity, timer: Timer) -> dict:
@@ -171,7 +236,7 @@ def _initial_results(cfg: DictConfig, identity: RunIdentity, timer: Timer) -> di
     }
 
 
-def run(cfg: DictConfig, run_dir: str | Path) -> dict:
+def run(cfg: DictConfig, run_dir: str | Path, hydra_files: Callable[[Path], None] | None = None) -> dict:
     """Run one experiment into ``run_dir``; always leaves a complete results.json.
 
     A finished run is never lost to a later attempt: when ``run_dir`` already holds an ``ok``
@@ -179,23 +244,29 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     the new attempt records itself in ``results.attempt-<N>.json`` (and, failing,
     ``error.attempt-<N>.txt``) and leaves results.json, env.json and config.yaml alone.
     Only if it ends ``ok`` does it replace them, and its attempt file is then removed; a
-    failed attempt's files stay as its record.
+    failed attempt's files stay as its record. The same holds for the training log
+    (``metrics.attempt-<N>.jsonl``) and Hydra's record (``hydra_files``, a function writing
+    the ``.hydra`` files into the folder it is given: ``.hydra.attempt-<N>/``), so a killed
+    re-attempt never rewrites a byte of the finished run.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolve_aliases(cfg)  # sparsifier.sparsity -> sparsity, before the run is named
     identity = RunIdentity.of(cfg)
     guard_run_dir(run_dir, identity.config_hash)
-    metrics = MetricsWriter(run_dir / METRICS)
+    attempt = _Attempt(cfg, run_dir, identity.config_hash)
+    if hydra_files is not None:
+        hydra_files(attempt.hydra_dir)
+    metrics = MetricsWriter(attempt.metrics_file)
     timer = Timer(metrics)
     ctx = RunContext(cfg, run_dir, identity, _initial_results(cfg, identity, timer), timer, metrics)
-    attempt = _Attempt(cfg, run_dir, identity.config_hash)
     attempt.start(ctx.results)
     ok = False
     try:
         t_total = time.perf_counter()
         validate(cfg)
-        ctx.tracker = Tracker(cfg, identity.wandb_run_id, run_dir, plain(cfg), identity.config_hash)
+        ctx.tracker = Tracker(cfg, identity.wandb_run_id, run_dir, plain(cfg), identity.config_hash,
+                              metrics_file=attempt.metrics_file)
         _run_stages(ctx)
         ctx.results["timings"]["total"] = time.perf_counter() - t_total
         ctx.results["status"] = "ok"

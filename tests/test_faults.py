@@ -6,6 +6,7 @@ Ctrl-C messages: tests/test_faults_inputs.py.)"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import subprocess
@@ -126,3 +127,38 @@ def test_a_config_refused_by_the_folder_guard_leaves_the_folder_as_it_was(tmp_pa
     after = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != "cli.log"}
     assert after == before  # .hydra/, results.json and everything else untouched
     assert json.loads((run_dir / "results.json").read_text())["config_hash"] == first["config_hash"]
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_killed_reattempt_leaves_every_file_of_the_finished_run_byte_identical(tmp_path):
+    """A second attempt into a finished run's folder (same config), killed with SIGKILL while
+    training (its α cache is elsewhere, so it trains): results, metrics, config, env and .hydra
+    of the finished run are unchanged, byte for byte; the attempt's own files sit beside them."""
+    run_dir = tmp_path / "run"
+    first = rerun(run_dir, tmp_path / "outputs", extra=["spon.steps=30"])
+    before = digests(run_dir)
+    assert {"results.json", "metrics.jsonl", "config.yaml", "env.json", ".hydra/config.yaml",
+            ".hydra/hydra.yaml", ".hydra/overrides.yaml"} <= set(before)
+    killed = killed_at("spon_exp.spon.train:_step", run_dir, tmp_path / "other_outputs", nth=12,
+                       extra=["spon.steps=30"])
+    assert killed.returncode == -signal.SIGKILL
+    after = digests(run_dir)
+    assert {k: after.get(k) for k in before} == before  # nothing of the finished run changed
+    attempt = sorted(set(after) - set(before))
+    assert "metrics.attempt-1.jsonl" in attempt and "results.attempt-1.json" in attempt
+    assert ".hydra.attempt-1/overrides.yaml" in attempt
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.attempt-1.jsonl").read_text().splitlines()
+             if '"train"' in line]
+    assert steps == list(range(11))  # the killed attempt's own log
+    assert json.loads((run_dir / "results.json").read_text()) == first
+    # a later attempt that finishes ok becomes the run, its log and Hydra record with it
+    second = rerun(run_dir, tmp_path / "third_outputs", extra=["spon.steps=30"])
+    assert second["status"] == "ok" and second["started_at"] != first["started_at"]
+    train = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    assert [r["step"] for r in train] == list(range(30))
+    assert not (run_dir / "metrics.attempt-2.jsonl").exists() and not (run_dir / ".hydra.attempt-2").exists()
+    assert (run_dir / ".hydra" / "overrides.yaml").is_file()

@@ -158,9 +158,11 @@ def offline_run_dirs(run_dir, run_id: str) -> list[Path]:
 class Tracker:
     """No-op unless ``logger.backend == "wandb"``."""
 
-    def __init__(self, cfg, run_id: str, run_dir, config: dict, config_hash: str | None = None):
+    def __init__(self, cfg, run_id: str, run_dir, config: dict, config_hash: str | None = None,
+                 metrics_file: Path | None = None):
         self.run = None
         self.run_dir = Path(run_dir)
+        self.metrics_file = Path(metrics_file) if metrics_file else self.run_dir / "metrics.jsonl"  # this attempt's
         self.earlier: list[Path] = []  # offline folders of earlier attempts, replaced at finish
         self.replay_pending = False
         if cfg.logger.backend != "wandb":
@@ -188,7 +190,7 @@ class Tracker:
         if self.run is None or not self.replay_pending:
             return 0
         self.replay_pending = False
-        metrics = self.run_dir / "metrics.jsonl"
+        metrics = self.metrics_file
         steps = 0
         for line in (metrics.read_text().splitlines() if metrics.exists() else []):
             try:
