@@ -62,10 +62,7 @@ def _main(cfg: DictConfig) -> dict | float | None:
         resolve_aliases(cfg, explicit_sparsity=any(o.split("=", 1)[0].lstrip("+~") == "sparsity"
                                                    for o in HydraConfig.get().overrides.task))
     except ConfigError as e:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise
-        print(f"spon-exp: error: {_one_line(e)}", file=sys.stderr)
-        sys.exit(2)
+        return _user_error(e, run_dir)
     if cfg.search.seeds:  # a recipe-search trial: the sweeper (Optuna) gets its objective
         return _trial(cfg, run_dir)
     if cfg.skip_if_done and is_done(run_dir, config_hash(cfg)):
@@ -76,13 +73,7 @@ def _main(cfg: DictConfig) -> dict | float | None:
         keep_freed_memory()  # CPU temporaries reuse warm pages (spon_exp/hostmem.py)
         results = run(cfg, run_dir, hydra_files=lambda folder: _save_hydra_files(cfg, folder))
     except (ConfigError, ModelNotFoundError, CorpusError, FileExistsError) as e:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # let the launcher record this job as failed and go on with the others
-        # a user error: one line, no traceback (results.json records it as failed)
-        if _verbose():
-            traceback.print_exc()
-        print(f"spon-exp: error: {_one_line(e)}", file=sys.stderr)
-        sys.exit(2)
+        return _user_error(e, run_dir)
     except KeyboardInterrupt as e:  # results.json records where; the message says how to resume
         if _verbose():
             traceback.print_exc()
@@ -91,6 +82,34 @@ def _main(cfg: DictConfig) -> dict | float | None:
     print(summary_table(results))
     print(f"results: {run_dir / RESULTS}")
     return results
+
+
+#: Jobs of this process's sweep that ended in a user error (the sweep exits 2 after the others ran)
+FAILED_JOBS: list[str] = []
+
+
+def _user_error(e: BaseException, run_dir: Path) -> None:
+    """A user error: one line, no traceback (``--verbose`` adds it; results.json records the
+    run as failed). A single run exits 2; a sweep job's line names its folder and the sweep
+    goes on, then exits 2 (:func:`main`). Jobs of other processes (submitit) fail as jobs."""
+    if _verbose():
+        traceback.print_exc()
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        print(f"spon-exp: error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    if not _in_launching_process():
+        raise e  # a submitit job: its launcher records the failure
+    print(f"spon-exp: error: {run_dir.name}: {_one_line(e)}", file=sys.stderr)
+    FAILED_JOBS.append(str(run_dir))
+    return None
+
+
+def _in_launching_process() -> bool:
+    """Whether this job runs inside the ``spon-exp --multirun`` process (Hydra's basic launcher)."""
+    return os.getpid() == _MAIN_PID
+
+
+_MAIN_PID = os.getpid()
 
 
 def _trial(cfg: DictConfig, trial_dir: Path) -> float:
@@ -117,6 +136,10 @@ def main() -> None:
     except KeyboardInterrupt:  # while composing or launching, outside any run
         print("spon-exp: interrupted", file=sys.stderr)
         sys.exit(130)
+    if FAILED_JOBS:
+        print(f"spon-exp: error: {len(FAILED_JOBS)} job(s) of the sweep failed (one line each above; their "
+              f"results.json says why); fix them and re-launch: finished jobs are skipped", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

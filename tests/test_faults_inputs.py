@@ -219,7 +219,11 @@ def test_multirun_records_the_failing_job_and_goes_on(tmp_path):
     sweep = tmp_path / "sweep"
     proc = cli(["--multirun", *SMOKE, "sparsity=1.5,0.5", f"hydra.sweep.dir={sweep}",
                 f"paths.outputs={tmp_path / 'out'}"], tmp_path)
-    assert proc.returncode != 0  # the sweep reports its failed job
+    assert proc.returncode == 2, proc.stderr[-3000:]  # the sweep reports its failed job ...
+    assert "Traceback" not in proc.stderr  # ... in one line, and the rest ran
+    errors = [line.rsplit("\r", 1)[-1] for line in proc.stderr.splitlines() if "spon-exp: error:" in line]
+    assert errors[0] == "spon-exp: error: sparsity=1.5: sparsity must be a number in [0, 1), got 1.5 (e.g. sparsity=0.5 for 50 %)"
+    assert errors[1].startswith("spon-exp: error: 1 job(s) of the sweep failed") and len(errors) == 2
     results = {json.loads(p.read_text())["sparsity"]["target"]: json.loads(p.read_text())
                for p in sweep.rglob("results.json")}
     assert results[1.5]["status"] == "failed" and "sparsity must be a number in [0, 1)" in results[1.5]["error"]
