@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +27,39 @@ log = logging.getLogger(__name__)
 def cache_dir() -> Path:
     """Root of spon-exp's on-disk cache (``$SPON_EXP_CACHE``, default ``~/.cache/spon_exp``)."""
     root = Path(os.environ.get("SPON_EXP_CACHE", Path.home() / ".cache" / "spon_exp"))
+    problem = folder_problem(root)
+    if problem:
+        raise CacheFolderError(f"$SPON_EXP_CACHE={root} {problem}: point SPON_EXP_CACHE at a writable folder "
+                               f"(or unset it for ~/.cache/spon_exp)" if "SPON_EXP_CACHE" in os.environ else
+                               f"the cache folder {root} {problem}: set SPON_EXP_CACHE to a writable folder")
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+class CacheFolderError(OSError):
+    """spon-exp's cache folder is a file or cannot be written."""
+
+
+def folder_problem(path: Path) -> str | None:
+    """Why ``path`` cannot serve as a folder spon-exp writes into (it, or the nearest part of it
+    that exists, is a file or is not writable), or None. Checks, creates nothing."""
+    path = Path(path).expanduser()
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            return "does not exist and cannot be created"
+        probe = probe.parent
+    if not probe.is_dir():
+        return "is a file, not a folder" if probe == path else f"cannot be created: {probe} is a file"
+    denied = "is not writable (permission denied)" if probe == path else \
+        f"cannot be created: {probe} is not writable (permission denied)"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return denied
+    try:  # what access() cannot tell (root on a read-only or special file system)
+        tempfile.TemporaryDirectory(dir=probe, prefix=".spon-exp-write-check-").cleanup()
+    except OSError as e:
+        return denied.replace("permission denied", e.strerror or type(e).__name__)
+    return None
 
 
 @dataclass(frozen=True)

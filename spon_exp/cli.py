@@ -17,6 +17,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -119,6 +120,34 @@ def _trial(cfg: DictConfig, trial_dir: Path) -> float:
 
     validate(cfg)  # a bad config fails the trial before any seed runs
     return run_trial(cfg, trial_dir, overrides=list(HydraConfig.get().overrides.task))
+
+
+class Preflight(Callback):
+    """Before Hydra creates the run or sweep folder: every folder spon-exp will write into
+    (the run / sweep folder, ``paths.outputs``, ``paths.cache``, ``$SPON_EXP_CACHE``) must be
+    a writable folder, else one line and exit 2 (Hydra would fail on it with a traceback)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config, ("hydra.run.dir", config.hydra.run.dir))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config, ("hydra.sweep.dir", config.hydra.sweep.dir))
+
+    @staticmethod
+    def _check(config: DictConfig, where: tuple[str, str]) -> None:
+        from spon_exp.assets import folder_problem
+
+        folders = [("paths.outputs", config.paths.outputs), where, ("paths.cache", config.paths.cache)]
+        cache = os.environ.get("SPON_EXP_CACHE")
+        if cache:
+            folders.append(("$SPON_EXP_CACHE", cache))
+        for key, folder in folders:
+            problem = folder_problem(Path(str(folder)))
+            if problem:
+                fix = "point SPON_EXP_CACHE at a writable folder (or unset it)" if key.startswith("$") else \
+                    f"choose a writable folder: {key}=<folder>" + (" (or $SPON_EXP_OUTPUTS)" if key == "paths.outputs" else "")
+                print(f"spon-exp: error: {key}={folder} {problem}; {fix}", file=sys.stderr)
+                sys.exit(2)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")

@@ -313,3 +313,52 @@ def test_run_raises_run_interrupted_with_the_message(tmp_path, monkeypatch):
     monkeypatch.setattr(TealSparsifier, "calibrate", interrupted)
     with pytest.raises(RunInterrupted, match="interrupted during calibrate; re-run the same command to continue"):
         run(strip_hydra(compose_cfg(SMALL + ["logger=none"], tmp_path)), tmp_path / "run")
+
+
+# ------------------------------------------------- folders spon-exp cannot write
+
+NO_WRITE = """
+    import os
+    real_access = os.access
+    def access(path, mode, *args, **kwargs):  # as a user without write permission there (CI runs as root)
+        if str(path).startswith({denied!r}) and mode & os.W_OK:
+            return False
+        return real_access(path, mode, *args, **kwargs)
+    os.access = access
+"""
+
+
+@pytest.mark.parametrize("which", ["outputs", "cache", "env_cache"])
+def test_an_unwritable_folder_is_one_line_before_anything_runs(which, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    args = [*SMOKE, f"paths.outputs={tmp_path / 'out'}"]
+    env_cache = None
+    if which == "outputs":
+        args[-1] = f"paths.outputs={locked / 'out'}"
+        expected = f"spon-exp: error: paths.outputs={locked / 'out'} cannot be created: {locked} is not writable"
+    elif which == "cache":
+        args.append(f"paths.cache={locked}")
+        expected = f"spon-exp: error: paths.cache={locked} is not writable (permission denied); choose a writable"
+    else:
+        env_cache = locked / "cache"
+        expected = f"spon-exp: error: $SPON_EXP_CACHE={env_cache} cannot be created: {locked} is not writable"
+    patch = NO_WRITE.format(denied=str(locked)) + (f"    os.environ['SPON_EXP_CACHE'] = {str(env_cache)!r}\n"
+                                                   if env_cache else "")
+    started = time.time()
+    proc = in_subprocess(patch, args, tmp_path)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and time.time() - started < 30
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(expected), err[-2000:]
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("results.json"))
+
+
+def test_spon_exp_cache_pointing_at_a_file_names_the_variable(tmp_path):
+    a_file = tmp_path / "cache.txt"
+    a_file.write_text("not a folder")
+    proc = cli([*SMOKE, f"paths.outputs={tmp_path / 'out'}"], tmp_path, env={"SPON_EXP_CACHE": str(a_file)})
+    assert proc.returncode == 2
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == [
+        f"spon-exp: error: $SPON_EXP_CACHE={a_file} is a file, not a folder; point SPON_EXP_CACHE at a writable "
+        f"folder (or unset it)"]
