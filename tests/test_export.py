@@ -266,3 +266,40 @@ def test_runtime_topk_equals_the_methods_mask_also_on_ties(ties):
         assert torch.equal(got, expected), (keep, ties)
         if ties == "break":
             assert (got.sum(-1) == keep).all()
+
+
+@pytest.mark.parametrize("damage", ["truncated_state", "random_state", "truncated_meta", "bad_config"])
+def test_export_of_a_run_with_a_damaged_file_is_one_line(damage, tmp_path, capsys):
+    from spon_exp.runner import run
+    from tests.test_app import compose_cfg, strip_hydra
+
+    run_dir = tmp_path / "run"
+    run(strip_hydra(compose_cfg(["experiment=smoke"], tmp_path)), run_dir)
+    state, meta = run_dir / "export" / "sparse_state.safetensors", run_dir / "export" / "sparse_state.json"
+    if damage == "truncated_state":
+        state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    elif damage == "random_state":
+        state.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
+    elif damage == "truncated_meta":
+        meta.write_text(meta.read_text()[:20])
+    else:
+        (run_dir / "config.yaml").write_text("model: {path: [unclosed\n")
+    capsys.readouterr()
+    assert export_main([str(run_dir), "--no-check"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("spon-exp-export: error: ") and "damaged" in err[0]
+    assert not (run_dir / "hf_export").exists()
+
+
+def test_the_export_does_not_read_alpha(tmp_path):
+    """alpha.safetensors is folded into the exported biases: a damaged copy does not matter,
+    and EXPORT_INPUTS says which files do."""
+    from spon_exp.export import EXPORT_INPUTS
+    from spon_exp.runner import run
+    from tests.test_app import compose_cfg, strip_hydra
+
+    run_dir = tmp_path / "run"
+    run(strip_hydra(compose_cfg(["experiment=smoke"], tmp_path)), run_dir)
+    (run_dir / "alpha.safetensors").write_bytes(b"\x00" * 10)
+    assert "alpha.safetensors" not in " ".join(EXPORT_INPUTS)
+    assert export_main([str(run_dir), "--no-check"]) == 0

@@ -362,3 +362,30 @@ def test_spon_exp_cache_pointing_at_a_file_names_the_variable(tmp_path):
     assert [line for line in proc.stderr.splitlines() if line.strip()] == [
         f"spon-exp: error: $SPON_EXP_CACHE={a_file} is a file, not a folder; point SPON_EXP_CACHE at a writable "
         f"folder (or unset it)"]
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("no_tokenizer", "has no tokenizer (none of tokenizer.json"),
+    ("truncated", "model.safetensors is damaged (its tensors need"),
+    ("random", "model.safetensors is damaged (its header claims"),
+])
+def test_a_damaged_model_folder_is_one_line_before_loading(damage, message, tmp_path):
+    from spon_exp.models.loading import load_model
+
+    folder = tmp_path / "model"
+    loaded = load_model("tiny-random:llama")
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    if damage == "no_tokenizer":
+        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "special_tokens_map.json"):
+            (folder / name).unlink(missing_ok=True)
+    elif damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        weights.write_bytes(bytes(range(256)) * 64)
+    started = time.time()
+    proc = cli([*SMOKE, f"model.path={folder}", f"paths.outputs={tmp_path / 'out'}"], tmp_path)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+    assert time.time() - started < 30

@@ -61,6 +61,8 @@ def check_model_path(path: str) -> None:
         if p.is_dir() and not (p / "config.json").is_file():
             raise ModelNotFoundError(f"{path} is not a model folder: it has no config.json; give a folder written by "
                                      f"save_pretrained, a .gguf file or a hub id.")
+        if p.is_dir():
+            _check_model_folder(p)
         if p.is_file() and p.suffix != ".gguf":
             raise ModelNotFoundError(f"Model file {path!r} is not a .gguf file; give a model folder, a .gguf file or a hub id.")
         if p.is_file():
@@ -75,6 +77,47 @@ def check_model_path(path: str) -> None:
             f"Model path {path!r} does not exist; give an existing folder, a .gguf file, a hub id "
             f"like 'meta-llama/Meta-Llama-3-8B', or {PACKAGED!r} for the packaged default model."
         )
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+
+
+def _check_model_folder(folder: Path) -> None:
+    """A model folder needs a tokenizer and intact weights: checked from the files alone (the
+    safetensors headers against the file sizes), before anything loads."""
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelNotFoundError(f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the "
+                                 f"tokenizer into it too (tokenizer.save_pretrained({str(folder)!r})).")
+    for weights in sorted(folder.glob("*.safetensors")):
+        problem = safetensors_problem(weights)
+        if problem:
+            raise ModelNotFoundError(f"{weights} is damaged ({problem}); download or save the model again.")
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a whole safetensors file (a truncated download, another format), or
+    None: its 8-byte header length, JSON header and the tensors' byte ranges against its size."""
+    import json
+
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{size} bytes: shorter than a safetensors header"
+            n = int.from_bytes(head, "little")
+            if n > size - 8 or n > 100_000_000:
+                return f"its header claims {n} bytes and the file has {size}: truncated or not safetensors"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        return f"unreadable header: {type(e).__name__}"
+    if not isinstance(header, dict):
+        return "its header is not a table of tensors"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
+            and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2]
+    if ends and max(ends) > size - 8 - n:
+        return f"its tensors need {8 + n + max(ends)} bytes and the file has {size}: truncated"
+    return None
 
 
 def _clear_quantizer_marks(model: torch.nn.Module) -> None:
