@@ -155,11 +155,37 @@ def _hydra_main(cfg: DictConfig) -> dict | float | None:
     return _main(cfg)
 
 
+def _override_problem(arg: str) -> str | None:
+    """What Hydra would reject in one ``key=value`` override with an error that does not say
+    how to fix it: a config group option that does not exist (Hydra's list of choices also
+    shows internal schema entries), or non-ASCII characters outside quotes (a lexer error)."""
+    if arg.startswith("-") or "=" not in arg:
+        return None
+    key, value = arg.split("=", 1)
+    key = key.lstrip("+~")
+    if any(ord(c) > 127 for c in value) and not (value[:1] in "'\"" and value[-1:] == value[:1] and len(value) > 1):
+        return (f"the value of {key} holds non-ASCII characters, which Hydra reads only inside quotes: write "
+                f"{key}='{value}' (in a shell: \"{key}='{value}'\")")
+    group = Path(CONFIG_DIR) / key
+    if "/" in key or "." in key or not group.is_dir() or "(" in value or "$" in value:
+        return None
+    options = sorted(p.stem for p in group.glob("*.yaml"))
+    unknown = [v for v in value.strip("[]").split(",") if v and v != "null" and v not in options]
+    if unknown:
+        return f"{key}={unknown[0]} is not a {key} config; choose one of: {', '.join(options)}"
+    return None
+
+
 def main() -> None:
     """``spon-exp [--verbose] [--multirun] key=value ...``: Hydra parses everything but ``--verbose``."""
     if VERBOSE_FLAG in sys.argv[1:]:
         sys.argv = [sys.argv[0], *(a for a in sys.argv[1:] if a != VERBOSE_FLAG)]
         os.environ[VERBOSE_ENV] = "1"
+    for arg in sys.argv[1:]:  # before Hydra: its own errors for these do not say what to do
+        problem = _override_problem(arg)
+        if problem:
+            print(f"spon-exp: error: {problem}", file=sys.stderr)
+            sys.exit(1)  # a compose error, as Hydra's own
     try:
         _hydra_main()
     except KeyboardInterrupt:  # while composing or launching, outside any run

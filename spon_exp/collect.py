@@ -129,7 +129,11 @@ def read_runs(folder: str | Path) -> list[dict]:
             continue
         try:
             results = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+            if not isinstance(results, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            print(f"spon-exp-collect: warning: {path} is unreadable ({type(e).__name__}: {e}); listed in runs.md only",
+                  file=sys.stderr)
             rows.append({**_row({}, str(path.parent)), "status": "unreadable", "error": str(e)})
             continue
         row = _row(results, str(path.parent))
@@ -236,9 +240,12 @@ def _group_key(row: dict) -> tuple:
 def seed_groups(rows: list[dict]) -> list[list[dict]]:
     """The rows of each configuration, seeds together, in table order. A run the sweep expected
     but never wrote (no seed group known) joins the one configuration of its row keys and
-    sparsity where there is exactly one."""
+    sparsity where there is exactly one. Unreadable results.json files name no configuration:
+    they are in the runs table only."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
+        if r["status"] == "unreadable":
+            continue
         groups[_group_key(r)].append(r)
     for key in [k for k in groups if k[-1] is None]:
         homes = [k for k in groups if k[:-1] == key[:-1] and k[-1] is not None]
@@ -732,11 +739,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if bool(args.baseline) != bool(args.candidate):
         parser.error("a comparison needs both --baseline and --candidate")
+    missing = [f for f in args.folders if not Path(f).is_dir()]
+    if missing:
+        print(f"spon-exp-collect: error: {missing[0]} is not a folder; give the folder of a run or a sweep "
+              f"(e.g. outputs/sweeps/<sweep_name>)", file=sys.stderr)
+        return 2
     rows = [r for folder in args.folders for r in read_runs(folder)]
     for project in args.wandb_project:
         rows += read_wandb(project)
     if not rows:
-        print(f"spon-exp-collect: error: no results.json under {', '.join(args.folders)}")
+        print(f"spon-exp-collect: error: no results.json under {', '.join(args.folders)}: no run has written one "
+              f"there yet", file=sys.stderr)
         return 2
     out = Path(args.out or Path(args.folders[0]) / "tables")
     if args.baseline:

@@ -389,3 +389,39 @@ def test_a_damaged_model_folder_is_one_line_before_loading(damage, message, tmp_
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
     assert time.time() - started < 30
+
+
+@pytest.mark.parametrize("args,message", [
+    (["sparsifier=teel"], "spon-exp: error: sparsifier=teel is not a sparsifier config; choose one of: dense, larosa,"),
+    (["--multirun", "sparsifier=teal,teel"], "spon-exp: error: sparsifier=teel is not a sparsifier config"),
+    (["calib.corpus=/data/café.txt"], "spon-exp: error: the value of calib.corpus holds non-ASCII characters, which "
+                                      "Hydra reads only inside quotes: write calib.corpus='/data/café.txt'"),
+])
+def test_compose_errors_hydra_would_not_explain_are_one_line(args, message, tmp_path):
+    proc = cli([*args, f"paths.outputs={tmp_path}"], tmp_path)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and lines == [lines[0]] and lines[0].startswith(message), proc.stderr[-2000:]
+    assert "_schema" not in proc.stderr
+
+
+def test_a_quoted_non_ascii_path_reaches_spon_exp(tmp_path):
+    proc = cli([*SMOKE, "calib.corpus='/data/café.txt'", f"paths.outputs={tmp_path}"], tmp_path)
+    assert proc.returncode == 2 and "Corpus file '/data/café.txt' does not exist" in proc.stderr
+
+
+def test_collect_errors_go_to_stderr_and_an_unreadable_result_makes_no_table_row(tmp_path, capsys):
+    from spon_exp.collect import main as collect_main
+
+    assert collect_main([str(tmp_path / "nowhere")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"spon-exp-collect: error: {tmp_path / 'nowhere'} is not a folder")
+    (tmp_path / "empty").mkdir()
+    assert collect_main([str(tmp_path / "empty")]) == 2
+    assert "no results.json under" in capsys.readouterr().err
+    run = tmp_path / "runs" / "broken"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text('{"status": "ok", "ppl": {"wiki')
+    assert collect_main([str(tmp_path / "runs"), "--out", str(tmp_path / "t")]) == 0
+    out, err = capsys.readouterr()
+    assert "is unreadable" in err and "None" not in (tmp_path / "t" / "ppl_(none).md").read_text()
+    assert "unreadable" in (tmp_path / "t" / "runs.md").read_text()
