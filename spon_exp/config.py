@@ -371,6 +371,7 @@ def validate(cfg) -> None:
         if not ok:
             raise ConfigError(message)
     _check_zeroshot(cfg)
+    _check_hub(cfg)
     from spon_exp.sparsifiers import build_sparsifier
 
     if cfg.sparsifier.name not in REGISTRY:
@@ -386,6 +387,47 @@ def validate(cfg) -> None:
                           f"computed sparse, but {dense_scored}; use eval.ppl.score=sparsified or "
                           f"sparsifier.token_policy=all")
     _check_lengths_and_corpora(cfg)
+
+
+OFFLINE_ADVICE = {
+    "model": "work offline with the packaged model (model=smollm2_135m) or a local folder or .gguf file (model.path=...)",
+    "corpus": "work offline with the packaged corpora (wikipedia, lambada) or a local .txt / .jsonl file",
+}
+
+
+def _check_hub(cfg) -> None:
+    """What needs the Hugging Face hub (a hub model id, the hub corpora) either is in the local
+    cache or the hub answers; otherwise one line now (seconds), instead of a minute of retries
+    and a traceback after the model loaded. Unreachable, the process then stays offline
+    (``HF_HUB_OFFLINE``), so cached files load without a retry."""
+    import os
+
+    from spon_exp import hub
+    from spon_exp.data.corpora import BUILTIN, PACKAGED as PACKAGED_CORPORA
+    from spon_exp.models.loading import is_hub_id
+
+    corpora = {("calib", cfg.calib.corpus, "calibration")} | {("eval.ppl.corpora", c, cfg.eval.ppl.split)
+                                                              for c in cfg.eval.ppl.corpora}
+    hub_corpora = [(key, name, split) for key, name, split in corpora if name in BUILTIN and name not in PACKAGED_CORPORA]
+    hub_model = is_hub_id(cfg.model.path)
+    if not (hub_corpora or hub_model) or hub.hub_reachable():
+        return
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    if hub_model:
+        from transformers import AutoConfig
+
+        try:
+            AutoConfig.from_pretrained(cfg.model.path, local_files_only=True)
+        except Exception:  # noqa: BLE001 - not in the local cache
+            raise ConfigError(f"model.path={cfg.model.path} is a hub id, the Hugging Face hub is unreachable from here "
+                              f"and the model is not in the local cache; {OFFLINE_ADVICE['model']}") from None
+    for key, name, split in sorted(hub_corpora):
+        try:
+            BUILTIN[name](split)
+        except Exception:  # noqa: BLE001 - not in the local datasets cache
+            raise ConfigError(f"{key}={name} needs the Hugging Face hub, which is unreachable from here, and it is "
+                              f"not in the local datasets cache; {OFFLINE_ADVICE['corpus']}") from None
 
 
 def _check_zeroshot(cfg) -> None:

@@ -425,3 +425,26 @@ def test_collect_errors_go_to_stderr_and_an_unreadable_result_makes_no_table_row
     out, err = capsys.readouterr()
     assert "is unreadable" in err and "None" not in (tmp_path / "t" / "ppl_(none).md").read_text()
     assert "unreadable" in (tmp_path / "t" / "runs.md").read_text()
+
+
+OFFLINE = """
+    from spon_exp import hub
+    hub.hub_reachable = lambda timeout=3.0, refresh=False: False  # no network
+"""
+
+
+@pytest.mark.parametrize("override,message", [
+    ("calib=wikitext2", "spon-exp: error: calib=wikitext2 needs the Hugging Face hub, which is unreachable from here, "
+                        "and it is not in the local datasets cache; work offline with the packaged corpora"),
+    ("model=llama3_8b", "spon-exp: error: model.path=meta-llama/Meta-Llama-3-8B is a hub id, the Hugging Face hub is "
+                        "unreachable from here and the model is not in the local cache; work offline with the "
+                        "packaged model (model=smollm2_135m)"),
+])
+def test_hub_access_without_a_network_is_one_line_within_seconds(override, message, tmp_path):
+    started = time.time()
+    proc = in_subprocess(OFFLINE, ["experiment=smoke", override, "model.device=cpu", "model.dtype=float32",
+                                   f"paths.outputs={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    _, err = proc.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), err[-2000:]
+    assert time.time() - started < 30

@@ -48,6 +48,12 @@ def _looks_like_hub_id(path: str) -> bool:
     return len(parts) == 2 and all(parts) and not path.startswith((".", "/", "~"))
 
 
+def is_hub_id(path: str) -> bool:
+    """Whether ``model.path`` names a hub repository (not a local path, not packaged / tiny-random)."""
+    return (not path.startswith(("packaged:", "tiny-random:")) and not Path(path).expanduser().exists()
+            and _looks_like_hub_id(path))
+
+
 GGUF_MAGIC = b"GGUF"
 
 
