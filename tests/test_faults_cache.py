@@ -286,3 +286,63 @@ def test_the_first_whole_entry_wins_unless_replacing(tmp_path, caplog):
     caplog.set_level(logging.WARNING)
     assert store.read_entry(entry, lambda d: int((d / "x.txt").read_text()), "test entry") is None  # cannot parse
     assert len(warnings_naming(caplog, entry)) == 1 and not entry.exists() and len(moved_aside(entry)) == 1
+
+
+def _stress_writer(folder: str, rounds: int, seed: int) -> None:
+    import random
+
+    from spon_exp.tracking.store import write_entry
+
+    rng = random.Random(seed)
+    for _ in range(rounds):
+        token = f"{seed}-{rng.random()}" * rng.randint(1, 2000)  # files of varying size
+
+        def fill(tmp: Path) -> None:
+            (tmp / "a.txt").write_text(token)
+            (tmp / "b.txt").write_text(token)
+
+        write_entry(folder, fill, replace=True)
+
+
+def _stress_reader(folder: str, rounds: int, results) -> None:
+    from spon_exp.tracking.store import read_entry
+
+    def read(entry: Path) -> str:
+        a, b = (entry / "a.txt").read_text(), (entry / "b.txt").read_text()
+        if a != b:
+            raise AssertionError("a mixed entry")
+        return a
+
+    seen = mixed = 0
+    for _ in range(rounds):
+        try:
+            seen += read_entry(folder, read, "stress entry") is not None
+        except AssertionError:
+            mixed += 1
+    results.put((seen, mixed))
+
+
+def test_concurrent_readers_and_replacing_writers_never_damage_or_mix_an_entry(tmp_path, caplog):
+    """Several processes write the same entry (replace=True, as training checkpoints do) while
+    others read it: no entry is ever moved aside as damaged and no reader sees files of two
+    different writes."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    folder = str(tmp_path / "entry")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_stress_writer, args=(folder, 150, seed)) for seed in range(3)]
+    procs += [ctx.Process(target=_stress_reader, args=(folder, 400, results)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=600)
+        assert p.exitcode == 0
+    counts = [results.get(timeout=10) for _ in range(3)]
+    assert all(mixed == 0 for _, mixed in counts)
+    assert sum(seen for seen, _ in counts) > 100  # the readers really read entries, not only misses
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "entry"]
+    assert not [n for n in leftovers if ".corrupt-" in n], leftovers  # nothing moved aside as damaged
+    from spon_exp.tracking.store import damage
+
+    assert damage(folder) is None

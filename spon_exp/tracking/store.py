@@ -134,12 +134,15 @@ def damage(folder: str | Path) -> str | None:
         return f"its {MANIFEST} is unreadable"
     for name, size, sha256 in listed:
         path = folder / name
-        if not path.is_file():
+        try:  # a file can go while it is checked (a replaced entry being deleted): then it is missing
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != size:
+                return f"{name} has {path.stat().st_size} bytes where {size} were written"
+            if _hash_file(path) != sha256:
+                return f"{name} fails its sha256 checksum"
+        except FileNotFoundError:
             return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes where {size} were written"
-        if _hash_file(path) != sha256:
-            return f"{name} fails its sha256 checksum"
     return None
 
 
@@ -158,22 +161,56 @@ def move_aside(folder: str | Path, what: str, reason: str) -> Path | None:
     return aside
 
 
+_PINNED_DIRS = Path("/proc/self/fd")  # Linux: a path to the folder an open descriptor holds
+
+
 def read_entry(folder: str | Path, read: Callable[[Path], T], what: str) -> T | None:
     """``read(folder)`` of a whole entry; None when it is missing or damaged (moved aside).
-    ``read`` returns the artefact (the folder itself when it only checks it), never None."""
+    ``read`` returns the artefact (the folder itself when it only checks it), never None.
+
+    Safe beside writers of the same entry, ``replace=True`` ones included: the entry is
+    checked and read through a descriptor of the folder as it was when opened (on Linux), so
+    a writer swapping in a new entry meanwhile cannot mix its files into this read; and an
+    entry that reads as damaged is moved aside only if it is still the folder that was read
+    (a swapped-in entry is read again instead)."""
     folder = Path(folder)
-    if not os.path.lexists(folder):
-        return None
-    reason = damage(folder)
-    if reason is None:
+    for _ in range(5):
+        if not os.path.lexists(folder):
+            return None
         try:
-            return read(folder)
-        except MemoryError:
-            raise
-        except Exception as e:  # noqa: BLE001 - whatever the parser says, the entry is unusable
-            reason = f"reading it failed: {type(e).__name__}: {e}"
-    move_aside(folder, what, reason)
+            fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except FileNotFoundError:  # removed or swapped between the two calls: look again
+            continue
+        except OSError:  # not a folder: damaged
+            move_aside(folder, what, "it is not a folder")
+            return None
+        try:
+            identity = os.fstat(fd).st_ino, os.fstat(fd).st_dev
+            pinned = _PINNED_DIRS / str(fd) if _PINNED_DIRS.is_dir() else folder
+            reason = damage(pinned)
+            if reason is None:
+                try:
+                    result = read(pinned)
+                    return folder if isinstance(result, Path) and result == pinned else result  # type: ignore[return-value]
+                except MemoryError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - whatever the parser says, the entry is unusable
+                    reason = f"reading it failed: {type(e).__name__}: {e}"
+            if _same_folder(folder, identity):
+                move_aside(folder, what, reason)
+                return None
+        finally:
+            os.close(fd)
+        # another writer replaced the entry while it was read: read the new one
     return None
+
+
+def _same_folder(folder: Path, identity: tuple[int, int]) -> bool:
+    try:
+        st = os.stat(folder)
+    except FileNotFoundError:
+        return False
+    return (st.st_ino, st.st_dev) == identity
 
 
 def write_entry(folder: str | Path, fill: Callable[[Path], object], replace: bool = False) -> Path:
