@@ -415,31 +415,82 @@ def ppl_seed_csv_tables(rows: list[dict]) -> dict[str, list[list]]:
     return tables
 
 
-def _zeroshot_rows(rows: list[dict]) -> list[dict]:
-    return [r for r in sorted(rows, key=lambda r: (_key(r), r["sparsity"] or 0))
-            if r["zeroshot_avg"] or r["status"] != "ok"]
+def _zeroshot_seed_run(row: dict):
+    from spon_exp.evaluation.seeds import ZeroshotSeedRun
+
+    average = {v: x for v, x in row["zeroshot_avg"].items() if v in VARIANTS and not _missing(x)}
+    units = _units(row)
+    items = None
+    if units is not None:
+        found = {v: {k.split(".", 2)[2]: t for k, t in units.items() if k.startswith(f"zeroshot.{v}.")} for v in average}
+        if all(found.values()):
+            items = found
+    return ZeroshotSeedRun(row["seed"], average, items)
+
+
+def zeroshot_summary(group: list[dict]) -> dict:
+    """One configuration's zero-shot figures over its seeds (as :func:`group_summary`)."""
+    from spon_exp.evaluation.seeds import aggregate_zeroshot
+
+    ok = [r for r in group if r["status"] == "ok" and r["zeroshot_avg"]]
+    not_ok = defaultdict(int)
+    for r in group:
+        if r["status"] != "ok":
+            not_ok[r["status"]] += 1
+    out = {"rows": ok, "not_ok": dict(not_ok), "n": len(ok)}
+    if not ok:
+        return out
+    agg = aggregate_zeroshot([_zeroshot_seed_run(r) for r in ok], _bootstrap())
+    if len(ok) == 1:  # one run: its own intervals
+        row = ok[0]
+        for name, stat in agg["statistics"].items():
+            stored = (row["zeroshot_recovery_ci"] if name == "recovery"
+                      else row["zeroshot_avg_ci"].get(name.split("/", 1)[1]))
+            stat["ci"] = list(interval(stored)) if interval(stored) else None
+        agg["covers"] = "documents" if any(s["ci"] for s in agg["statistics"].values()) else "none"
+    out.update(agg)
+    return out
+
+
+def _zeroshot_groups(rows: list[dict]) -> list[tuple[list[dict], dict]]:
+    groups = [(g, zeroshot_summary(g)) for g in seed_groups(rows)]
+    return [(g, z) for g, z in groups if z["n"] or (z["not_ok"] and any(not r["zeroshot_avg"] for r in g))]
 
 
 def zeroshot_table(rows: list[dict]) -> list[list[str]]:
-    header = [*ROW_KEYS, "sparsity", "dense", "sparse", "+SPON", "recovery", "status"]
+    """One row per configuration: ``n`` seeds, the mean task average of each variant and the
+    mean recovery, each ± half its interval over seeds and documents, the recovery's
+    between-seed SD (points)."""
+    header = [*ROW_KEYS, "sparsity", "n", "dense", "sparse", "+SPON", "recovery", "recovery SD (pts)",
+              "interval over", "not ok"]
     body = []
-    for r in _zeroshot_rows(rows):
-        z, ci = r["zeroshot_avg"], r["zeroshot_avg_ci"]
-        body.append([*_key(r), _fmt(r["sparsity"]), *[_pm(z.get(v), ci.get(v), 4) for v in VARIANTS],
-                     _pct(r["zeroshot_recovery"], r["zeroshot_recovery_ci"]), r["status"]])
+    for group, z in _zeroshot_groups(rows):
+        st = z.get("statistics") or {}
+        rec = st.get("recovery") or {}
+        cells = [_pm((st.get(f"average/{v}") or {}).get("mean"), (st.get(f"average/{v}") or {}).get("ci"), 4)
+                 for v in VARIANTS]
+        body.append([*_key(group[0]), _fmt(group[0]["sparsity"]), str(z["n"]), *cells,
+                     _pct(rec.get("mean"), rec.get("ci")), "-" if rec.get("sd") is None else f"{rec['sd'] * 100:.1f}",
+                     z.get("covers", "-"), ", ".join(f"{n} {s}" for s, n in sorted(z["not_ok"].items())) or "-"])
     return [header, *body]
 
 
 def zeroshot_csv_table(rows: list[dict]) -> list[list]:
-    """The CSV twin of :func:`zeroshot_table`: exact averages, recovery as a fraction, each
-    with its interval ends."""
-    header = [*ROW_KEYS, "sparsity", *_ci_columns(*VARIANTS, "recovery"), "status"]
+    """The CSV twin of :func:`zeroshot_table`: exact means, interval ends and SDs; recovery as a
+    fraction."""
+    names = [*(f"average/{v}" for v in VARIANTS), "recovery"]
+    cols = [c for n in names for c in (n.split("/")[-1], f"{n.split('/')[-1]}_ci_low", f"{n.split('/')[-1]}_ci_high",
+                                       f"{n.split('/')[-1]}_sd")]
+    header = [*ROW_KEYS, "sparsity", "seed_group", "n", "seeds", *cols, "interval_over"]
     body = []
-    for r in _zeroshot_rows(rows):
-        z, ci = r["zeroshot_avg"], r["zeroshot_avg_ci"]
-        values = [x for v in VARIANTS for x in _exact(z.get(v), ci.get(v))]
-        values += _exact(r["zeroshot_recovery"], r["zeroshot_recovery_ci"])
-        body.append([*_key(r), r["sparsity"], *values, r["status"]])
+    for group, z in _zeroshot_groups(rows):
+        st = z.get("statistics") or {}
+        values = []
+        for n in names:
+            x = st.get(n) or {}
+            values += [*_exact(x.get("mean"), x.get("ci")), x.get("sd")]
+        body.append([*_key(group[0]), group[0]["sparsity"], group[0].get("seed_group"), z["n"],
+                     " ".join(str(r["seed"]) for r in z["rows"]), *values, z.get("covers")])
     return [header, *body]
 
 
@@ -740,7 +791,11 @@ def main(argv: list[str] | None = None) -> int:
     if bool(args.baseline) != bool(args.candidate):
         parser.error("a comparison needs both --baseline and --candidate")
     missing = [f for f in args.folders if not Path(f).is_dir()]
-    if missing:
+    if missing and args.wandb_project:  # the W&B runs may be all there is
+        for folder in missing:
+            print(f"spon-exp-collect: warning: {folder} is not a folder; reading W&B runs only", file=sys.stderr)
+        args.folders = [f for f in args.folders if f not in missing]
+    elif missing:
         print(f"spon-exp-collect: error: {missing[0]} is not a folder; give the folder of a run or a sweep "
               f"(e.g. outputs/sweeps/<sweep_name>)", file=sys.stderr)
         return 2
@@ -751,7 +806,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spon-exp-collect: error: no results.json under {', '.join(args.folders)}: no run has written one "
               f"there yet", file=sys.stderr)
         return 2
-    out = Path(args.out or Path(args.folders[0]) / "tables")
+    out = Path(args.out or Path(args.folders[0] if args.folders else ".") / "tables")
     if args.baseline:
         try:
             result = compare_groups(rows, args.baseline, args.candidate)

@@ -97,15 +97,16 @@ def test_ppl_cells_show_half_widths_and_csv_the_exact_ends(tmp_path):
 def test_zeroshot_table_shows_intervals_of_averages_and_recovery(tmp_path):
     write_runs(tmp_path / "runs", NEW, OLD)
     out = collect(tmp_path, str(tmp_path / "runs"))
-    header, new, old = md_rows(out / "zeroshot.md")
-    assert header[-5:] == ["dense", "sparse", "+SPON", "recovery", "status"]
-    assert new[-5:] == ["0.6512 ± 0.0112", "0.6011 ± 0.0110", "0.6301 ± 0.0101", "57.9 % ± 13.0", "ok"]
-    assert old[-5:] == ["0.6512", "0.5500", "0.6000", "50 %", "ok"]
+    header, new, old = md_rows(out / "zeroshot.md")  # one configuration each, one run: its own intervals
+    assert header[-8:] == ["n", "dense", "sparse", "+SPON", "recovery", "recovery SD (pts)", "interval over", "not ok"]
+    assert new[-8:-3] == ["1", "0.6512 ± 0.0112", "0.6011 ± 0.0110", "0.6301 ± 0.0101", "57.9 % ± 13.0"]
+    assert old[-8:-3] == ["1", "0.6512", "0.5500", "0.6000", "49 %"]  # recomputed from the averages, as gap closure
     with (out / "zeroshot.csv").open(newline="") as f:
         new_csv, old_csv = list(csv.DictReader(f))
     assert (new_csv["spon"], new_csv["spon_ci_low"], new_csv["spon_ci_high"]) == ("0.6301", "0.62", "0.6402")
-    assert (new_csv["recovery"], new_csv["recovery_ci_low"], new_csv["recovery_ci_high"]) == ("0.579", "0.45", "0.71")
-    assert (old_csv["recovery"], old_csv["recovery_ci_low"], old_csv["dense_ci_high"]) == ("0.5", "", "")
+    assert (new_csv["recovery_ci_low"], new_csv["recovery_ci_high"]) == ("0.45", "0.71")
+    assert float(new_csv["recovery"]) == pytest.approx((0.6301 - 0.6011) / (0.6512 - 0.6011))  # from the averages
+    assert (old_csv["recovery_ci_low"], old_csv["dense_ci_high"], old_csv["n"]) == ("", "", "1")
 
 
 def test_runs_table_shows_fold_check_and_sensitivity(tmp_path):
@@ -192,6 +193,6 @@ def test_wandb_summary_round_trips_through_collect(tmp_path, monkeypatch):
     assert back["zeroshot"]["ci"] == NEW["zeroshot"]["ci"] and back["zeroshot"]["recovery_ci"] == [0.45, 0.71]
     out = collect(tmp_path, str(tmp_path / "no_local_runs"), "--wandb-project", "me/spon")
     assert ppl_cells(out / "ppl_wikipedia.md") == [NEW_CELLS, OLD_CELLS]
-    assert md_rows(out / "zeroshot.md")[1][-2:] == ["57.9 % ± 13.0", "ok"]
+    assert md_rows(out / "zeroshot.md")[1][-4] == "57.9 % ± 13.0"
     assert csv_rows(out / "runs.csv")["new"]["fold_max_abs_logit_diff"] == "3.1e-06"
     assert csv_rows(out / "ppl_wikipedia_seeds.csv")["new"]["spon_ci_high"] == "31.4"

@@ -219,3 +219,29 @@ def test_comparison_errors_are_one_line(two_configurations, tmp_path, capsys):
     assert collect_main([*args, "--baseline", "sparsity=0.5", "--candidate", "sparsity=0.6"]) == 2
     assert "matches no finished run" in capsys.readouterr().err
     assert collect_main([*args, "--baseline", "seed_group=aaaaaaaa", "--candidate", "seed_group=bbbbbbbb"]) == 0
+
+
+def zeroshot_run(seed: int, accuracy: dict[str, float], docs: int = 200) -> "ZeroshotSeedRun":
+    from spon_exp.evaluation.seeds import ZeroshotSeedRun
+
+    g = torch.Generator().manual_seed(123)  # the same documents' difficulty for every seed
+    base = torch.rand(docs, generator=g, dtype=torch.float64)
+    items = {v: {"piqa": (base < acc).double(), "arc": (base < acc - 0.05).double()} for v, acc in accuracy.items()}
+    average = {v: float(torch.stack([t.mean() for t in items[v].values()]).mean()) for v in items}
+    return ZeroshotSeedRun(seed, average, items)
+
+
+def test_zeroshot_figures_over_seeds_are_the_seeds_mean_with_a_wider_interval_when_they_disagree():
+    from spon_exp.evaluation.seeds import aggregate_zeroshot
+
+    boot = Bootstrap()
+    runs = [zeroshot_run(s, {"dense": 0.70, "sparse": 0.60, "spon": spon}) for s, spon in enumerate((0.62, 0.66, 0.69))]
+    agg = aggregate_zeroshot(runs, boot)
+    rec = agg["statistics"]["recovery"]
+    expected = [(r.average["spon"] - r.average["sparse"]) / (r.average["dense"] - r.average["sparse"]) for r in runs]
+    assert agg["covers"] == "seeds and documents" and rec["mean"] == pytest.approx(statistics.mean(expected))
+    assert rec["sd"] == pytest.approx(statistics.stdev(expected))
+    single = aggregate_zeroshot(runs[1:2], boot)["statistics"]["recovery"]["ci"]
+    assert width(rec["ci"]) > 1.5 * width(single)
+    same = aggregate_zeroshot([zeroshot_run(s, {"dense": 0.70, "sparse": 0.60, "spon": 0.66}) for s in range(3)], boot)
+    assert same["statistics"]["recovery"]["ci"] == pytest.approx(single, abs=1e-9)

@@ -28,8 +28,12 @@ difference of their statistics: *paired* by seed when both ran the same seeds (s
 A against seed ``s`` of B, so what a seed shares between the two cancels), with independent
 seed draws otherwise; the block draw is always shared, as both are scored on the same text.
 
-Runs whose per-block NLLs are not at hand (``eval_units.safetensors`` missing, or rows read
-from W&B) resample the seeds only: their ``covers`` says so.
+Zero-shot averages and recovery are aggregated the same way, documents standing for blocks:
+each resample draws every task's documents once (shared by seeds and variants), as a run's
+own interval does (:func:`spon_exp.evaluation.uncertainty.zeroshot_intervals`).
+
+Runs whose per-block NLLs (per-document scores) are not at hand (``eval_units.safetensors``
+missing, or rows read from W&B) resample the seeds only: their ``covers`` says so.
 """
 
 from __future__ import annotations
@@ -123,9 +127,9 @@ def _seed_mean(values: torch.Tensor, seed_idx: torch.Tensor) -> torch.Tensor:
     return full + math.sqrt(n / (n - 1)) * (drawn - full)
 
 
-def _covers(n_seeds: int, blocks: bool) -> str:
+def _covers(n_seeds: int, blocks: bool, units: str = "blocks") -> str:
     if blocks:
-        return "seeds and blocks" if n_seeds > 1 else "blocks"
+        return f"seeds and {units}" if n_seeds > 1 else units
     return "seeds" if n_seeds > 1 else "none"
 
 
@@ -139,6 +143,63 @@ def _sd(values: list[float]) -> float | None:
 
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values and all(math.isfinite(v) for v in values) else None
+
+
+@dataclass
+class ZeroshotSeedRun:
+    """One seed's zero-shot task averages per variant and, where available, each task's
+    per-document scores per variant (the same documents for every variant and seed)."""
+
+    seed: int | None
+    average: dict[str, float]
+    items: dict[str, dict[str, torch.Tensor]] | None = None
+
+
+def _recovery(dense: torch.Tensor, sparse: torch.Tensor, spon: torch.Tensor) -> torch.Tensor:
+    """(spon − sparse) / (dense − sparse), NaN where dense equals sparse."""
+    gap = dense - sparse
+    out = torch.full_like(gap, float("nan"))
+    defined = gap != 0
+    out[defined] = (spon - sparse)[defined] / gap[defined]
+    return out
+
+
+def _zeroshot_statistics(average: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {f"average/{v}": a for v, a in average.items()}
+    if set(VARIANTS) <= average.keys():
+        out["recovery"] = _recovery(average["dense"], average["sparse"], average["spon"])
+    return out
+
+
+def aggregate_zeroshot(runs: Sequence[ZeroshotSeedRun], boot: Bootstrap) -> dict:
+    """A configuration's zero-shot figures over its seeds (``average/<variant>``, ``recovery``):
+    as :func:`aggregate`, documents resampled within each task in place of blocks."""
+    if not runs:
+        raise ValueError("no runs to aggregate")
+    variants = [v for v in VARIANTS if all(v in r.average and r.average[v] is not None for r in runs)]
+    items = all(r.items is not None and all(v in r.items for v in variants) for r in runs)
+    if items:
+        tasks = sorted(runs[0].items[variants[0]])
+        sizes = {t: {r.items[v][t].numel() for r in runs for v in variants} for t in tasks}
+        if any(len(n) > 1 for n in sizes.values()):
+            raise ValueError(f"runs scored on different documents ({sizes}): their documents cannot be paired")
+        idx = {t: boot.indices(next(iter(sizes[t])), stream=10 + i) for i, t in enumerate(tasks)}
+        average = {v: torch.stack([torch.stack([r.items[v][t].double()[idx[t]].mean(1) for t in tasks]).mean(0)
+                                   for r in runs], dim=1) for v in variants}
+    else:
+        average = {v: torch.tensor([float(r.average[v]) for r in runs], dtype=torch.float64).expand(boot.resamples, -1)
+                   for v in variants}
+    resampled = _zeroshot_statistics(average)
+    point = _zeroshot_statistics({v: torch.tensor([float(r.average[v]) for r in runs], dtype=torch.float64)
+                                  for v in variants})
+    seed_idx = boot.indices(len(runs), stream=2)
+    out = {"n": len(runs), "seeds": [r.seed for r in runs], "covers": _covers(len(runs), items, "documents"),
+           "statistics": {}}
+    for name, per_seed in resampled.items():
+        values = [float(x) for x in point[name]]
+        ci = boot.interval(_seed_mean(per_seed, seed_idx)) if (items or len(runs) > 1) else None
+        out["statistics"][name] = {"mean": _mean(values), "ci": ci, "sd": _sd(values), "values": values}
+    return out
 
 
 def aggregate(runs: Sequence[SeedRun], boot: Bootstrap) -> dict:
