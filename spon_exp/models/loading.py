@@ -90,7 +90,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.mo
 
 def _check_model_folder(folder: Path) -> None:
     """A model folder needs a tokenizer and intact weights: checked from the files alone (the
-    safetensors headers against the file sizes), before anything loads."""
+    safetensors headers against the file sizes), before anything loads. An unreadable
+    config.json is left to the check that reads it (:func:`model_context_length`)."""
+    import json
+
+    try:
+        json.loads((folder / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise ModelNotFoundError(f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the "
                                  f"tokenizer into it too (tokenizer.save_pretrained({str(folder)!r})).")
