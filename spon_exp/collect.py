@@ -787,7 +787,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--candidate", nargs="+", metavar="KEY=VALUE",
                         help="compare: the other configuration; reports candidate − baseline with its interval")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # other libraries: warnings only
+    logging.getLogger("spon_exp").setLevel(logging.INFO)
     if bool(args.baseline) != bool(args.candidate):
         parser.error("a comparison needs both --baseline and --candidate")
     missing = [f for f in args.folders if not Path(f).is_dir()]

@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip loading the export back to compare its logits (saves a second copy in memory)")
     parser.add_argument("--verbose", action="store_true", help="tracebacks for errors")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # other libraries: warnings only
+    logging.getLogger("spon_exp").setLevel(logging.INFO)
 
     from spon_exp.export import ExportError, export_run
     from spon_exp.models.loading import ModelNotFoundError
