@@ -12,7 +12,7 @@ a JSON summary (``benchmarks/results/quality/``).
     # each method beside its authors' settings (the reference presets, rows named by their label):
     python benchmarks/quality/quality_sweep.py --methods teal wina rsparse rsparse_ref larosa larosa_ref --sparsities 0.5
     python benchmarks/quality/quality_sweep.py --methods teal_ref wina_ref --jobs 2 --sparsities 0.5 \
-        sparsifier.greedy_sequences=1 sparsifier.greedy_step=0.1      # the greedy search cut for a CPU
+        -- sparsifier.greedy_sequences=1 sparsifier.greedy_step=0.1   # the greedy search cut for a CPU ("--": overrides follow)
 
 ``--jobs N`` splits the methods between N concurrent sweeps of one thread each: on a small
 CPU, single-thread training processes side by side get more done than one process using
@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--collect-only", action="store_true", help="only rebuild the tables and plot from the runs")
     parser.add_argument("--outputs", default=str(REPO / "outputs"))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality"))
-    parser.add_argument("overrides", nargs="*", help="extra spon-exp overrides, e.g. spon.steps=200")
+    parser.add_argument("overrides", nargs="*", help="extra spon-exp overrides after --, e.g. -- spon.steps=200")
     args = parser.parse_args()
     sweep_dir = Path(args.outputs) / "sweeps" / "quality_cpu"
     groups = [] if args.collect_only else [args.methods[i::args.jobs] for i in range(min(args.jobs, len(args.methods)))]
