@@ -85,16 +85,6 @@ def guard_run_dir(run_dir: Path, chash: str) -> None:
         )
 
 
-def _attempt_files(run_dir: Path, chash: str) -> tuple[Path, Path]:
-    """``(results file, error file)`` of a new attempt: results.json and error.txt, or, while
-    the folder holds a finished run of this config, ``results.attempt-<N>.json`` and
-    ``error.attempt-<N>.txt`` (N one more than any there)."""
-    number = _attempt_number(run_dir, chash)
-    if number is None:
-        return run_dir / RESULTS, run_dir / "error.txt"
-    return run_dir / f"results.attempt-{number}.json", run_dir / f"error.attempt-{number}.txt"
-
-
 def _attempt_number(run_dir: Path, chash: str) -> int | None:
     """None while the folder holds no finished run of this config; else the number of a new
     attempt beside it (one more than any attempt file or folder there)."""
