@@ -20,7 +20,7 @@ import json
 import logging
 import math
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from spon_exp.tracking.intervals import format_with_interval, interval
@@ -297,26 +297,38 @@ def group_summary(group: list[dict], corpus: str) -> dict:
     (over its evaluation blocks), so the table agrees with the run's own summary."""
     from spon_exp.evaluation.seeds import aggregate
 
+    def stored_ci(row: dict, name: str):
+        if name == "gap_closure":
+            return row["gap_closure_ci"].get(corpus)
+        return (row["ppl_ci"].get(corpus) or {}).get(name.split("/", 1)[1])
+
     ok = [r for r in group if r["status"] == "ok" and corpus in r["ppl"]]
-    not_ok = defaultdict(int)
-    for r in group:
-        if r["status"] != "ok":
-            not_ok[r["status"]] += 1
-    out = {"rows": ok, "not_ok": dict(not_ok), "n": len(ok)}
+    out = _over_seeds(group, ok, lambda runs: aggregate([_seed_run(r, corpus) for r in runs], _bootstrap()),
+                      stored_ci, "blocks")
     if not ok:
         return out
-    agg = aggregate([_seed_run(r, corpus) for r in ok], _bootstrap())
-    if len(ok) == 1:  # one run: its own interval, as its summary printed it
-        row = ok[0]
-        for name, stat in agg["statistics"].items():
-            stored = (row["gap_closure_ci"].get(corpus) if name == "gap_closure"
-                      else (row["ppl_ci"].get(corpus) or {}).get(name.split("/", 1)[1]))
-            stat["ci"] = list(interval(stored)) if interval(stored) else None
-        agg["covers"] = "blocks" if any(s["ci"] for s in agg["statistics"].values()) else "none"
-    out.update(agg)
     for key in ("measured_sparsity", "effective_sparsity"):
         values = [r[key] for r in ok if not _missing(r[key])]
         out[key] = sum(values) / len(values) if values else None
+    return out
+
+
+def _over_seeds(group: list[dict], ok: list[dict], aggregate_runs, stored_ci, units: str) -> dict:
+    """What :func:`group_summary` and :func:`zeroshot_summary` share: the group's runs that
+    did not finish, counted by status, and ``aggregate_runs(ok)`` of the finished ones. A single
+    run keeps the intervals it stored (``stored_ci(row, statistic)``, over its ``units``), so
+    the table agrees with the run's own summary."""
+    not_ok = Counter(r["status"] for r in group if r["status"] != "ok")
+    out = {"rows": ok, "not_ok": dict(not_ok), "n": len(ok)}
+    if not ok:
+        return out
+    agg = aggregate_runs(ok)
+    if len(ok) == 1:
+        for name, stat in agg["statistics"].items():
+            stored = interval(stored_ci(ok[0], name))
+            stat["ci"] = list(stored) if stored else None
+        agg["covers"] = units if any(s["ci"] for s in agg["statistics"].values()) else "none"
+    out.update(agg)
     return out
 
 
@@ -432,24 +444,12 @@ def zeroshot_summary(group: list[dict]) -> dict:
     """One configuration's zero-shot figures over its seeds (as :func:`group_summary`)."""
     from spon_exp.evaluation.seeds import aggregate_zeroshot
 
+    def stored_ci(row: dict, name: str):
+        return row["zeroshot_recovery_ci"] if name == "recovery" else row["zeroshot_avg_ci"].get(name.split("/", 1)[1])
+
     ok = [r for r in group if r["status"] == "ok" and r["zeroshot_avg"]]
-    not_ok = defaultdict(int)
-    for r in group:
-        if r["status"] != "ok":
-            not_ok[r["status"]] += 1
-    out = {"rows": ok, "not_ok": dict(not_ok), "n": len(ok)}
-    if not ok:
-        return out
-    agg = aggregate_zeroshot([_zeroshot_seed_run(r) for r in ok], _bootstrap())
-    if len(ok) == 1:  # one run: its own intervals
-        row = ok[0]
-        for name, stat in agg["statistics"].items():
-            stored = (row["zeroshot_recovery_ci"] if name == "recovery"
-                      else row["zeroshot_avg_ci"].get(name.split("/", 1)[1]))
-            stat["ci"] = list(interval(stored)) if interval(stored) else None
-        agg["covers"] = "documents" if any(s["ci"] for s in agg["statistics"].values()) else "none"
-    out.update(agg)
-    return out
+    return _over_seeds(group, ok, lambda runs: aggregate_zeroshot([_zeroshot_seed_run(r) for r in runs], _bootstrap()),
+                       stored_ci, "documents")
 
 
 def _zeroshot_groups(rows: list[dict]) -> list[tuple[list[dict], dict]]:
