@@ -178,6 +178,8 @@ def test_sparsifier_sparsity_is_the_sparsity_setting(tmp_path):
     from spon_exp.config import resolve_aliases
 
     alias = strip_hydra(compose_cfg(SMALL + ["sparsifier.sparsity=0.4"]))
+    # named as sparsity=0.4 even before the alias is moved (the skip-finished launchers hash it so)
+    assert RunIdentity.of(alias) == RunIdentity.of(compose_cfg(SMALL + ["sparsity=0.4"]))
     resolve_aliases(alias)
     assert alias.sparsity == 0.4 and alias.sparsifier.sparsity is None
     assert config_hash(alias) == config_hash(compose_cfg(SMALL + ["sparsity=0.4"]))

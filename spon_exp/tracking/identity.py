@@ -19,11 +19,19 @@ def _digest(obj) -> str:
 
 
 def plain(cfg: DictConfig) -> dict:
-    """The resolved config as plain containers (without Hydra's own node, if present)."""
+    """The resolved config as plain containers (without Hydra's own node, if present), with
+    the alias ``sparsifier.sparsity`` read as ``sparsity``: a config names the same run whether
+    or not :func:`spon_exp.config.resolve_aliases` has moved it yet (the skip-finished launchers
+    hash configs before the job does)."""
     if "hydra" in cfg:
-        return {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
-                for k in cfg if k != "hydra"}
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+        c = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+             for k in cfg if k != "hydra"}
+    else:
+        c = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    alias = (c.get("sparsifier") or {}).get("sparsity") if isinstance(c.get("sparsifier"), dict) else None
+    if alias is not None:
+        c["sparsity"], c["sparsifier"]["sparsity"] = alias, None
+    return c  # type: ignore[return-value]
 
 
 def sparsifier_label(node) -> str:

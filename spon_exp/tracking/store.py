@@ -185,7 +185,8 @@ def read_entry(folder: str | Path, read: Callable[[Path], T], what: str) -> T | 
             move_aside(folder, what, "it is not a folder")
             return None
         try:
-            identity = os.fstat(fd).st_ino, os.fstat(fd).st_dev
+            stat = os.fstat(fd)
+            identity = stat.st_ino, stat.st_dev
             pinned = _PINNED_DIRS / str(fd) if _PINNED_DIRS.is_dir() else folder
             reason = damage(pinned)
             if reason is None:
