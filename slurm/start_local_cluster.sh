@@ -43,7 +43,7 @@ wait_for() {
   until "$@" >/dev/null 2>&1; do
     [ "$SECONDS" -lt "$end" ] || die "timed out after ${TIMEOUT}s waiting for: $desc"
     # Fail fast when a daemon we rely on died (port in use, bad config...).
-    for n in "${SPAWNED[@]}"; do alive "$n" || die "$n exited while waiting for: $desc"; done
+    for n in "${SPAWNED[@]}"; do exited "$n" && die "$n exited while waiting for: $desc"; done
     sleep 0.2
   done
 }
@@ -53,6 +53,15 @@ alive() {
   local p; p="$(cat "$D/pid/$1.pid" 2>/dev/null)" || return 1
   [ -n "$p" ] && [ "$(cat "/proc/$p/comm" 2>/dev/null)" = "$1" ] \
     && ! grep -q '^State:.*zombie' "/proc/$p/status" 2>/dev/null
+}
+# exited NAME: the recorded PID is gone or a zombie. Unlike alive it does not
+# look at the program name: a daemon we just spawned is `setsid`, then
+# `setpriv`, for a moment before it execs (on a busy machine, long enough for
+# the first readiness poll to fail), and our own unreaped child cannot have had
+# its PID reused.
+exited() {
+  local p; p="$(cat "$D/pid/$1.pid" 2>/dev/null)" || return 0
+  [ -z "$p" ] || ! kill -0 "$p" 2>/dev/null || grep -q '^State:.*zombie' "/proc/$p/status" 2>/dev/null
 }
 # spawn NAME PORT CMD...: run CMD in its own session in the foreground mode of
 # the daemon, so $! is the daemon itself (setsid execs in a non-leader child)
