@@ -30,13 +30,18 @@ def study_trials(tmp_path, name="tune_spon_cpu"):
 
 
 def test_tune_sweeps_compose_search_the_recipe_on_the_validation_split():
+    recipe = {"spon.lr", "spon.schedule", "spon.warmup_steps", "spon.steps", "spon.weight_decay", "spon.init",
+              "spon.average", "spon.ema_decay"}
     for name in ("tune_spon_cpu", "tune_spon"):
         cfg = compose_sweep(name)
-        assert cfg.eval.ppl.split == "validation" and len(cfg.search.seeds) >= 2
+        assert cfg.eval.ppl.split == "validation" and cfg.search.seeds
         assert cfg.hydra.sweeper.direction == "maximize" and cfg.hydra.sweeper.study_name == cfg.sweep_name
-        params = set(cfg.hydra.sweeper.params)
-        assert {"spon.lr", "spon.schedule", "spon.warmup_steps", "spon.steps", "spon.batch_size",
-                "spon.weight_decay", "spon.init", "spon.average"} <= params
+        assert recipe <= set(cfg.hydra.sweeper.params)
+    # the full sweep searches batch size and longer training too, over several seeds; the CPU
+    # twin, sized for 2 cores, keeps batch 1 and one seed
+    full = compose_sweep("tune_spon")
+    assert "spon.batch_size" in full.hydra.sweeper.params and len(full.search.seeds) >= 2
+    assert "250" in full.hydra.sweeper.params["spon.steps"]
 
 
 def test_a_relaunch_continues_the_study_without_recomputing_a_trial(tmp_path):
