@@ -625,7 +625,7 @@ def test_fused_kernels_portable_build_equals_the_avx2_one(monkeypatch, tmp_path)
     native = [(select.topk_mask_cpu(x, 120, ties, c), select.topk_sparsify_cpu(x, 120, ties, c),
                select.threshold_split_cpu(x, 0.8, c)) for ties in ("keep", "break") for c in (None, scale)]
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    portable = select.bind(cbuild.build("spon_exp_topk_select", select._C_SOURCE, [])[0])
+    portable = select.bind(cbuild.build(cbuild.TOPK_SELECT, portable=True)[0])
     assert isinstance(portable, ctypes.CDLL)
     monkeypatch.setattr(select, "_lib", portable)
     again = [(select.topk_mask_cpu(x, 120, ties, c), select.topk_sparsify_cpu(x, 120, ties, c),

@@ -3,13 +3,13 @@
 WINA's and LaRoSA's masks keep, per token, the ``keep`` entries of highest score
 ``|x_i|·c_i`` (``c`` a per-column scale, e.g. WINA's column norms, or none). In PyTorch that
 is a score tensor, a ``kthvalue`` (which copies its input), a comparison and, for exact-k
-ties, a count: on a CPU the selection alone costs about as much as the projection's matmul
-on a 135M model. This kernel does it all per row in cache: the scores into a scratch row (and
-their largest); the ``keep``-th largest by a histogram of keys -- how many 1/16 octaves each
-score lies below the row's largest, read off the float's bits -- to find the bin that holds
-it, then the k-th largest of that bin's few scores; then the output (and mask) written and
-counted in one pass without branches (a 50 % branch per entry costs more than the
-selection). Rows are split between OpenMP threads.
+ties, a count: each a pass over the activations in memory. This kernel (``select.c`` beside
+this module) does it all per row in cache: the scores into a scratch row (and their largest);
+the ``keep``-th largest by a histogram of keys -- how many 1/16 octaves each score lies below
+the row's largest, read off the float's bits -- to find the bin that holds it, then the k-th
+largest of that bin's few scores; then the output (and mask) written and counted in one pass
+without branches (whether an entry is kept is a coin toss the branch predictor cannot
+learn). Rows are split between OpenMP threads.
 
 The scores are computed as ``fabsf(x) * c`` in float32, the same single rounding as
 ``x.float().abs() * c`` in torch, so the masks equal torch's. Ties at the cut: ``keep``
@@ -18,9 +18,11 @@ taking the tied entries of lowest index (as :func:`~spon_exp.sparsifiers.scoring
 and the GPU kernel, :mod:`spon_exp.kernels.triton_select`, do).
 
 Built with ``-mavx2`` where the CPU has AVX2 (:func:`~spon_exp.kernels.cbuild.avx2_flags`:
-the keys and the compares run eight to a register, 12-15 % faster; no FMA, so nothing rounds
-differently). Float32 inputs only; anything else (and a machine without a C compiler, or
-``SPON_EXP_DISABLE_SPARSE_KERNEL=1``) returns ``None`` and the caller uses torch.
+the keys and the compares run eight to a register). Its FMA rule is *none*
+(``-ffp-contract=off``, never ``-mfma``: nothing rounds differently from torch), stated at the
+top of ``select.c`` and in :mod:`~spon_exp.kernels.cbuild`. Float32 inputs only; anything else
+(and a machine without a C compiler, or ``SPON_EXP_DISABLE_SPARSE_KERNEL=1``) returns ``None``
+and the caller uses torch.
 
 ``threshold_split_cpu`` is the threshold counterpart for R-Sparse: one pass writes the kept
 part ``x·[|x|·c > τ]`` and the rest ``x − kept`` (the low-rank path's input), where torch
@@ -39,205 +41,13 @@ from spon_exp.kernels import cbuild
 
 log = logging.getLogger(__name__)
 
-_C_SOURCE = r"""
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#include <math.h>
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
-
-/* float bits, read through a type that may alias a float (branchless selects vectorise) */
-typedef uint32_t __attribute__((may_alias)) fbits_t;
-
-static inline uint32_t bits_of(float f) { uint32_t u; memcpy(&u, &f, sizeof u); return u; }
-
-#define KEY_SHIFT 19  /* a key keeps the exponent and 4 mantissa bits: 16 bins per octave */
-#define KEY_BINS 256  /* 16 octaves below the row's largest score; the last bin holds the rest */
-_Static_assert(KEY_BINS <= 256, "keys are bytes");
-
-/* The k-th largest (k in [1, n]) of a[0..n), reordering a. Hoare-partition quickselect. */
-static float kth_largest(float* a, int64_t n, int64_t k) {
-    int64_t target = n - k, lo = 0, hi = n - 1;
-    while (lo < hi) {
-        float x = a[lo], y = a[lo + (hi - lo) / 2], z = a[hi];
-        float pivot = x < y ? (y < z ? y : (x < z ? z : x)) : (x < z ? x : (y < z ? z : y));
-        int64_t i = lo, j = hi;
-        while (i <= j) {
-            while (a[i] < pivot) i++;
-            while (a[j] > pivot) j--;
-            if (i <= j) { float t = a[i]; a[i] = a[j]; a[j] = t; i++; j--; }
-        }
-        if (target <= j) hi = j;
-        else if (target >= i) lo = i;
-        else return pivot;  /* a[j+1 .. i-1] all equal the pivot */
-    }
-    return a[target];
-}
-
-/* The k-th largest (k in [1, m]) of the few scores of a bin, NaN-free: the one with fewer than
-   k scores above it and at least k at or above it. The counts are branch-free (they vectorise);
-   a quickselect's data-dependent branches mispredict on every partition step of so few values. */
-static float kth_largest_few(const float* a, int64_t m, int64_t k) {
-    for (int64_t i = 0; i < m; i++) {
-        int32_t above = 0, at_or_above = 0;
-        for (int64_t j = 0; j < m; j++) { above += a[j] > a[i]; at_or_above += a[j] >= a[i]; }
-        if (above < k && k <= at_or_above) return a[i];
-    }
-    return a[0];  /* not reached: some score is the k-th largest */
-}
-
-#define FEW 64  /* a bin of at most this many scores is finished by kth_largest_few */
-
-/* The k-th largest of n non-negative scores whose largest is `top`. For non-negative floats the
-   bit pattern orders like the value, so a score's key -- how many 1/16 octaves it lies below the
-   largest -- orders the scores in bins of width 2^(1/16). A histogram of the keys (four
-   interleaved copies, so equal keys in a row do not wait on each other) finds the bin holding the
-   k-th largest; a pass collects that bin's few scores, and their k-th largest is the answer. */
-static float kth_largest_keyed(const float* s, float top, float* work, uint8_t* key, uint32_t* hist,
-                               int64_t n, int64_t k) {
-    uint32_t top_key = bits_of(top) >> KEY_SHIFT;
-    memset(hist, 0, sizeof(uint32_t) * KEY_BINS * 4);
-    for (int64_t i = 0; i < n; i++) {
-        uint32_t d = top_key - (bits_of(s[i]) >> KEY_SHIFT);  /* wraps for NaN: the last bin */
-        key[i] = (uint8_t)(d < KEY_BINS - 1 ? d : KEY_BINS - 1);
-    }
-    int64_t i = 0;
-    for (; i + 4 <= n; i += 4) {
-        hist[key[i]]++; hist[KEY_BINS + key[i + 1]]++; hist[2 * KEY_BINS + key[i + 2]]++; hist[3 * KEY_BINS + key[i + 3]]++;
-    }
-    for (; i < n; i++) hist[key[i]]++;
-    int64_t need = k;
-    int bin = 0;
-    for (; bin < KEY_BINS - 1; bin++) {
-        int64_t h = (int64_t)hist[bin] + hist[KEY_BINS + bin] + hist[2 * KEY_BINS + bin] + hist[3 * KEY_BINS + bin];
-        if (h >= need) break;
-        need -= h;
-    }
-    int64_t m = 0;
-    i = 0;
-#if defined(__SSE2__)  /* sixteen keys per compare; only the matches are visited */
-    const __m128i want = _mm_set1_epi8((char)bin);
-    for (; i + 16 <= n; i += 16) {
-        unsigned hit = (unsigned)_mm_movemask_epi8(_mm_cmpeq_epi8(_mm_loadu_si128((const __m128i*)(key + i)), want));
-        while (hit) { work[m++] = s[i + __builtin_ctz(hit)]; hit &= hit - 1; }
-    }
-#endif
-    for (; i < n; i++) { work[m] = s[i]; m += key[i] == bin; }
-    /* the last bin also holds NaN (its key wraps): the quickselect handles that one */
-    return m <= FEW && bin < KEY_BINS - 1 ? kth_largest_few(work, m, need) : kth_largest(work, m, need);
-}
-
-/* score[i] = |x[i]| * scale[i] (scale may be NULL); returns the largest score (NaN ignored). */
-static float score_row(const float* x, const float* scale, float* score, int64_t n) {
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) {
-            float v = scale ? fabsf(x[i + j]) * scale[i + j] : fabsf(x[i + j]);
-            score[i + j] = v;
-            acc[j] = v > acc[j] ? v : acc[j];
-        }
-    float top = 0;
-    for (; i < n; i++) {
-        float v = scale ? fabsf(x[i]) * scale[i] : fabsf(x[i]);
-        score[i] = v;
-        top = v > top ? v : top;
-    }
-    for (int j = 0; j < 8; j++) top = acc[j] > top ? acc[j] : top;
-    return top;
-}
-
-/* mask[r, i] = score[r, i] among the `keep` largest of row r, score = |x| * scale (scale may be NULL).
-   ties: 0 keep every score equal to the cut, 1 exactly `keep` (lowest indices first). */
-int spon_topk_mask_f32(const float* x, const float* scale, int64_t rows, int64_t width, int64_t keep,
-                       int ties, uint8_t* mask, float* out, int64_t* kept_total) {
-    int failed = 0;
-    int64_t kept_all = 0;
-    #pragma omp parallel
-    {
-        float* score = (float*)malloc(sizeof(float) * width);
-        float* work = (float*)malloc(sizeof(float) * width);
-        uint8_t* key = (uint8_t*)malloc(width);
-        uint32_t* hist = (uint32_t*)malloc(sizeof(uint32_t) * KEY_BINS * 4);
-        if (!score || !work || !key || !hist) {
-            #pragma omp atomic write
-            failed = 1;
-        }
-        #pragma omp for schedule(static) reduction(+:kept_all)
-        for (int64_t r = 0; r < rows; r++) {
-            if (!score || !work || !key || !hist) continue;
-            const float* xr = x + r * width;
-            float top = score_row(xr, scale, score, width);
-            float cut = kth_largest_keyed(score, top, work, key, hist, width, keep);
-            /* every score >= the cut, written without a branch (a 50 % branch mispredicts per
-               entry) and counted in the same pass: x's bits or +0, and the mask */
-            int32_t kept = 0;
-            uint8_t* m = mask ? mask + r * width : 0;
-            fbits_t* ob = out ? (fbits_t*)(out + r * width) : 0;
-            const fbits_t* xb = (const fbits_t*)xr;
-            if (ob && m) for (int64_t i = 0; i < width; i++) {
-                uint32_t on = score[i] >= cut; ob[i] = xb[i] & (0u - on); m[i] = (uint8_t)on; kept += on;
-            }
-            else if (ob) for (int64_t i = 0; i < width; i++) {
-                uint32_t on = score[i] >= cut; ob[i] = xb[i] & (0u - on); kept += on;
-            }
-            else if (m) for (int64_t i = 0; i < width; i++) { uint8_t on = score[i] >= cut; m[i] = on; kept += on; }
-            else for (int64_t i = 0; i < width; i++) kept += score[i] >= cut;
-            int exact = ties != 0 && kept > keep;
-            if (exact) {  /* ties at the cut and exactly `keep` wanted: the lowest-index tied ones */
-                int32_t left = keep;
-                for (int64_t i = 0; i < width; i++) left -= score[i] > cut;
-                for (int64_t i = 0; i < width; i++) {
-                    uint32_t on = score[i] > cut;
-                    if (!on && score[i] == cut && left > 0) { on = 1; left--; }
-                    if (m) m[i] = (uint8_t)on;
-                    if (ob) ob[i] = xb[i] & (0u - on);
-                }
-            }
-            kept_all += exact ? keep : kept;
-        }
-        free(score);
-        free(work);
-        free(key);
-        free(hist);
-    }
-    if (kept_total) *kept_total = kept_all;
-    return failed;
-}
-
-/* kept = x where |x| * scale > tau else 0; rest = x - kept (rest may be NULL). */
-void spon_threshold_split_f32(const float* x, const float* scale, int64_t rows, int64_t width, float tau,
-                              float* kept, float* rest, int64_t* kept_total) {
-    int64_t kept_all = 0;
-    #pragma omp parallel for schedule(static) reduction(+:kept_all)
-    for (int64_t r = 0; r < rows; r++) {
-        const float* xr = x + r * width;
-        fbits_t* k = (fbits_t*)(kept + r * width);
-        fbits_t* z = rest ? (fbits_t*)(rest + r * width) : 0;
-        const fbits_t* xb = (const fbits_t*)xr;
-        int32_t n = 0;
-        for (int64_t i = 0; i < width; i++) {  /* branchless: x's bits or +0 on each side */
-            float s = scale ? fabsf(xr[i]) * scale[i] : fabsf(xr[i]);
-            uint32_t on = 0u - (uint32_t)(s > tau);
-            k[i] = xb[i] & on;
-            if (z) z[i] = xb[i] & ~on;
-            n += on & 1u;
-        }
-        kept_all += n;
-    }
-    if (kept_total) *kept_total = kept_all;
-}
-"""
-
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
 
 
 def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
-    """Declare the kernels' signatures on a loaded build of :data:`_C_SOURCE`."""
+    """Declare the kernels' signatures on a loaded build of ``select.c``."""
     fn = lib.spon_topk_mask_f32
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
@@ -255,7 +65,7 @@ def _load() -> ctypes.CDLL | None:
     with _lock:
         if not _tried:
             try:
-                _lib = bind(cbuild.build("spon_exp_topk_select", _C_SOURCE, cbuild.avx2_flags())[0])
+                _lib = bind(cbuild.build(cbuild.TOPK_SELECT)[0])
             except Exception as e:  # noqa: BLE001 - torch does the selection instead
                 log.warning("top-k selection kernel unavailable, using torch: %s", e)
                 _lib = None
