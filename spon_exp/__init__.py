@@ -1,11 +1,10 @@
-"""spon-exp: activation sparsity + SPON experiment framework."""
+"""spon-exp: activation sparsity + SPON experiment framework.
+
+``load_sparse_model(folder)`` loads a folder written by ``spon-exp-export`` (or its hub
+repository) sparse, as ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``."""
+
+from spon_exp.hub import load_sparse_model
 
 __version__ = "0.1.0"
 
-
-def load_sparse_model(folder, **kwargs):
-    """A folder written by ``spon-exp-export`` (or its hub repository), loaded sparse: the same
-    as ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, **kwargs)``."""
-    from spon_exp.export import load_sparse_model as load
-
-    return load(folder, **kwargs)
+__all__ = ["load_sparse_model"]

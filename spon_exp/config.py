@@ -46,11 +46,27 @@ def sparsifier_options(node) -> dict:
     return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in NOT_OPTIONS}
 
 
-def sparsifier_schema(name: str, class_name: str) -> type:
-    """The schema of ``sparsifier=<name>``: ``name`` followed by the fields (types and defaults)
-    of the sparsifier's ``Options`` dataclass, which declares them once, with their comments
-    and range checks (checked by :func:`validate`, not at compose time)."""
-    options = REGISTRY[name].Options
+#: method name -> (its class, its schema), one schema per registered class
+_SPARSIFIER_SCHEMAS: dict[str, tuple[type, type]] = {}
+
+
+def sparsifier_schema(name: str) -> type:
+    """The schema of ``sparsifier=<name>`` (a method in :data:`REGISTRY`): ``name`` followed by
+    the fields (types and defaults) of the sparsifier's ``Options`` dataclass, which declares
+    them once, with their comments and range checks (checked by :func:`validate`, not at
+    compose time). Made once per method and named after its class (``TealSparsifier`` ->
+    ``TealConfig``), an attribute of this module: a pickled config names its schema class by
+    reference (submitit ships the config)."""
+    method = REGISTRY[name]
+    made = _SPARSIFIER_SCHEMAS.get(name)
+    if made is not None and made[0] is method:
+        return made[1]
+    class_name = method.__name__.removesuffix("Sparsifier") + "Config"
+    taken = globals().get(class_name)
+    if taken is not None and (made is None or taken is not made[1]):  # a reloaded class replaces its own
+        raise ValueError(f"sparsifier {name!r}: its schema would be spon_exp.config.{class_name}, which is taken; "
+                         f"rename {method.__name__}")
+    options = method.Options
     types = typing.get_type_hints(options)
 
     def copied(f: dataclasses.Field) -> dataclasses.Field:
@@ -65,15 +81,19 @@ def sparsifier_schema(name: str, class_name: str) -> type:
                      # sparsifier.sparsity=0.4: the same setting as the top-level sparsity=0.4 (resolve_aliases)
                      ("sparsity", Optional[float], field(default=None))]
         + [(f.name, types[f.name], copied(f)) for f in dataclasses.fields(options)])
-    schema.__module__ = __name__  # pickled by reference (submitit ships the config): assign it to class_name here
+    schema.__module__ = __name__
+    globals()[class_name] = schema
+    _SPARSIFIER_SCHEMAS[name] = (method, schema)
     return schema
 
 
-DenseConfig = sparsifier_schema("dense", "DenseConfig")
-TealConfig = sparsifier_schema("teal", "TealConfig")
-WinaConfig = sparsifier_schema("wina", "WinaConfig")
-RSparseConfig = sparsifier_schema("rsparse", "RSparseConfig")
-LarosaConfig = sparsifier_schema("larosa", "LarosaConfig")
+def sparsifier_schemas() -> dict[str, type]:
+    """``<name>_schema`` -> schema, for every registered sparsifier: what ``defaults:
+    [<name>_schema]`` of ``conf/sparsifier/<name>.yaml`` extends."""
+    return {f"{name}_schema": sparsifier_schema(name) for name in sorted(REGISTRY)}
+
+
+sparsifier_schemas()  # the package's methods' schemas, importable from here (DenseConfig, TealConfig, ...)
 
 
 @dataclass
@@ -206,8 +226,6 @@ class Config:
 
 SCHEMAS = {
     "model": {"model_schema": ModelConfig},
-    "sparsifier": {"dense_schema": DenseConfig, "teal_schema": TealConfig, "wina_schema": WinaConfig,
-                   "rsparse_schema": RSparseConfig, "larosa_schema": LarosaConfig},
     "calib": {"calib_schema": CalibConfig},
     "spon": {"spon_schema": SponConfig},
     "eval": {"eval_schema": EvalConfig},
@@ -260,7 +278,8 @@ def register_configs() -> None:
                                     replace=True)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
-    for group, schemas in SCHEMAS.items():
+    # sparsifier schemas from the registry as it is now: a method registered after import has one too
+    for group, schemas in {**SCHEMAS, "sparsifier": sparsifier_schemas()}.items():
         for name, node in schemas.items():
             cs.store(group=group, name=name, node=node)
 

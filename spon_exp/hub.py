@@ -1,4 +1,5 @@
-"""Whether the Hugging Face hub answers, asked once per process with a short timeout.
+"""The Hugging Face hub: whether it answers, asked once per process with a short timeout,
+and :func:`load_sparse_model`, which loads a spon-exp export from a folder or a hub repository.
 
 Offline, the hub clients retry for a long while before failing; callers that can do without
 the hub (lm-eval's offline task copies, the context-length check of a hub model) ask here
@@ -12,6 +13,7 @@ import os
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -48,3 +50,12 @@ def hub_reachable(timeout: float = 3.0, refresh: bool = False) -> bool:
     log.info("HF hub at %s %s (%.1f s)", endpoint, "reachable" if ok else "unreachable",
              time.perf_counter() - t0)
     return ok
+
+
+def load_sparse_model(folder: str | Path, **kwargs):
+    """The exported sparse model in ``folder`` (or a hub repository id), loaded exactly as a
+    user without spon-exp would: ``AutoModelForCausalLM.from_pretrained(folder,
+    trust_remote_code=True, **kwargs)``. ``model.sparse_runtime.disabled()`` runs it dense."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, **kwargs)

@@ -303,3 +303,24 @@ def test_the_export_does_not_read_alpha(tmp_path):
     (run_dir / "alpha.safetensors").write_bytes(b"\x00" * 10)
     assert "alpha.safetensors" not in " ".join(EXPORT_INPUTS)
     assert export_main([str(run_dir), "--no-check"]) == 0
+
+
+def test_model_card_template_is_package_data_and_fully_filled():
+    """The card is spon_exp/export/model_card.md, shipped as package data, with every
+    placeholder filled (a missing value fails loudly: string.Template.substitute)."""
+    import fnmatch
+    import tomllib
+    from string import Template
+
+    from spon_exp.export.card import TEMPLATE, model_card
+
+    config = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["spon_exp.export"]
+    assert any(fnmatch.fnmatch(TEMPLATE.name, p) for p in patterns)
+    names = {m.group("named") or m.group("braced")
+             for m in Template.pattern.finditer(TEMPLATE.read_text(encoding="utf-8"))}
+    assert "method" in names and "figures" in names
+    spec = {"sparsifier": {"name": "teal", "sparsity": 0.5}, "projections": [], "token_policy": {"kind": "all"}}
+    results = {"config_hash": "abc", "ppl": {"wikipedia": {"dense": 10.0}}}
+    card = model_card(results, {"model": {"path": "some/model"}}, spec)
+    assert "$" not in card and card.startswith("---\nlibrary_name: transformers\n") and card.endswith("|\n")

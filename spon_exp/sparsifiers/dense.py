@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch
 
 from spon_exp.sparsifiers.base import Sparsifier
+from spon_exp.sparsifiers.registry import register
 
 
+@register
 class DenseSparsifier(Sparsifier):
     name = "dense"
     sparsifies = False

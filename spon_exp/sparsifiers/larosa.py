@@ -40,6 +40,7 @@ from torch import nn
 from spon_exp.models.adapters import Projection
 from spon_exp.sparsifiers.base import Sparsifier, SparsifierOptions, run_batches
 from spon_exp.sparsifiers.hooks import HookSet
+from spon_exp.sparsifiers.registry import register
 from spon_exp.sparsifiers.rotation import FoldedRotations
 from spon_exp.sparsifiers.scoring import TIES, keep_count, topk_sparsify
 
@@ -94,6 +95,7 @@ class LarosaOptions(SparsifierOptions):
                 raise ValueError(f"LaRoSA {name} must be one of {allowed}, got {value!r}")
 
 
+@register
 class LarosaSparsifier(Sparsifier):
     name = "larosa"
     Options = LarosaOptions

@@ -52,6 +52,7 @@ from torch import nn
 from spon_exp.models.adapters import PROJECTIONS, Projection
 from spon_exp.sparsifiers.base import Sparsifier
 from spon_exp.sparsifiers.calibration import CalibratedOptions, calibration_passes, exact_threshold, record_inputs
+from spon_exp.sparsifiers.registry import register
 from spon_exp.sparsifiers.scoring import ColumnNorms
 
 
@@ -155,6 +156,7 @@ def read_share_file(path: str | Path, projections: list[Projection]) -> dict[str
             for p in projections}
 
 
+@register
 class RSparseSparsifier(Sparsifier):
     name = "rsparse"
     Options = RSparseOptions

@@ -31,6 +31,7 @@ from spon_exp.sparsifiers.base import Sparsifier
 from spon_exp.sparsifiers.calibration import (CalibratedOptions, SiteRecorder, calibration_passes, exact_threshold,
                                               histogram_threshold, record_inputs, threshold_from_sorted)
 from spon_exp.sparsifiers.greedy import BlockInputs, GreedyAllocation, GreedyOptions
+from spon_exp.sparsifiers.registry import register
 
 THRESHOLD_MODES = ("exact", "histogram")
 
@@ -47,6 +48,7 @@ class TealOptions(GreedyOptions, CalibratedOptions):
             raise ValueError(f"threshold_mode must be one of {THRESHOLD_MODES}, got {self.threshold_mode!r}")
 
 
+@register
 class TealSparsifier(GreedyAllocation, Sparsifier):
     name = "teal"
     Options = TealOptions

@@ -53,6 +53,7 @@ from spon_exp.sparsifiers.base import Sparsifier, run_batches
 from spon_exp.sparsifiers.calibration import (CalibratedOptions, calibration_passes, exact_threshold, record_inputs,
                                               site_group)
 from spon_exp.sparsifiers.greedy import BlockInputs, GreedyAllocation, GreedyOptions
+from spon_exp.sparsifiers.registry import register
 from spon_exp.sparsifiers.rotation import FoldedRotations
 from spon_exp.sparsifiers.scoring import ColumnNorms, keep_count, topk_sparsify
 
@@ -122,6 +123,7 @@ def transform_maps(block: DecoderBlock, site: str) -> tuple[torch.Tensor, torch.
     return v * inverse[:, None], v * gamma[:, None]
 
 
+@register
 class WinaSparsifier(GreedyAllocation, Sparsifier):
     name = "wina"
     Options = WinaOptions
