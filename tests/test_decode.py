@@ -147,3 +147,30 @@ def test_dense_mode_is_nn_linear_and_switching_keeps_the_copies(sparse_model):
     assert torch.equal(dense_mode, masked)  # nn.Linear's own product, bit for bit
     assert all(p.module.weight_t is c for p, c in zip(sp.projections, copies))  # a mode switch copies nothing
     disable_sparse_decode(sp)
+
+
+def test_stand_ins_replace_the_projections_in_their_parents_and_give_them_back(sparse_model):
+    model, sp = sparse_model
+    originals = [p.module for p in sp.projections]
+    keys = list(model.state_dict())
+    ids = random_ids(1, 4, seed=14)
+    enable_sparse_decode(sp)
+    modules = dict(model.named_modules())
+    for proj, lin in zip(sp.projections, originals):
+        stand_in = modules[proj.module_path]
+        assert stand_in is proj.module and type(stand_in) is SparseDecodeLinear and stand_in.original() is lin
+        assert stand_in.weight is lin.weight and stand_in.bias is lin.bias  # shared, not copied
+        assert stand_in._forward_pre_hooks is lin._forward_pre_hooks  # the sparsifier's hooks run on it
+    assert not any(m in originals for m in modules.values())
+    assert list(model.state_dict()) == keys  # weight_t is not persistent; names are unchanged
+    with torch.no_grad():
+        with sp.disabled():  # switched off, the stand-ins compute the dense model's product
+            dense = model(ids).logits
+        sp.detach()  # the handles still remove the hooks from the shared registries
+        assert all(not p.module._forward_pre_hooks for p in sp.projections)
+        assert torch.allclose(model(ids).logits, dense, rtol=1e-5, atol=1e-5)
+    disable_sparse_decode(sp)
+    modules = dict(model.named_modules())
+    assert all(p.module is lin and modules[p.module_path] is lin for p, lin in zip(sp.projections, originals))
+    assert not any(isinstance(m, SparseDecodeLinear) for m in modules.values())
+    assert all(not hasattr(lin, "weight_t") for lin in originals)

@@ -16,13 +16,21 @@
    fuse only where the base ISA has FMA (e.g. aarch64), not on plain x86-64. No -march or
    -mfma on the command line, so a cache shared between machines with other CPUs stays safe.
 
-   OpenMP is optional: every pragma sits under #ifdef _OPENMP. */
+   OpenMP is optional: the pragmas go through OMP(...), which is empty without -fopenmp, and
+   then one thread does all the work. */
 
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
+#define OMP(directive) _Pragma(#directive)
+#define THREAD_ID() omp_get_thread_num()
+#define THREAD_COUNT() omp_get_num_threads()
+#else
+#define OMP(directive)
+#define THREAD_ID() 0
+#define THREAD_COUNT() 1
 #endif
 
 /* Walk the kept rows k of W (length ldw) over outputs o0..o1, four rows per pass (one
@@ -149,15 +157,9 @@ int64_t spon_sparse_matvec_f32(const float* x, const float* Wt, const float* bia
   } else if (mode == 0) {
     int64_t chunk = (out + nt - 1) / nt;
     chunk = (chunk + 15) / 16 * 16; /* 64-byte slices */
-#ifdef _OPENMP
-#pragma omp parallel
-#endif
+    OMP(omp parallel)
     {
-      int64_t tid = 0, nth = 1;
-#ifdef _OPENMP
-      tid = omp_get_thread_num();
-      nth = omp_get_num_threads();
-#endif
+      const int64_t tid = THREAD_ID(), nth = THREAD_COUNT();
       for (int64_t t = tid; t < nt; t += nth) {
         int64_t o0 = t * chunk, o1 = o0 + chunk < out ? o0 + chunk : out;
         if (o0 < o1) axpy_rows(y, Wt, out, idx, val, nk, o0, o1);
@@ -168,23 +170,15 @@ int64_t spon_sparse_matvec_f32(const float* x, const float* Wt, const float* bia
     float* scratch = (float*)calloc((size_t)(nt - 1) * (size_t)out, sizeof(float));
     if (!scratch) { free(idx); free(val); return -1; }
     const int64_t kchunk = (nk + nt - 1) / nt;
-#ifdef _OPENMP
-#pragma omp parallel
-#endif
+    OMP(omp parallel)
     {
-      int64_t tid = 0, nth = 1;
-#ifdef _OPENMP
-      tid = omp_get_thread_num();
-      nth = omp_get_num_threads();
-#endif
+      const int64_t tid = THREAD_ID(), nth = THREAD_COUNT();
       for (int64_t t = tid; t < nt; t += nth) {
         int64_t k0 = t * kchunk, k1 = k0 + kchunk < nk ? k0 + kchunk : nk;
         float* acc = t == 0 ? y : scratch + (t - 1) * out;
         if (k0 < k1) axpy_rows(acc, Wt, out, idx + k0, val + k0, k1 - k0, 0, out);
       }
-#ifdef _OPENMP
-#pragma omp barrier
-#endif
+      OMP(omp barrier)
       int64_t ochunk = (out + nth - 1) / nth;
       ochunk = (ochunk + 15) / 16 * 16;
       int64_t o0 = tid * ochunk, o1 = o0 + ochunk < out ? o0 + ochunk : out;
@@ -246,9 +240,7 @@ int64_t spon_ordered_matvec_f32(const float* x, const float* Wt, const float* bi
   if (nk * out < ((int64_t)1 << 16)) nt = 1;
   int64_t chunk = (out + nt - 1) / nt;
   chunk = (chunk + 15) / 16 * 16; /* 64-byte slices */
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads((int)nt)
-#endif
+  OMP(omp parallel for schedule(static) num_threads((int)nt))
   for (int64_t t = 0; t < nt; ++t) {
     const int64_t o0 = t * chunk, o1 = o0 + chunk < out ? o0 + chunk : out;
     if (o0 >= o1) continue;
