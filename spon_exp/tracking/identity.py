@@ -92,11 +92,14 @@ def seed_group(cfg: DictConfig) -> str:
     return _digest(c)
 
 
+#: Bumped when a built-in corpus's text changes (:mod:`spon_exp.data.corpora` builds it), so
+#: nothing cached from the old text (token streams, thresholds, alphas, dense baselines) is read back
+BUILTIN_TEXT_VERSION = {"wikitext2": "rows-joined-by-blank-line"}
+
+
 def _text_versions(corpora) -> dict:
     """``{"text": {corpus: version}}`` for built-in corpora whose text was changed once (see
-    ``spon_exp.data.corpora.BUILTIN_TEXT_VERSION``), else ``{}``: keys of other corpora stay as they were."""
-    from spon_exp.data.corpora import BUILTIN_TEXT_VERSION
-
+    :data:`BUILTIN_TEXT_VERSION`), else ``{}``: keys of other corpora stay as they were."""
     versions = {c: BUILTIN_TEXT_VERSION[c] for c in corpora if c in BUILTIN_TEXT_VERSION}
     return {"text": versions} if versions else {}
 
