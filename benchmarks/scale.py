@@ -257,9 +257,10 @@ def main() -> None:
         args.ppl_sequences, args.ppl_batch, args.train_steps, args.repeats = 4, 2, 2, 1
     dtype = getattr(torch, args.dtype)
     clock = Clock(args.device)
-    from spon_exp.hostmem import keep_freed_memory
+    from spon_exp.hostmem import applies_to_run, keep_freed_memory
 
-    report_host = {"keep_freed_memory": keep_freed_memory()}  # as the spon-exp runner does: both arms alike
+    # as the spon-exp CLI does (a CPU run only), for both arms alike
+    report_host = {"keep_freed_memory": applies_to_run(args.device) and keep_freed_memory()}
 
     t0 = time.perf_counter()
     model, tokenizer = build_model(args.shape, args.layers, args.device, dtype)

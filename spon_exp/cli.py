@@ -52,7 +52,7 @@ def _save_hydra_files(cfg: DictConfig, folder: Path) -> None:
 
 def _main(cfg: DictConfig) -> dict | float | None:
     from spon_exp.data.corpora import CorpusError
-    from spon_exp.hostmem import keep_freed_memory
+    from spon_exp.hostmem import applies_to_run, keep_freed_memory
     from spon_exp.models.loading import ModelNotFoundError
     from spon_exp.runner import guard_run_dir, is_done, run, summary_table
     from spon_exp.tracking.files import RESULTS, read_json
@@ -71,7 +71,8 @@ def _main(cfg: DictConfig) -> dict | float | None:
         return read_json(run_dir / RESULTS)
     try:
         guard_run_dir(run_dir, config_hash(cfg))  # before .hydra/ is written: a refused config changes nothing
-        keep_freed_memory()  # CPU temporaries reuse warm pages (spon_exp/hostmem.py)
+        if applies_to_run(cfg.model.device, cfg.model.device_map, cfg.malloc_tuning):
+            keep_freed_memory()  # CPU runs only: temporaries reuse warm pages (spon_exp/hostmem.py)
         results = run(cfg, run_dir, hydra_files=lambda folder: _save_hydra_files(cfg, folder))
     except (ConfigError, ModelNotFoundError, CorpusError, FileExistsError) as e:
         return _user_error(e, run_dir)

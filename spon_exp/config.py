@@ -217,6 +217,9 @@ class Config:
     save_export: bool = True  # write the folded sparse state (thresholds + biases) into the run folder
     save_checkpoint: bool = False  # also a from_pretrained-loadable checkpoint (a full weight copy)
     skip_if_done: bool = False  # re-launched sweeps: skip a run whose results.json says ok
+    # glibc malloc tuning (spon_exp/hostmem.py), applied to CPU runs only (model.device=cpu without
+    # model.device_map); false leaves the allocator alone. Not part of a run's identity (its hash)
+    malloc_tuning: bool = True
     search: SearchConfig = field(default_factory=SearchConfig)
     # groups whose content is not part of the schema (hydra/launcher is validated by Hydra)
     launcher: Any = None

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
-# Keys that do not change a run's numbers: where it logs, how it is launched, where files go.
+# Keys that do not change a run's numbers: where it logs, how it is launched, where files go,
+# how the host allocator is tuned.
 NON_IDENTITY_KEYS = ("logger", "launcher", "paths", "local", "experiment", "sweep_name", "skip_if_done",
-                     "save_export", "save_checkpoint", "search")
+                     "save_export", "save_checkpoint", "search", "malloc_tuning")
 
 
 def _digest(obj) -> str:
