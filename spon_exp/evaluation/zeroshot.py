@@ -295,8 +295,8 @@ def evaluate_zeroshot(model, tokenizer, tasks: str | Sequence[str] | Sequence[Re
     that fits; the sizes it chose are returned as ``batch_sizes``). ``apply_chat_template``
     / ``fewshot_as_multiturn``: lm-eval's options (the latter, lm-eval's default True, only
     matters with a chat template and few-shot examples). ``bootstrap_iters`` only affects
-    stderr of non-mean metrics (LAMBADA perplexity); lm-eval's default of 100000 takes
-    minutes on a small CPU.
+    stderr of non-mean metrics (LAMBADA perplexity); lm-eval's default of 100000 is slow on a
+    CPU.
 
     Returns ``{"tasks": {task: {metric: value}}, "paper_metric": {task: value},
     "metric_name": {task: metric}, "average": mean of paper metrics, "source": {task:

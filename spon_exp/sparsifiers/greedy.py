@@ -190,8 +190,8 @@ class SuffixReplay:
     Their outputs are padded back with zeros in front, so the block's output is exact on the
     scored tokens and meaningless before them. Attention still sees every token (the scored
     queries attend to all keys). The sparsifier's token policy keeps following the full
-    forward's length. This cuts a replay to ~40 % of a full block forward on Llama shapes
-    (o_proj + MLP are ~85 % of its matmul work)."""
+    forward's length. This saves most of a replay's work: on Llama shapes o_proj and the MLP
+    hold most of a block's matmul work, and they now see only the scored tokens."""
 
     def __init__(self, sparsifier, blocks: list[DecoderBlock], last_fraction: float):
         self.sparsifier, self.last_fraction = sparsifier, last_fraction
@@ -284,11 +284,11 @@ class ReplayMemo:
 
     A step raises one projection, so most parts repeat from the previous step: an MLP candidate
     reuses the attention, a k candidate reuses q and v. The replays compute exactly what the
-    full ones do (the same modules on the same inputs; only the work is not redone), about half
-    of it on a Llama-shaped block. Memory: per captured call, up to 4 outputs of each of q/k/v,
-    10 of the attention and 12 of gate and of up (gate/up on the scored tokens only); on
-    Llama-3-8B with 16 x 2048 calibration tokens about 10 GB on the GPU. ``reuse=False`` keeps
-    nothing (every part recomputed)."""
+    full ones do (the same modules on the same inputs; only the work is not redone), a large
+    part of it on a Llama-shaped block. Memory: per captured call, up to 4 outputs of each of
+    q/k/v, 10 of the attention and 12 of gate and of up (gate/up on the scored tokens only), so
+    it grows with the calibration tokens and the model's widths. ``reuse=False`` keeps nothing
+    (every part recomputed)."""
 
     def __init__(self, block: DecoderBlock, names: list[str], calls: int, reuse: bool = True):
         self.state: tuple[float, ...] = ()

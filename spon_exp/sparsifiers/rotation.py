@@ -15,7 +15,7 @@ rotated input is what every other hook on the consumers sees (calibration record
 initialisation), and SPON's α lives in the rotated space: ``b' = b + W'·α`` folds exactly.
 
 ``remove()`` restores the original weights bit for bit (they are kept on the CPU while
-folded; an 8B model's q/k/v/gate/up weights are ~9 GB of host memory in bf16). A bias that
+folded: a copy of every consumer's weights in host memory). A bias that
 SPON folded meanwhile (``b + W'·α``) belongs to the folded weights: detaching leaves it, so
 use such a model with the sparsifier attached (as the runner and the export do).
 """

@@ -251,8 +251,8 @@ class RSparseSparsifier(Sparsifier):
             if (output.requires_grad and torch.is_grad_enabled()) or not output.is_contiguous():
                 dropped_part = x - args[0]  # x ⊙ (1 − m); zero on tokens the token policy keeps dense
                 return output + F.linear(F.linear(dropped_part, down), up)
-            # inference: (down · restᵀ)ᵀ (a wide product: about twice as fast as the skinny
-            # rest · downᵀ on a CPU), accumulated into the projection's output in place
+            # inference: (down · restᵀ)ᵀ (one wide product, which CPU matmul kernels run better
+            # than the skinny rest · downᵀ), accumulated into the projection's output in place
             if low_t is None:
                 low_t = self._low_t(down, x - args[0])
             output.view(-1, output.shape[-1]).addmm_(low_t.T, up.T)

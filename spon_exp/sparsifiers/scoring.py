@@ -31,7 +31,7 @@ def topk_mask(score: torch.Tensor, keep: int, ties: str = "break") -> torch.Tens
     kept too (LaRoSA's reference, ``|x| >= kthvalue``), so a row may keep more.
 
     Both compare against the row's ``keep``-th largest score (one selection, no sort and no
-    index scatter: ~4x cheaper than ``topk`` + ``scatter`` on a CPU); with ``break`` only the
+    index scatter: less work than ``topk`` + ``scatter``); with ``break`` only the
     rows where a tie made the mask too wide are redone.
     """
     if ties not in TIES:

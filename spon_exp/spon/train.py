@@ -58,7 +58,8 @@ class TrainOptions:
     logits_chunk_tokens: int = 1024
     # Keep the teacher's final hidden states of each training sequence (computed, dense, the first
     # time the sequence is drawn): a revisit costs no teacher forward, for N x L x hidden floats
-    # (64 x 256 x 576: 38 MB). Off for corpora too large to hold: the teacher then runs every step.
+    # (N = calib.num_sequences, L = calib.seq_len). Off for corpora too large to hold: the teacher
+    # then runs every step.
     cache_teacher: bool = True
     checkpoint_every: int = 0  # steps between resumable training checkpoints; 0 = none
 
