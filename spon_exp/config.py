@@ -419,8 +419,8 @@ OFFLINE_ADVICE = {
 
 def _check_hub(cfg) -> None:
     """What needs the Hugging Face hub (a hub model id, the hub corpora) either is in the local
-    cache or the hub answers; otherwise one line now (seconds), instead of a minute of retries
-    and a traceback after the model loaded. Unreachable, the process then stays offline
+    cache or the hub answers; otherwise one line before anything loads, instead of the hub
+    client's retries and a traceback after the model loaded. Unreachable, the process then stays offline
     (``HF_HUB_OFFLINE``), so cached files load without a retry."""
     import os
 

@@ -6,8 +6,10 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from omegaconf import DictConfig, OmegaConf
+if TYPE_CHECKING:  # omegaconf only where a config is hashed: data/corpora.py imports this module
+    from omegaconf import DictConfig  # on GPU nodes without Hydra/OmegaConf
 
 # Keys that do not change a run's numbers: where it logs, how it is launched, where files go,
 # how the host allocator is tuned.
@@ -24,6 +26,8 @@ def plain(cfg: DictConfig) -> dict:
     the alias ``sparsifier.sparsity`` read as ``sparsity``: a config names the same run whether
     or not :func:`spon_exp.config.resolve_aliases` has moved it yet (the skip-finished launchers
     hash configs before the job does)."""
+    from omegaconf import OmegaConf
+
     if "hydra" in cfg:
         c = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
              for k in cfg if k != "hydra"}
