@@ -10,11 +10,16 @@ differs) changed, stored in Hydra's ConfigStore as ``hydra/launcher=spon_basic``
 slurm}.yaml`` only select them under the plugin's own names (a config file shadows a
 ConfigStore entry of the same name, so ``hydra/launcher=submitit_slurm`` skips finished runs
 too); ``conf/launcher/*.yaml`` set the cluster's parameters.
+
+The recipe search's sweeper (``sweeps/tune_spon_cpu.yaml`` sets ``hydra.sweeper._target_``) is
+hydra-optuna-sweeper's, except that a study in which no trial completed ends in one line and exit 2 (each
+trial's ``trial.json`` says why) instead of the plugin's traceback from ``study.best_trial``.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -71,3 +76,29 @@ class SkipFinishedSlurmLauncher(SkipFinishedMixin, SlurmLauncher):
 class SkipFinishedSubmititLocalLauncher(SkipFinishedMixin, LocalLauncher):
     pass
 
+
+
+from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper  # noqa: E402
+
+
+class SponOptunaSweeper(OptunaSweeper):
+    def sweep(self, arguments: list[str]) -> None:
+        try:
+            return super().sweep(arguments)
+        except ValueError:  # the plugin's closing report asks the study for its best trial
+            if self._completed_trials():
+                raise
+            sweep_dir = HydraConfig.get().sweep.dir
+            print(f"spon-exp: error: no trial of the study completed; each trial folder's trial.json under {sweep_dir} "
+                  f"says why: fix that and re-launch (the study continues)", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    def _completed_trials(self) -> int:
+        import optuna
+
+        impl = self.sweeper
+        try:
+            study = optuna.load_study(study_name=impl.study_name, storage=impl.storage)
+        except Exception:  # noqa: BLE001 - no study to ask: let the original error through
+            return 1
+        return sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
