@@ -88,7 +88,7 @@ class SponOptunaSweeper(OptunaSweeper):
         except ValueError:  # the plugin's closing report asks the study for its best trial
             if self._completed_trials():
                 raise
-            sweep_dir = HydraConfig.get().sweep.dir
+            sweep_dir = self.sweeper.config.hydra.sweep.dir  # the full config: sweep.dir names paths.outputs
             print(f"spon-exp: error: no trial of the study completed; each trial folder's trial.json under {sweep_dir} "
                   f"says why: fix that and re-launch (the study continues)", file=sys.stderr)
             raise SystemExit(2) from None
