@@ -387,7 +387,14 @@ def _load_data(ctx: RunContext, model, tokenizer) -> tuple[torch.Tensor, Evaluat
         if calib.shape[0] < c.num_sequences:
             log.warning("Corpus %s has only %d calibration sequences of %d tokens (asked for %d)",
                         c.corpus, calib.shape[0], c.seq_len, c.num_sequences)
-        return calib, Evaluation(ctx.cfg, model, tokenizer, ctx.timer, ctx.metrics)
+        evaluation = Evaluation(ctx.cfg, model, tokenizer, ctx.timer, ctx.metrics)
+        if c.bos == "none" and evaluation.protocol.bos != "none":
+            # Gemma-3: thresholds and α fitted without a BOS close a fraction of the gap that
+            # they close with one (benchmarks/RESULTS.md, "SPON recipe search")
+            log.warning("The evaluation puts a BOS before its text (eval.ppl.bos=%s resolves to %s) but calibration "
+                        "and α training do not (calib.bos=none): the sparsifier and α are fitted to inputs the "
+                        "evaluated model never sees; set calib.bos=row", ctx.cfg.eval.ppl.bos, evaluation.protocol.bos)
+        return calib, evaluation
 
 
 def _sparse_eval(ctx: RunContext, evaluation: Evaluation, sparsifier) -> None:

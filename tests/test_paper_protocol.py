@@ -240,3 +240,24 @@ def test_calibration_bos_names_the_calibration_artefacts_not_the_dense_baseline(
 def test_calibration_bos_without_a_bos_token_fails_early():
     with pytest.raises(ConfigError, match="calib.bos=row needs a BOS token"):
         validate(compose_cfg(SMALL + ["calib.bos=row"]))
+
+
+@pytest.mark.parametrize("calib_bos, warned", [("none", True), ("row", False)])
+def test_an_evaluation_bos_without_a_calibration_bos_is_flagged(calib_bos, warned, tmp_path, caplog):
+    # Gemma-3: thresholds and α fitted without a BOS, evaluated with one, close a fraction of the gap
+    from types import SimpleNamespace
+
+    from spon_exp.models.loading import load_model
+    from spon_exp.runner import Timer, _load_data
+    from spon_exp.tracking.files import MetricsWriter
+
+    cfg = compose_cfg([*SMALL, "eval.ppl.bos=chunk", f"calib.bos={calib_bos}"], tmp_path)
+    lm = load_model("tiny-random:llama")
+    lm.tokenizer.bos_token = lm.tokenizer.eos_token  # the tiny tokenizer has no BOS of its own
+    metrics = MetricsWriter(tmp_path / "metrics.jsonl")
+    ctx = SimpleNamespace(cfg=cfg, timer=Timer(metrics), metrics=metrics)
+    with caplog.at_level("WARNING", logger="spon_exp.runner"):
+        calib, evaluation = _load_data(ctx, lm.model, lm.tokenizer)
+    assert evaluation.protocol.bos == "chunk"
+    assert ("set calib.bos=row" in caplog.text) == warned
+    assert (calib[:, 0] == lm.tokenizer.bos_token_id).all() == (calib_bos == "row")
