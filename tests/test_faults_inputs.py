@@ -190,8 +190,11 @@ def test_verbose_adds_the_traceback_to_the_one_line(how, tmp_path):
 
 
 def in_subprocess(patch: str, args, tmp_path) -> subprocess.Popen:
-    """The CLI with ``args``, after running ``patch`` (Python source) in the same process."""
-    script = textwrap.dedent(patch) + textwrap.dedent(f"""
+    """The CLI with ``args``, after running ``patch`` (Python source) in the same process. Ctrl-C
+    raises KeyboardInterrupt there, as in a terminal, even when this suite runs with SIGINT
+    ignored (started with ``&`` from a script, whose children inherit the ignore)."""
+    script = "import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n" + \
+        textwrap.dedent(patch) + textwrap.dedent(f"""
         import sys
         sys.argv = ["spon-exp", *{list(args)!r}]
         from spon_exp.cli import main
