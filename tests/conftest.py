@@ -17,14 +17,25 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: threads only add overhead (and contend on shared CPUs). A module opts in
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 # --- slurm_cluster: a real local SLURM cluster (slurm/start_local_cluster.sh) ---
 import os
 import shutil
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
-
-import pytest
 
 _REPO = Path(__file__).resolve().parents[1]
 _SLURM_BINARIES = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd", "sbatch", "sacct")

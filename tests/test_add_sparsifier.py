@@ -29,12 +29,7 @@ GUIDE = ROOT / "docs" / "ARCHITECTURE.md"
 PACKAGE_METHODS = sorted(REGISTRY)  # at collection: the package's own methods
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ------------------------------------------------------------------ the registry

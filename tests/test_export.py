@@ -46,12 +46,7 @@ CASES = [(m, f) for m in METHODS for f in FAMILIES[:2]] + [("teal", "gemma3_text
 CHECK_IDS = random_ids(2, 48, seed=7)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_run(run_dir: Path, family: str, method: str) -> torch.Tensor:

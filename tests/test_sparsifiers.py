@@ -18,13 +18,7 @@ from spon_exp.spon import Spon, TrainConfig, fold_alpha, load_sparse_state, save
 from tests.helpers import FAMILIES, random_ids, tiny
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: threads only add overhead (and contend on shared CPUs)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ----------------------------------------------------------------------------- helpers
