@@ -83,9 +83,9 @@ SCALE_LAYERS=8  # scale.py and sparse_decode.py at Llama-3-8B's layer shape, thi
 mapfile -t GPU_TESTS < <(grep -l 'mark\.gpu' tests/test_*.py 2>/dev/null)
 R="$WORK/results"
 declare -A CMD
+CMD[pytest]="$PYTHON -m pytest -q -m gpu -p no:cacheprovider --junitxml=$R/pytest.xml ${GPU_TESTS[*]}"  # collected and skipped without CUDA
 if [ "$DRY_RUN" = 1 ]; then
   MODE=dry-run
-  CMD[pytest]="$PYTHON -m pytest -q -m gpu -p no:cacheprovider --junitxml=$R/pytest.xml ${GPU_TESTS[*]}"
   CMD[scale]="$PYTHON benchmarks/scale.py --small --methods teal --skip throughput --out $R/scale.json"
   CMD[topk]="$PYTHON benchmarks/perf/topk.py --device cpu --widths 64 --rows 8 --repeats 1 --out $R/topk.json"
   CMD[sparse_matvec]="$PYTHON benchmarks/perf/sparse_matvec.py --device cpu --shapes 64x48 --sparsities 0.5 --repeats 2 --warmup 1 --threads 1 --out $R/sparse_matvec.json"
@@ -94,7 +94,6 @@ if [ "$DRY_RUN" = 1 ]; then
   export OMP_NUM_THREADS=1 TRITON_INTERPRET=1
 else
   MODE=gpu
-  CMD[pytest]="$PYTHON -m pytest -q -m gpu -p no:cacheprovider --junitxml=$R/pytest.xml ${GPU_TESTS[*]}"
   CMD[scale]="$PYTHON benchmarks/scale.py --device cuda --dtype bfloat16 --shape llama3_8b --layers $SCALE_LAYERS --out $R/scale.json"
   CMD[topk]="$PYTHON benchmarks/perf/topk.py --device cuda --dtype bfloat16 --widths 4096 14336 --rows 1 8 2048 --out $R/topk.json"
   CMD[sparse_matvec]="$PYTHON benchmarks/perf/sparse_matvec.py --device cuda --out $R/sparse_matvec.json"
