@@ -106,8 +106,10 @@ class CalibConfig:
     threshold_sequences: int = 16  # the first N of them calibrate the sparsifier
     batch_size: int = 4  # forward batch for calibration passes
     # none: blocks of text only; row: every block is BOS + seq_len - 1 text tokens, as the rows of
-    # TEAL's and LaRoSA's reference calibration (docs/FIDELITY.md, "calibration BOS")
-    bos: str = "none"
+    # TEAL's and LaRoSA's reference calibration (docs/FIDELITY.md, "calibration BOS"); auto: row
+    # when the evaluation puts a BOS before every block or window (eval.ppl.bos resolves to
+    # chunk: Gemma-3's tokenizer), none otherwise, so thresholds and α see the inputs evaluated
+    bos: str = "auto"
 
 
 @dataclass
@@ -355,9 +357,9 @@ def validate(cfg) -> None:
         (cfg.spon.steps is None or cfg.spon.steps >= 0, f"spon.steps must be >= 0, got {cfg.spon.steps}"),
         (cfg.calib.num_sequences >= 1, f"calib.num_sequences must be >= 1, got {cfg.calib.num_sequences}"),
         (cfg.calib.seq_len >= 2, f"calib.seq_len must be >= 2, got {cfg.calib.seq_len}"),
-        (cfg.calib.bos in ("none", "row"), f"calib.bos must be none or row, got {cfg.calib.bos!r}"),
+        (cfg.calib.bos in ("auto", "none", "row"), f"calib.bos must be auto, none or row, got {cfg.calib.bos!r}"),
         (cfg.calib.bos == "none" or cfg.calib.seq_len >= 3,
-         f"calib.bos=row puts a BOS in front of calib.seq_len - 1 text tokens; calib.seq_len={cfg.calib.seq_len} "
+         f"calib.bos={cfg.calib.bos} may put a BOS in front of calib.seq_len - 1 text tokens; calib.seq_len={cfg.calib.seq_len} "
          f"is too short, use 3 or more"),
         (cfg.eval.ppl.seq_len >= 2, f"eval.ppl.seq_len must be >= 2, got {cfg.eval.ppl.seq_len}"),
         (cfg.eval.ppl.protocol in ("chunks", "sliding"), f"eval.ppl.protocol must be chunks or sliding, got {cfg.eval.ppl.protocol!r}"),

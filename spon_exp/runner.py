@@ -108,7 +108,8 @@ def _ppl_data(tokenizer, corpus: str, cfg: DictConfig):
 @dataclass
 class RunContext:
     """What every stage of one run reads and writes: the config, the folder, the run's
-    identity (computed once), the results being built, timings, metrics and the tracker."""
+    identity (computed once; ``calib.bos=auto`` names its calibration artefacts once the
+    tokenizer is loaded), the results being built, timings, metrics and the tracker."""
 
     cfg: DictConfig
     run_dir: Path
@@ -377,23 +378,37 @@ def _load_model(ctx: RunContext):
     return loaded.model, loaded.tokenizer
 
 
+def calibration_bos(policy: str, evaluation_bos: str) -> str:
+    """``none`` or ``row`` for a configured ``calib.bos``: ``auto`` follows the evaluation, a
+    BOS row when it puts a BOS before every block or window (``evaluation_bos`` is the resolved
+    ``eval.ppl.bos``: ``chunk``), text only when it puts none or one at the stream's start."""
+    if policy != "auto":
+        return policy
+    return "row" if evaluation_bos == "chunk" else "none"
+
+
 def _load_data(ctx: RunContext, model, tokenizer) -> tuple[torch.Tensor, Evaluation]:
     from spon_exp.data.corpora import token_blocks
 
     c = ctx.cfg.calib
     with ctx.timer.stage("load_data"):
+        evaluation = Evaluation(ctx.cfg, model, tokenizer, ctx.timer, ctx.metrics)
+        bos = calibration_bos(c.bos, evaluation.protocol.bos)
+        if c.bos == "auto":
+            log.info("calib.bos=auto: %s (the evaluation's BOS policy resolves to %s)", bos, evaluation.protocol.bos)
+            ctx.identity = ctx.identity.with_calib_bos(ctx.cfg, bos)
+        elif bos == "none" and evaluation.protocol.bos == "chunk":
+            # Gemma-3: thresholds and α fitted without a BOS close a fraction of the gap that
+            # they close with one (benchmarks/RESULTS.md, "SPON recipe search")
+            log.warning("The evaluation puts a BOS before every block (eval.ppl.bos=%s resolves to chunk) but "
+                        "calibration and α training do not (calib.bos=none): the sparsifier and α are fitted to "
+                        "inputs the evaluated model never sees; set calib.bos=auto or row", ctx.cfg.eval.ppl.bos)
+        ctx.results["calib_bos"] = bos
         calib = token_blocks(tokenizer, c.corpus, "calibration", c.seq_len, c.num_sequences,
-                             bos_token_id=tokenizer.bos_token_id if c.bos == "row" else None)
+                             bos_token_id=tokenizer.bos_token_id if bos == "row" else None)
         if calib.shape[0] < c.num_sequences:
             log.warning("Corpus %s has only %d calibration sequences of %d tokens (asked for %d)",
                         c.corpus, calib.shape[0], c.seq_len, c.num_sequences)
-        evaluation = Evaluation(ctx.cfg, model, tokenizer, ctx.timer, ctx.metrics)
-        if c.bos == "none" and evaluation.protocol.bos != "none":
-            # Gemma-3: thresholds and α fitted without a BOS close a fraction of the gap that
-            # they close with one (benchmarks/RESULTS.md, "SPON recipe search")
-            log.warning("The evaluation puts a BOS before its text (eval.ppl.bos=%s resolves to %s) but calibration "
-                        "and α training do not (calib.bos=none): the sparsifier and α are fitted to inputs the "
-                        "evaluated model never sees; set calib.bos=row", ctx.cfg.eval.ppl.bos, evaluation.protocol.bos)
         return calib, evaluation
 
 

@@ -229,12 +229,32 @@ def test_calibration_rows_with_a_bos_are_bos_plus_text(tmp_path):
 
 
 def test_calibration_bos_names_the_calibration_artefacts_not_the_dense_baseline():
-    plain, spelled = compose_cfg(SMALL), compose_cfg(SMALL + ["calib.bos=none"])
-    assert RunIdentity.of(plain) == RunIdentity.of(spelled)  # the default keeps every name
+    none = compose_cfg(SMALL + ["calib.bos=none"])
     row = RunIdentity.of(compose_cfg(SMALL + ["calib.bos=row"]))
-    before = RunIdentity.of(plain)
+    auto_cfg = compose_cfg(SMALL)  # the default: auto
+    before, auto = RunIdentity.of(none), RunIdentity.of(auto_cfg)
     assert row.sparsifier_key != before.sparsifier_key and row.alpha_key != before.alpha_key
-    assert row.dense_key == before.dense_key and row.config_hash != before.config_hash
+    assert row.dense_key == before.dense_key == auto.dense_key and row.config_hash != before.config_hash
+    assert auto.config_hash not in (before.config_hash, row.config_hash)  # the run says it asked for auto
+    # once resolved, auto's calibration artefacts are the spelled-out policy's (shared caches)
+    for spelled, resolved in ((before, auto.with_calib_bos(auto_cfg, "none")), (row, auto.with_calib_bos(auto_cfg, "row"))):
+        assert (resolved.sparsifier_key, resolved.alpha_key) == (spelled.sparsifier_key, spelled.alpha_key)
+        assert resolved.config_hash == auto.config_hash
+
+
+def test_calibration_bos_none_keeps_the_names_of_runs_made_before_the_option():
+    from spon_exp.tracking.identity import _identity_config
+
+    assert "bos" not in _identity_config(compose_cfg(SMALL + ["calib.bos=none"]))["calib"]
+    assert _identity_config(compose_cfg(SMALL))["calib"]["bos"] == "auto"
+
+
+@pytest.mark.parametrize("evaluation_bos, calibration", [("chunk", "row"), ("stream", "none"), ("none", "none")])
+def test_calibration_bos_auto_follows_the_evaluation(evaluation_bos, calibration):
+    from spon_exp.runner import calibration_bos
+
+    assert calibration_bos("auto", evaluation_bos) == calibration
+    assert calibration_bos("row", evaluation_bos) == "row" and calibration_bos("none", evaluation_bos) == "none"
 
 
 def test_calibration_bos_without_a_bos_token_fails_early():
@@ -242,9 +262,10 @@ def test_calibration_bos_without_a_bos_token_fails_early():
         validate(compose_cfg(SMALL + ["calib.bos=row"]))
 
 
-@pytest.mark.parametrize("calib_bos, warned", [("none", True), ("row", False)])
-def test_an_evaluation_bos_without_a_calibration_bos_is_flagged(calib_bos, warned, tmp_path, caplog):
-    # Gemma-3: thresholds and α fitted without a BOS, evaluated with one, close a fraction of the gap
+@pytest.mark.parametrize("calib_bos, warned, rows", [("none", True, False), ("row", False, True), ("auto", False, True)])
+def test_an_evaluation_bos_without_a_calibration_bos_is_flagged(calib_bos, warned, rows, tmp_path, caplog):
+    # Gemma-3: thresholds and α fitted without a BOS, evaluated with one, close a fraction of the
+    # gap; calib.bos=auto (the default) gives BOS rows here, named as calib.bos=row's
     from types import SimpleNamespace
 
     from spon_exp.models.loading import load_model
@@ -255,9 +276,12 @@ def test_an_evaluation_bos_without_a_calibration_bos_is_flagged(calib_bos, warne
     lm = load_model("tiny-random:llama")
     lm.tokenizer.bos_token = lm.tokenizer.eos_token  # the tiny tokenizer has no BOS of its own
     metrics = MetricsWriter(tmp_path / "metrics.jsonl")
-    ctx = SimpleNamespace(cfg=cfg, timer=Timer(metrics), metrics=metrics)
+    ctx = SimpleNamespace(cfg=cfg, timer=Timer(metrics), metrics=metrics, identity=RunIdentity.of(cfg), results={})
     with caplog.at_level("WARNING", logger="spon_exp.runner"):
         calib, evaluation = _load_data(ctx, lm.model, lm.tokenizer)
     assert evaluation.protocol.bos == "chunk"
-    assert ("set calib.bos=row" in caplog.text) == warned
-    assert (calib[:, 0] == lm.tokenizer.bos_token_id).all() == (calib_bos == "row")
+    assert ("set calib.bos=auto or row" in caplog.text) == warned
+    assert (calib[:, 0] == lm.tokenizer.bos_token_id).all() == rows
+    assert ctx.results["calib_bos"] == ("row" if rows else "none")
+    spelled = RunIdentity.of(compose_cfg([*SMALL, "eval.ppl.bos=chunk", f"calib.bos={ctx.results['calib_bos']}"], tmp_path))
+    assert (ctx.identity.sparsifier_key, ctx.identity.alpha_key) == (spelled.sparsifier_key, spelled.alpha_key)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # omegaconf only where a config is hashed: data/corpora.py imports this module
@@ -60,9 +60,14 @@ def _ppl_identity(ppl: dict) -> dict:
     return _without_new_defaults("ppl", ppl)
 
 
-def _calib(c: dict, keys: tuple[str, ...]) -> dict:
-    """The calibration settings an artefact depends on, ``bos`` only where it is not ``none``."""
-    return _without_new_defaults("calib", {k: c["calib"][k] for k in (*keys, "bos") if k in c["calib"]})
+def _calib(c: dict, keys: tuple[str, ...], bos: str | None) -> dict:
+    """The calibration settings an artefact depends on, ``bos`` only where it is not ``none``:
+    ``bos``, where given, is what ``calib.bos=auto`` resolved to (a run with ``auto`` and one
+    that spells the same value out share their calibration artefacts)."""
+    node = {k: c["calib"][k] for k in (*keys, "bos") if k in c["calib"]}
+    if bos is not None:
+        node["bos"] = bos
+    return _without_new_defaults("calib", node)
 
 
 def _identity_config(cfg: DictConfig) -> dict:
@@ -109,25 +114,26 @@ def _text_versions(corpora) -> dict:
     return {"text": versions} if versions else {}
 
 
-def sparsifier_key(cfg: DictConfig) -> str:
-    """What calibrated thresholds depend on: weights, method, target, calibration data, seed."""
+def sparsifier_key(cfg: DictConfig, calib_bos: str | None = None) -> str:
+    """What calibrated thresholds depend on: weights, method, target, calibration data, seed
+    (``calib_bos``: what ``calib.bos=auto`` resolved to, once the tokenizer is known)."""
     c = plain(cfg)
     return _digest({
         "model": {k: c["model"][k] for k in ("path", "dtype")},
         "sparsifier": {k: v for k, v in c["sparsifier"].items() if k not in NOT_SPARSIFIER_SETTINGS},
         "sparsity": c["sparsity"],
         "seed": c["seed"],
-        "calib": _calib(c, ("corpus", "seq_len", "threshold_sequences", "batch_size")),
+        "calib": _calib(c, ("corpus", "seq_len", "threshold_sequences", "batch_size"), calib_bos),
         **_text_versions([c["calib"]["corpus"]]),
     })
 
 
-def alpha_key(cfg: DictConfig) -> str:
+def alpha_key(cfg: DictConfig, calib_bos: str | None = None) -> str:
     """What trained alphas depend on: the sparsifier's inputs plus SPON and training data."""
     c = plain(cfg)
     spon = _without_new_defaults("spon", {k: v for k, v in c["spon"].items() if k != "checkpoint_every"})
-    return _digest({"sparsifier": sparsifier_key(cfg), "spon": spon,
-                    "calib": _calib(c, ("corpus", "seq_len", "num_sequences"))})
+    return _digest({"sparsifier": sparsifier_key(cfg, calib_bos), "spon": spon,
+                    "calib": _calib(c, ("corpus", "seq_len", "num_sequences"), calib_bos)})
 
 
 #: ``sparsifier.*`` options that say which tokens of a forward are sparsified
@@ -214,3 +220,8 @@ class RunIdentity:
         chash = config_hash(cfg)
         return cls(chash, sparsifier_key(cfg), alpha_key(cfg), dense_key(cfg), wandb_run_id(cfg.sweep_name, chash),
                    seed_group(cfg))
+
+    def with_calib_bos(self, cfg: DictConfig, bos: str) -> RunIdentity:
+        """The same run, its calibration artefacts named by the BOS policy ``calib.bos=auto``
+        resolved to (the run's own hash keeps ``auto``)."""
+        return replace(self, sparsifier_key=sparsifier_key(cfg, bos), alpha_key=alpha_key(cfg, bos))
