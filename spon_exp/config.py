@@ -115,7 +115,7 @@ class CalibConfig:
 @dataclass
 class SponConfig(TrainOptions):  # the training settings (lr, steps, ...) are TrainOptions' fields
     count: int = 1  # spontaneous neurons per projection; 0 = SPON off
-    projections: str = "all"  # all / attention / mlp / down_proj
+    projections: Any = "all"  # all / attention / mlp / down_proj, or a list of names ([q_proj,up_proj])
     init: str = "zero"  # zero / mean_dropped
     train: bool = True  # false: keep the init (the training-free baseline)
     checkpoint_every: int = 20  # steps between resumable checkpoints; a run keeps them (train_alpha's default: 0 = never)
@@ -337,6 +337,7 @@ def validate(cfg) -> None:
     the model's files, dtype and device, sequence lengths against the model's context, and
     corpora (readable UTF-8 text, each split large enough for one block)."""
     from spon_exp.data.corpora import CorpusError, check_corpus
+    from spon_exp.models.adapters import projection_names
     from spon_exp.models.loading import check_device, check_model_path, resolve_dtype
     from spon_exp.sparsifiers.base import check_sparsity
 
@@ -348,6 +349,10 @@ def validate(cfg) -> None:
             check_device(cfg.model.device)
         for corpus in [cfg.calib.corpus, *cfg.eval.ppl.corpora]:
             check_corpus(corpus)
+        try:
+            projection_names(cfg.spon.projections if isinstance(cfg.spon.projections, str) else list(cfg.spon.projections))
+        except ValueError as e:
+            raise ValueError(f"spon.projections: {e}") from None
     except (ValueError, FileNotFoundError, CorpusError) as e:
         raise ConfigError(str(e)) from None
     checks = [

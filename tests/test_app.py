@@ -227,3 +227,13 @@ def test_the_run_seed_seeds_the_calibration_sample(tmp_path):
         thresholds.setdefault(seed, []).append({k: float(v) for k, v in state.items() if k.startswith("threshold.")})
     assert thresholds[1][0] == thresholds[1][1]
     assert thresholds[0][0] != thresholds[1][0]
+
+
+def test_a_list_of_projections_from_the_command_line_trains_alpha_on_those_only(tmp_path):
+    from safetensors.torch import load_file
+
+    results = run(strip_hydra(compose_cfg([*SMALL, "logger=none", "spon.projections=[q_proj,up_proj]"], tmp_path)),
+                  tmp_path / "run")
+    assert results["status"] == "ok" and results["spon"]["projections"] == ["q_proj", "up_proj"]
+    names = {key.rsplit(".", 1)[-1] for key in load_file(str(tmp_path / "run" / "alpha.safetensors"))}
+    assert names == {"q_proj", "up_proj"}

@@ -74,6 +74,9 @@ def rejects(overrides, message, tmp_path):
     (["model.device=gpu"], "Unknown device 'gpu'"),
     (["model.device=cuda:64"], "cuda:64"),
     (["model.dtype=float8"], "Unknown dtype 'float8'"),
+    (["spon.projections=attn"], "spon.projections: Unknown projection set 'attn'"),
+    (["spon.projections=[q_proj,w9]"], "spon.projections: Unknown projection names ['w9']"),
+    (["spon.projections=[]"], "spon.projections: An empty projection list selects nothing"),
 ])
 def test_lengths_devices_and_dtypes_are_checked_against_the_model(overrides, message, tmp_path):
     rejects(overrides, message, tmp_path)

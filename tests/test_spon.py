@@ -26,6 +26,7 @@ def setup(family="llama", sparsity=0.5, count=1, projections="all"):
     ("attention", {"q_proj", "k_proj", "v_proj", "o_proj"}),
     ("mlp", {"gate_proj", "up_proj", "down_proj"}),
     ("down_proj", {"down_proj"}),
+    (["q_proj", "gate_proj", "up_proj"], {"q_proj", "gate_proj", "up_proj"}),
 ])
 def test_alpha_shapes_and_projection_choice(projections, names):
     lm, sp, spon, _ = setup(count=3, projections=projections)

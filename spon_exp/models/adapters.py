@@ -139,15 +139,21 @@ PROJECTION_SETS = {
 }
 
 
-def select_projections(blocks: list[DecoderBlock], which: str | list[str] = "all") -> list[Projection]:
-    """Projections of every block named by a set name (all/attention/mlp/down_proj) or a list."""
+def projection_names(which: str | list[str] = "all") -> tuple[str, ...]:
+    """The projection names of a set name (all/attention/mlp/down_proj) or a list of names."""
     if isinstance(which, str):
         if which not in PROJECTION_SETS:
             raise ValueError(f"Unknown projection set {which!r}; choose from {sorted(PROJECTION_SETS)} or list names from {PROJECTIONS}")
-        names = PROJECTION_SETS[which]
-    else:
-        names = tuple(which)
-        bad = [n for n in names if n not in PROJECTIONS]
-        if bad:
-            raise ValueError(f"Unknown projection names {bad}; valid names are {PROJECTIONS}")
+        return PROJECTION_SETS[which]
+    names = tuple(which)
+    bad = [n for n in names if n not in PROJECTIONS]
+    if bad or not names:
+        raise ValueError(f"Unknown projection names {bad}; valid names are {PROJECTIONS}" if bad
+                         else f"An empty projection list selects nothing; list names from {PROJECTIONS}")
+    return names
+
+
+def select_projections(blocks: list[DecoderBlock], which: str | list[str] = "all") -> list[Projection]:
+    """Projections of every block named by a set name (all/attention/mlp/down_proj) or a list."""
+    names = projection_names(which)
     return [b.projections[n] for b in blocks for n in PROJECTIONS if n in names]
