@@ -255,6 +255,54 @@ def seed_groups(rows: list[dict]) -> list[list[dict]]:
             for k in sorted(groups, key=lambda k: (*k[:-2], k[-2] if k[-2] is not None else -1, str(k[-1])))]
 
 
+#: config keys the tables show in columns of their own, or that never name a configuration
+SHOWN_OR_NOT_A_SETTING = ("seed", "sparsity", "model.name", "sparsifier.name", "sparsifier.label", "sparsifier.sparsity",
+                          "calib.corpus", "spon.count", "spon.checkpoint_every")
+
+
+def _flat_settings(row: dict) -> dict | None:
+    """The run's identity settings (``config.yaml`` in its folder, minus logging, launcher and
+    path keys) as ``{dotted.key: value}``; None where the folder has no readable config."""
+    from spon_exp.tracking.identity import NON_IDENTITY_KEYS
+
+    from omegaconf import OmegaConf
+
+    cfg = _run_config(row)
+    if cfg is None:
+        return None
+    out: dict = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = node
+
+    container = OmegaConf.to_container(cfg, resolve=False)
+    walk({k: v for k, v in container.items() if k not in NON_IDENTITY_KEYS and k != "hydra"}, "")
+    return {k: v for k, v in out.items() if k not in SHOWN_OR_NOT_A_SETTING}
+
+
+def _setting_text(value) -> str:
+    if isinstance(value, list):
+        return "[" + ",".join(_setting_text(v) for v in value) + "]"
+    text = str(value)
+    return text.replace("\\", "/").rsplit("/", 1)[-1] if "/" in text or "\\" in text else text
+
+
+def group_settings(groups: list[list[dict]]) -> list[str]:
+    """Per configuration, the settings that tell it apart from the others of the same table
+    (``spon.lr=0.0003 spon.average=none``): the keys whose values are not the same in every
+    configuration's ``config.yaml``; ``-`` where none differ or the runs have no config (W&B rows)."""
+    flats = [_flat_settings(g[0]) for g in groups]
+    known = [f for f in flats if f is not None]
+    keys = sorted({k for f in known for k in f})
+    differing = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in known}) > 1]
+    return [" ".join(f"{k}={_setting_text(f.get(k))}" for k in differing) or "-" if f is not None else "-"
+            for f in flats]
+
+
 def _units(row: dict) -> dict | None:
     """The run's per-block NLLs and per-document scores (``eval_units.safetensors`` in its
     folder), read once; None where there are none (older runs, W&B rows)."""
@@ -346,11 +394,13 @@ def ppl_tables(rows: list[dict]) -> dict[str, list[list[str]]]:
     effective sparsity, what the interval resamples, and runs that did not finish."""
     corpora = sorted({c for r in rows for c in r["ppl"]}) or ["(none)"]
     header = [*ROW_KEYS, "sparsity", "n", *PPL_COLUMNS, "gap closure", "gap SD (pts)", "measured", "effective",
-              "interval over", "seed_group", "not ok"]
+              "interval over", "seed_group", "not ok", "settings"]
     tables = {}
+    groups = seed_groups(rows)
+    settings = group_settings(groups)
     for corpus in corpora:
         body = []
-        for group in seed_groups(rows):
+        for group, differs in zip(groups, settings):
             summary = group_summary(group, corpus)
             if not summary["n"] and not summary["not_ok"]:
                 continue  # ok runs that did not evaluate this corpus
@@ -368,7 +418,7 @@ def ppl_tables(rows: list[dict]) -> dict[str, list[list[str]]]:
                 status = sorted(summary["not_ok"])[0].upper()
                 cells = [status, status, status, "-", "-", "-", "-", "-"]
             body.append([*_key(first), _fmt(first["sparsity"]), str(summary["n"]), *cells,
-                         str(first.get("seed_group") or "-")[:8], not_ok or "-"])
+                         str(first.get("seed_group") or "-")[:8], not_ok or "-", differs])
         tables[f"ppl_{corpus}"] = [header, *body]
     return tables
 
@@ -381,11 +431,13 @@ def ppl_csv_tables(rows: list[dict]) -> dict[str, list[list]]:
     columns = [c for name in stats for c in (_csv_name(name), f"{_csv_name(name)}_ci_low",
                                              f"{_csv_name(name)}_ci_high", f"{_csv_name(name)}_sd")]
     header = [*ROW_KEYS, "sparsity", "seed_group", "n", "seeds", *columns, "measured_sparsity", "effective_sparsity",
-              "interval_over", "not_ok"]
+              "interval_over", "not_ok", "settings"]
     tables = {}
+    groups = seed_groups(rows)
+    settings = group_settings(groups)
     for corpus in corpora:
         body = []
-        for group in seed_groups(rows):
+        for group, differs in zip(groups, settings):
             summary = group_summary(group, corpus)
             if not summary["n"] and not summary["not_ok"]:
                 continue
@@ -397,7 +449,7 @@ def ppl_csv_tables(rows: list[dict]) -> dict[str, list[list]]:
             body.append([*_key(first), first["sparsity"], first.get("seed_group"), summary["n"],
                          " ".join(str(r["seed"]) for r in summary["rows"]), *values,
                          summary.get("measured_sparsity"), summary.get("effective_sparsity"), summary.get("covers"),
-                         " ".join(f"{n} {s}" for s, n in sorted(summary["not_ok"].items()))])
+                         " ".join(f"{n} {s}" for s, n in sorted(summary["not_ok"].items())), differs])
         tables[f"ppl_{corpus}"] = [header, *body]
     return tables
 
@@ -697,8 +749,8 @@ def _same_value(actual, wanted: str) -> bool:
         return str(actual).lower() == wanted.lower()
 
 
-def _config_value(row: dict, key: str):
-    """A dotted key of the run's resolved config (``config.yaml`` in its folder)."""
+def _run_config(row: dict):
+    """The run's resolved config (``config.yaml`` in its folder), read once; None without one."""
     if "_config" not in row:
         from omegaconf import OmegaConf
 
@@ -707,12 +759,15 @@ def _config_value(row: dict, key: str):
             row["_config"] = OmegaConf.load(path) if path.is_file() else None
         except Exception:  # noqa: BLE001 - an unreadable config only fails this filter
             row["_config"] = None
-    cfg = row["_config"]
-    if cfg is None:
-        return None
+    return row["_config"]
+
+
+def _config_value(row: dict, key: str):
+    """A dotted key of the run's resolved config (``config.yaml`` in its folder)."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.select(cfg, key, default=None)
+    cfg = _run_config(row)
+    return None if cfg is None else OmegaConf.select(cfg, key, default=None)
 
 
 def _matches(row: dict, condition: str) -> bool:

@@ -245,3 +245,23 @@ def test_zeroshot_figures_over_seeds_are_the_seeds_mean_with_a_wider_interval_wh
     assert width(rec["ci"]) > 1.5 * width(single)
     same = aggregate_zeroshot([zeroshot_run(s, {"dense": 0.70, "sparse": 0.60, "spon": 0.66}) for s in range(3)], boot)
     assert same["statistics"]["recovery"]["ci"] == pytest.approx(single, abs=1e-9)
+
+
+def test_collect_names_the_settings_that_tell_configurations_apart(tmp_path):
+    t = text()
+    folder = tmp_path / "sweep"
+    for name, lr in (("base", 0.0003), ("cand", 0.001), ("bare", None)):
+        for s, spon in enumerate((28.0, 30.0)):
+            write_run(folder, f"{name}{s}", seed_run(s, 36.0, spon, t), 0.4, name * 6)
+            if lr is not None:  # the seed, the logger and the sweep differ too, and are no setting
+                config = {"seed": s, "sparsity": 0.4, "sweep_name": name, "logger": {"name": f"w{s}"},
+                          "model": {"name": "m", "path": "/data/models/m"}, "spon": {"lr": lr, "steps": 150}}
+                (folder / f"{name}{s}" / "config.yaml").write_text(json.dumps(config))
+    out = tmp_path / "tables"
+    assert collect_main([str(folder), "--out", str(out)]) == 0
+    lines = (out / "ppl_wikipedia.md").read_text().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    settings = {row["seed_group"][:4]: row["settings"]
+                for row in (dict(zip(header, [c.strip() for c in line.strip("|").split("|")])) for line in lines[2:])}
+    assert settings == {"base": "spon.lr=0.0003", "cand": "spon.lr=0.001", "bare": "-"}
+    assert {r["seed_group"][:4]: r["settings"] for r in read_csv(out / "ppl_wikipedia.csv")} == settings
