@@ -263,9 +263,9 @@ SHOWN_OR_NOT_A_SETTING = ("seed", "sparsity", "model.name", "sparsifier.name", "
 def _flat_settings(row: dict) -> dict | None:
     """The run's identity settings (``config.yaml`` in its folder, minus logging, launcher and
     path keys) as ``{dotted.key: value}``; None where the folder has no readable config."""
-    from spon_exp.tracking.identity import NON_IDENTITY_KEYS
-
     from omegaconf import OmegaConf
+
+    from spon_exp.tracking.identity import NON_IDENTITY_KEYS
 
     cfg = _run_config(row)
     if cfg is None:
@@ -292,15 +292,18 @@ def _setting_text(value) -> str:
 
 
 def group_settings(groups: list[list[dict]]) -> list[str]:
-    """Per configuration, the settings that tell it apart from the others of the same table
-    (``spon.lr=0.0003 spon.average=none``): the keys whose values are not the same in every
-    configuration's ``config.yaml``; ``-`` where none differ or the runs have no config (W&B rows)."""
+    """Per configuration, the settings that tell it apart from the table's other configurations
+    of the same model, sparsifier, calibration corpus and SPON count (``spon.lr=0.0003
+    spon.average=none``): the keys whose values differ between their ``config.yaml`` files;
+    ``-`` where none differ or the runs have no config (W&B rows)."""
     flats = [_flat_settings(g[0]) for g in groups]
-    known = [f for f in flats if f is not None]
-    keys = sorted({k for f in known for k in f})
-    differing = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in known}) > 1]
-    return [" ".join(f"{k}={_setting_text(f.get(k))}" for k in differing) or "-" if f is not None else "-"
-            for f in flats]
+    differing: dict[tuple, list[str]] = {}
+    for key in {_key(g[0]) for g in groups}:
+        known = [f for g, f in zip(groups, flats) if f is not None and _key(g[0]) == key]
+        names = sorted({k for f in known for k in f})
+        differing[key] = [k for k in names if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in known}) > 1]
+    return [" ".join(f"{k}={_setting_text(f.get(k))}" for k in differing[_key(g[0])]) or "-" if f is not None else "-"
+            for g, f in zip(groups, flats)]
 
 
 def _units(row: dict) -> dict | None:

@@ -265,3 +265,10 @@ def test_collect_names_the_settings_that_tell_configurations_apart(tmp_path):
                 for row in (dict(zip(header, [c.strip() for c in line.strip("|").split("|")])) for line in lines[2:])}
     assert settings == {"base": "spon.lr=0.0003", "cand": "spon.lr=0.001", "bare": "-"}
     assert {r["seed_group"][:4]: r["settings"] for r in read_csv(out / "ppl_wikipedia.csv")} == settings
+    # another sparsifier's row is told apart by its column: its settings are not compared with teal's
+    for s in (0, 1):
+        written = folder / f"cand{s}" / "results.json"
+        written.write_text(json.dumps({**json.loads(written.read_text()), "sparsifier": "wina"}))
+    assert collect_main([str(folder), "--out", str(out)]) == 0
+    assert {r["seed_group"][:4]: r["settings"] for r in read_csv(out / "ppl_wikipedia.csv")} == \
+        {"base": "-", "cand": "-", "bare": "-"}
