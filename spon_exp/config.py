@@ -350,7 +350,7 @@ def validate(cfg) -> None:
         for corpus in [cfg.calib.corpus, *cfg.eval.ppl.corpora]:
             check_corpus(corpus)
         try:
-            projection_names(cfg.spon.projections if isinstance(cfg.spon.projections, str) else list(cfg.spon.projections))
+            projection_names(cfg.spon.projections)  # a set name, or a list (a ListConfig iterates as one)
         except ValueError as e:
             raise ValueError(f"spon.projections: {e}") from None
     except (ValueError, FileNotFoundError, CorpusError) as e:

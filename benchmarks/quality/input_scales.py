@@ -23,14 +23,16 @@ for name, path in [("smollm2", "packaged:smollm2-135m-instruct"), ("gemma3", "/t
         for n, p in b.projections.items():
             def hook(mod, args, n=n):
                 a = args[0].detach().float().flatten()
-                stats[n].append((a.pow(2).mean().sqrt().item(), a.abs().median().item(), a.mean().item()))
+                stats[n].append((a.pow(2).mean().sqrt().item(), a.abs().median().item()))
             hooks.append(p.module.register_forward_pre_hook(hook))
     with torch.no_grad():
         lm.model(x[:4])
-    for h in hooks: h.remove()
+    for h in hooks:
+        h.remove()
     out[name] = {n: {"rms": sum(s[0] for s in v) / len(v), "median_abs": sum(s[1] for s in v) / len(v),
                      "max_layer_rms": max(s[0] for s in v)} for n, v in stats.items() if v}
     norms = sorted({k for b in blocks for k in b.norms})
     out[name]["norm_sites"] = norms
     print(name, json.dumps(out[name], indent=1))
-json.dump(out, open(sys.argv[1] if len(sys.argv) > 1 else "input_scales.json", "w"), indent=1)
+with open(sys.argv[1] if len(sys.argv) > 1 else "input_scales.json", "w") as f:
+    json.dump(out, f, indent=1)
