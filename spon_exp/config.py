@@ -208,6 +208,7 @@ class SearchConfig:
 class Config:
     model: ModelConfig = MISSING
     sparsifier: Any = MISSING
+    pruner: Any = None  # one-shot weight pruning (conf/pruner/, spon_exp/pruning/); none = no pruning
     calib: CalibConfig = MISSING
     spon: SponConfig = MISSING
     eval: EvalConfig = MISSING
@@ -284,7 +285,9 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     # sparsifier schemas from the registry as it is now: a method registered after import has one too
-    for group, schemas in {**SCHEMAS, "sparsifier": sparsifier_schemas()}.items():
+    from spon_exp.pruning.registry import pruner_schemas
+
+    for group, schemas in {**SCHEMAS, "sparsifier": sparsifier_schemas(), "pruner": pruner_schemas()}.items():
         for name, node in schemas.items():
             cs.store(group=group, name=name, node=node)
 
@@ -410,6 +413,12 @@ def validate(cfg) -> None:
         build_sparsifier(cfg.sparsifier.name, sparsity=cfg.sparsity, **options)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"sparsifier={cfg.sparsifier.name}: {e}") from None
+    from spon_exp.pruning import check_pruner, pruner_name
+
+    try:
+        check_pruner(cfg)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"pruner={pruner_name(cfg)}: {e}") from None
     dense_scored = scored_token_check(cfg) if cfg.eval.ppl.forbid_dense_scored else None
     if dense_scored:
         raise ConfigError(f"this protocol (eval.ppl.forbid_dense_scored=true, experiment=paper) scores only tokens "

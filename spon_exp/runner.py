@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from spon_exp import __version__
 from spon_exp.config import resolve_aliases, sparsifier_options, validate
+from spon_exp.pruning import pruner_name
 from spon_exp.sparsifiers import REGISTRY
 from spon_exp.tracking.files import (ENV, METRICS, RESULTS, MetricsWriter, environment, read_json, write_json_atomic,
                                      write_text_atomic)
@@ -345,7 +346,9 @@ def _run_stages(ctx: RunContext) -> None:
     cfg, results = ctx.cfg, ctx.results
     torch.manual_seed(cfg.seed)
     model, tokenizer = _load_model(ctx)
-    dense_only = not REGISTRY[cfg.sparsifier.name].sparsifies  # sparsifier=dense: the sparse model is the dense one
+    pruned = pruner_name(cfg) != "none"  # pruner=wanda / sparsegpt: the pruned model is the "sparse" variant
+    # sparsifier=dense without a pruner: the sparse model is the dense one
+    dense_only = not REGISTRY[cfg.sparsifier.name].sparsifies and not pruned
     use_spon = not dense_only and cfg.spon.count > 0
     variants = [v for v in cfg.eval.variants if v == "dense" or (v == "sparse" and not dense_only)
                 or (v == "spon" and use_spon)]
@@ -355,7 +358,11 @@ def _run_stages(ctx: RunContext) -> None:
     if "dense" in variants:
         _dense_baseline(ctx, evaluation, sparsifier)
         results.update(evaluation.summary())  # kept if a later stage fails
-    if "sparse" in variants:
+    if pruned:
+        from spon_exp.pruning.stage import prune_stage
+
+        prune_stage(ctx, model, tokenizer, evaluation)  # after the dense baseline: it changes the weights
+    elif "sparse" in variants:
         _sparse_eval(ctx, evaluation, sparsifier)
     biases = _spon_stage(ctx, model, sparsifier, calib, evaluation, "spon" in variants) if use_spon else None
     results.update(evaluation.summary())
@@ -759,8 +766,9 @@ def summary_table(results: dict) -> str:
     from spon_exp.tracking.intervals import format_with_interval
 
     measured, effective = results["sparsity"].get("measured"), results["sparsity"].get("effective")
+    method = (results.get("pruner") or {}).get("label") or results.get("sparsifier_label") or results["sparsifier"]
     lines = [f"spon-exp run {results['config_hash']}  [{results['status']}]",
-             f"model {results['model']['name']}  sparsifier {results.get('sparsifier_label') or results['sparsifier']}  "
+             f"model {results['model']['name']}  sparsifier {method}  "
              f"target sparsity {results['sparsity']['target']}  measured "
              + (f"{measured:.3f}" if measured is not None else "n/a")
              + (f"  effective {effective:.3f}" if effective is not None else ""),

@@ -91,6 +91,11 @@ def diagnose(run_dir: str | Path, max_length: int | None = None, sequences: int 
 
     run_dir = Path(run_dir)
     results, config = _read_run(run_dir)
+    if results.get("pruner"):  # pruner=wanda / sparsegpt
+        raise DiagnoseError(f"The run in {run_dir} pruned its weights ({results['pruner'].get('label')}); these "
+                            f"diagnostics measure activation masks and α, which a pruned run has none of (its dense and "
+                            f"pruned perplexities are in results.json; benchmarks/quality/pruning_error.py measures "
+                            f"per-layer reconstruction error)")
     if sequences < 1:
         raise DiagnoseError(f"--sequences must be >= 1, got {sequences}")
     model_cfg = config["model"]

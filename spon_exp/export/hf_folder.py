@@ -74,6 +74,10 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, device: str =
     run_dir = Path(run_dir)
     results, config = read_run(run_dir)
     chash = results["config_hash"]
+    if results.get("pruner"):  # pruner=wanda / sparsegpt: the weights themselves are the result
+        raise ExportError(f"The run in {run_dir} pruned its weights ({results['pruner'].get('label')}), it has no "
+                          f"activation sparsity to export; its pruned model is a plain checkpoint: re-run the run's "
+                          f"command with save_checkpoint=true (written to export/checkpoint, loads with from_pretrained)")
     if results.get("sparsifier") == "dense":
         raise ExportError(f"The run in {run_dir} is dense (sparsifier=dense): there is nothing sparse to export; "
                           f"the model itself is {config['model']['path']}")

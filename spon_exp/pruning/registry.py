@@ -50,9 +50,9 @@ def check_pruner(cfg) -> None:
         return
     pruner = pruner_of(cfg)  # options and N:M against the sparsity
     if REGISTRY[cfg.sparsifier.name].sparsifies:
-        raise ValueError(f"pruner={name} prunes the weights; it is compared with activation sparsity side by side, "
-                         f"not stacked on it: use sparsifier=dense with it (conf/pruner/{name}.yaml sets it), or "
-                         f"pruner=none for sparsifier={cfg.sparsifier.name}")
+        raise ValueError(f"weight pruning is compared with activation sparsity side by side, not stacked on it: "
+                         f"use sparsifier=dense with it (conf/pruner/{name}.yaml sets it), or pruner=none for "
+                         f"sparsifier={cfg.sparsifier.name}")
     if cfg.spon.count > 0:
         raise ValueError(f"spon.count={cfg.spon.count}: SPON trains against the same model with its sparsity "
                          f"switched off, which a pruned model ({pruner.label}) does not have; use spon.count=0 "
