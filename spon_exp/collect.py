@@ -43,7 +43,10 @@ def _row(results: dict, source: str) -> dict:
         "config_hash": results.get("config_hash"),
         "seed_group": results.get("seed_group"),
         "model": model.get("name") if isinstance(model, dict) else model,
-        "sparsifier": results.get("sparsifier_label") or results.get("sparsifier"),  # a preset: its label
+        # a pruned run (pruner=wanda / sparsegpt, sparsifier=dense): its pruner's label; a preset: its label
+        "sparsifier": ((results.get("pruner") or {}).get("label") or results.get("sparsifier_label")
+                       or results.get("sparsifier")),
+        "pruner": (results.get("pruner") or {}).get("label"),
         "calib_corpus": results.get("calib_corpus"),
         "spon_count": results.get("spon_count"),
         "seed": results.get("seed"),
@@ -568,7 +571,9 @@ def to_markdown(table: list[list[str]]) -> str:
 def write_tables(rows: list[dict], out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     runs = runs_table(rows)
-    tables = {"runs": runs, **ppl_tables(rows)}
+    from spon_exp.pruning.table import method_tables
+
+    tables = {"runs": runs, **ppl_tables(rows), **method_tables(rows)}  # methods_*: the pruning comparison
     csv_tables = {"runs": runs, **ppl_csv_tables(rows)}
     if any(r["zeroshot_avg"] for r in rows):
         tables["zeroshot"] = zeroshot_table(rows)
@@ -893,7 +898,7 @@ def main(argv: list[str] | None = None) -> int:
         counts[r["status"]] += 1
     print(f"{len(rows)} runs ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))})")
     for name, path in written.items():
-        if name.startswith("ppl_") or name == "zeroshot":
+        if name.startswith(("ppl_", "methods_")) or name == "zeroshot":
             print(f"\n## {name}\n\n{path.read_text()}")
     for study in studies:
         name = study["study"]

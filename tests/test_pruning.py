@@ -325,3 +325,25 @@ def test_a_pruner_config_that_cannot_work_fails_in_one_sentence(overrides, messa
 
     with pytest.raises(ConfigError, match=message):
         validate(strip_hydra(compose_cfg([*SMALL, *overrides])))
+
+
+def test_collect_writes_the_method_table_and_pairs_spon_with_a_pruner(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from spon_exp.collect import main as collect_main
+
+    proc = subprocess.run([sys.executable, "-m", "spon_exp.cli", "--multirun", "experiment=smoke", "seed=0,1",
+                           "pruner=none,wanda", "pruner.calib_sequences=6", f"paths.outputs={tmp_path}",
+                           "sweep_name=p"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sweep, out = tmp_path / "sweeps" / "p", tmp_path / "tables"
+    assert collect_main([str(sweep), "--out", str(out)]) == 0
+    lines = (out / "methods_wikipedia.md").read_text().splitlines()[2:]
+    assert [line.split(" | ")[1] for line in lines] == ["dense", "teal", "teal + SPON", "pruned: wanda"]
+    assert all(" | 2 | " in line and "±" in line and "seeds and blocks" in line for line in lines)
+    assert "| pruned: wanda | wikipedia | 0 |" in (out / "ppl_wikipedia.md").read_text()
+    assert collect_main([str(sweep), "--out", str(out / "cmp"), "--candidate", "sparsifier=teal",
+                         "--baseline", "pruner.name=wanda"]) == 0
+    comparison = (out / "cmp" / "comparison.md").read_text()
+    assert "| wikipedia | ppl/final |" in comparison and "paired, n=2" in comparison
