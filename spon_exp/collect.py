@@ -310,7 +310,7 @@ def _units(row: dict) -> dict | None:
     """The run's per-block NLLs and per-document scores (``eval_units.safetensors`` in its
     folder), read once; None where there are none (older runs, W&B rows)."""
     if "_units" not in row:
-        from spon_exp.runner import UNITS_FILE
+        from spon_exp.tracking.run_folder import UNITS_FILE
 
         path = Path(row["source"]) / UNITS_FILE
         row["_units"] = None

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 def _finished(launcher: Launcher, overrides: Sequence[str]) -> bool:
-    from spon_exp.runner import is_done
+    from spon_exp.tracking.run_folder import is_done
     from spon_exp.tracking.identity import config_hash
 
     previous = HydraConfig.instance().cfg
