@@ -83,6 +83,9 @@ from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper  # n
 
 class SponOptunaSweeper(OptunaSweeper):
     def sweep(self, arguments: list[str]) -> None:
+        storage = str(self.sweeper.storage or "")
+        if storage.startswith("sqlite:///"):  # the study's folder (the ${spon_sqlite:} resolver creates nothing)
+            Path(storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         try:
             return super().sweep(arguments)
         except ValueError:  # the plugin's closing report asks the study for its best trial

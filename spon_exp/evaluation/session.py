@@ -133,7 +133,7 @@ class Evaluation:
     def summary(self) -> dict:
         """``ppl``, ``ppl_ci``, ``gap_closure``, ``gap_closure_ci``, ``uncertainty`` and
         ``zeroshot`` (with its intervals) for results.json."""
-        from spon_exp.evaluation.perplexity import gap_closure
+        from spon_exp.evaluation.gap import gap_closure
         from spon_exp.evaluation.uncertainty import Bootstrap, perplexity_intervals
 
         boot = Bootstrap(self.bootstrap.resamples, self.bootstrap.confidence, self.bootstrap.seed)
@@ -175,7 +175,7 @@ class Evaluation:
 
 def _zeroshot_summary(per_variant: dict, boot) -> dict:
     from spon_exp.evaluation.uncertainty import zeroshot_intervals
-    from spon_exp.evaluation.zeroshot import zeroshot_recovery
+    from spon_exp.evaluation.gap import zeroshot_recovery
 
     out = {"variants": {}, "average": {}, "source": {}, "lm_eval_version": None, "batch_sizes": {}}
     for variant, r in per_variant.items():
@@ -190,8 +190,7 @@ def _zeroshot_summary(per_variant: dict, boot) -> dict:
         out["batch_sizes"][variant] = r.get("batch_sizes")  # what batch_size=auto chose
     avg = out["average"]
     if {"dense", "sparse", "spon"} <= avg.keys():
-        recovery = zeroshot_recovery(avg["dense"], avg["sparse"], avg["spon"])
-        out["recovery"] = recovery if math.isfinite(recovery) else None  # undefined when sparse == dense
+        out["recovery"] = zeroshot_recovery(avg["dense"], avg["sparse"], avg["spon"])  # None: sparse == dense
     items = {v: {t: torch.tensor(s, dtype=torch.float64) for t, s in (r.get("item_scores") or {}).items()}
              for v, r in per_variant.items()}
     if all(items.values()):
