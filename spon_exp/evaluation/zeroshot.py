@@ -37,6 +37,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from spon_exp.evaluation.gap import VARIANTS
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TASKS = ["piqa", "hellaswag", "arc_easy", "arc_challenge", "winogrande"]
@@ -359,21 +361,7 @@ def evaluate_zeroshot(model, tokenizer, tasks: str | Sequence[str] | Sequence[Re
     return table
 
 
-def zeroshot_recovery(avg_dense: float, avg_sparse: float, avg_spon: float) -> float:
-    """Fraction of the sparse model's accuracy loss that SPON recovers.
-
-    ``(avg_spon - avg_sparse) / (avg_dense - avg_sparse)``: 1 = back to dense, 0 = no
-    gain, negative = worse than plain sparse. NaN when dense and sparse are equal.
-    """
-    gap = avg_dense - avg_sparse
-    if gap == 0 or math.isnan(gap):
-        return float("nan")
-    return (avg_spon - avg_sparse) / gap
-
-
-
 # --------------------------------------------------------------------------- per-item table
-VARIANTS = ("dense", "sparse", "spon")
 SAMPLE_COLUMNS = ["task", "doc_id", "subtask", "target", *(f"{v}_{k}" for v in VARIANTS for k in ("answer", "correct")),
                   "differs", "prompt", "choices"]
 

@@ -9,17 +9,15 @@ from __future__ import annotations
 from collections import defaultdict
 
 
-def _lines(groups: list[list[dict]], corpus: str) -> list[tuple[dict, str, str, dict]]:
+def _lines(configs: list, corpus: str) -> list[tuple[dict, str, str, dict]]:
     """``(first row, method, variant, summary)`` per method line of one corpus, dense first,
     then the activation sparsifiers (and + SPON), then the pruned models."""
-    from spon_exp.collect import group_summary
-
     dense, activation, pruned = {}, [], []
-    for group in groups:
-        summary = group_summary(group, corpus)
+    for config in configs:
+        summary = config.ppl(corpus)
         if not summary["n"]:
             continue
-        first = group[0]
+        first = config.first
         stats = summary.get("statistics") or {}
         rank = (summary["n"], not first.get("pruner"))  # the most seeds; an unpruned run's on a tie
         if "ppl/dense" in stats and rank > dense.get(first["model"], ((0, False),))[0]:
@@ -33,24 +31,24 @@ def _lines(groups: list[list[dict]], corpus: str) -> list[tuple[dict, str, str, 
     return [(first, "dense", "dense", summary) for _, first, summary in dense.values()] + activation + pruned
 
 
-def method_tables(rows: list[dict]) -> dict[str, list[list[str]]]:
-    """``{"methods_<corpus>": table}`` where a run holds a pruned model, else ``{}``."""
-    from spon_exp.collect import _fmt, _pm, _stat, seed_groups
+def method_tables(rows: list[dict], configs: list | None = None) -> dict[str, list[list[str]]]:
+    """``{"methods_<corpus>": table}`` where a run holds a pruned model, else ``{}``;
+    ``configs``: the runs' :class:`spon_exp.collect.groups.Configuration` list, if made already."""
+    from spon_exp.collect.format import fmt, pm
+    from spon_exp.collect.groups import configurations, stat
 
     if not any(r.get("pruner") for r in rows):
         return {}
-    groups = seed_groups([r for r in rows if r["status"] == "ok"])
-    corpora = sorted({c for r in rows for c in r["ppl"]})
+    configs = configurations(rows) if configs is None else configs
     header = ["model", "method", "calibration", "sparsity", "n", "perplexity", "interval over", "seed_group"]
     tables = {}
-    for corpus in corpora:
+    for corpus in sorted({c for r in rows for c in r["ppl"]}):
         by_model = defaultdict(list)
-        for first, method, variant, summary in _lines(groups, corpus):
-            stat = _stat(summary, f"ppl/{variant}")
+        for first, method, variant, summary in _lines(configs, corpus):
+            st = stat(summary, f"ppl/{variant}")
             by_model[first["model"]].append([
                 str(first["model"]), method, str(first["calib_corpus"]),
-                "-" if variant == "dense" else _fmt(first["sparsity"]), str(summary["n"]),
-                _pm(stat.get("mean"), stat.get("ci")), summary.get("covers", "-"),
-                str(first.get("seed_group") or "-")[:8]])
+                "-" if variant == "dense" else fmt(first["sparsity"]), str(summary["n"]),
+                pm(st.get("mean"), st.get("ci")), summary.get("covers", "-"), str(first.get("seed_group") or "-")[:8]])
         tables[f"methods_{corpus}"] = [header, *[line for model in sorted(by_model) for line in by_model[model]]]
     return tables
