@@ -347,3 +347,11 @@ def test_collect_writes_the_method_table_and_pairs_spon_with_a_pruner(tmp_path, 
                          "--baseline", "pruner.name=wanda"]) == 0
     comparison = (out / "cmp" / "comparison.md").read_text()
     assert "| wikipedia | ppl/final |" in comparison and "paired, n=2" in comparison
+
+
+def test_a_missing_pruned_run_of_a_sweep_is_its_own_row():
+    from spon_exp.collect.runs import _fields_from_dirname
+
+    assert _fields_from_dirname("pruner=wanda_2of4,seed=1") == {"sparsifier": "pruned: wanda_2of4",
+                                                                "pruner": "pruned: wanda_2of4", "spon_count": 0}
+    assert _fields_from_dirname("pruner=none,seed=1") == {}

@@ -156,6 +156,8 @@ def _fields_from_dirname(sub: str) -> dict:
             fields["spon_count"] = int(value) if value.isdigit() else value
         elif key in ("calib", "calib.corpus"):
             fields["calib_corpus"] = value
+        elif key == "pruner" and value != "none":  # a missing pruned run: a row of its own, never TEAL's
+            fields.update(sparsifier=f"pruned: {value}", pruner=f"pruned: {value}", spon_count=0)
     return fields
 
 
