@@ -51,10 +51,12 @@ def _save_hydra_files(cfg: DictConfig, folder: Path) -> None:
 
 
 def _main(cfg: DictConfig) -> dict | float | None:
+    from spon_exp.assets import AssetError
     from spon_exp.data.corpora import CorpusError
     from spon_exp.hostmem import applies_to_run, keep_freed_memory
     from spon_exp.models.loading import ModelNotFoundError
     from spon_exp.runner import guard_run_dir, is_done, run, summary_table
+    from spon_exp.tracking.disk import as_disk_full
     from spon_exp.tracking.files import RESULTS, read_json
     from spon_exp.tracking.identity import config_hash
 
@@ -74,13 +76,18 @@ def _main(cfg: DictConfig) -> dict | float | None:
         if applies_to_run(cfg.model.device, cfg.model.device_map, cfg.malloc_tuning):
             keep_freed_memory()  # CPU runs only: temporaries reuse warm pages (spon_exp/hostmem.py)
         results = run(cfg, run_dir, hydra_files=lambda folder: _save_hydra_files(cfg, folder))
-    except (ConfigError, ModelNotFoundError, CorpusError, FileExistsError) as e:
+    except (ConfigError, ModelNotFoundError, CorpusError, FileExistsError, AssetError) as e:
         return _user_error(e, run_dir)
     except KeyboardInterrupt as e:  # results.json records where; the message says how to resume
         if _verbose():
             traceback.print_exc()
         print(f"spon-exp: {_one_line(e) if str(e) else 'interrupted'}", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:
+        full = as_disk_full(e, run_dir)  # a full disk or quota: one line naming the folder, as a user error
+        if full is None:
+            raise
+        return _user_error(full, run_dir)
     print(summary_table(results))
     print(f"results: {run_dir / RESULTS}")
     return results

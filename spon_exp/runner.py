@@ -29,6 +29,7 @@ from spon_exp.config import resolve_aliases, sparsifier_options, validate
 from spon_exp.sparsifiers import REGISTRY
 from spon_exp.tracking.files import (ENV, METRICS, RESULTS, MetricsWriter, environment, read_json, write_json_atomic,
                                      write_text_atomic)
+from spon_exp.tracking.disk import as_disk_full
 from spon_exp.tracking.identity import RunIdentity, plain, sparsifier_label
 from spon_exp.tracking.store import read_entry, remove_entry, write_atomic, write_entry
 from spon_exp.tracking.wandb_logger import Tracker
@@ -265,7 +266,12 @@ def run(cfg: DictConfig, run_dir: str | Path, hydra_files: Callable[[Path], None
     except BaseException as e:  # noqa: BLE001 - record every failure, then re-raise
         ctx.results["status"] = "failed"
         ctx.results["error"] = f"{type(e).__name__}: {e}"
-        attempt.failed()
+        with contextlib.suppress(OSError):  # a full disk may refuse the traceback file too
+            attempt.failed()
+        full = as_disk_full(e, run_dir)
+        if full is not None:  # results.json records the one line the CLI shows
+            ctx.results["error"] = str(full)
+            raise full from e
         if isinstance(e, KeyboardInterrupt):  # Ctrl-C: say where, and that a re-run resumes
             ctx.results["error"] = _interrupted(e, timer.current)
             raise RunInterrupted(ctx.results["error"]) from e
