@@ -9,14 +9,17 @@ stopped and that re-running the command resumes it, and exit code 130.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException, OverrideParseException, SearchPathException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -32,7 +35,9 @@ register_configs()
 
 
 def _verbose() -> bool:
-    return any(os.environ.get(name, "") not in ("", "0") for name in (VERBOSE_ENV, "HYDRA_FULL_ERROR"))
+    """``--verbose`` / ``SPON_EXP_VERBOSE=1``, or the user's own ``HYDRA_FULL_ERROR=1`` (which
+    :func:`main` turns into ``SPON_EXP_VERBOSE=1`` before setting ``HYDRA_FULL_ERROR`` itself)."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
 
 def _one_line(e: BaseException) -> str:
@@ -184,6 +189,50 @@ def _override_problem(arg: str) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _hydra_errors_raised():
+    """Hydra prints its own errors (a compose error in five lines, exit 1) unless
+    ``HYDRA_FULL_ERROR=1``; set for the call, it raises them, and :func:`main` says a compose
+    error in one line. The user's own ``HYDRA_FULL_ERROR=1`` means verbose (the full output)."""
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    if previous not in (None, "", "0"):
+        os.environ[VERBOSE_ENV] = "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
+
+
+_TYPE_WORDS = {"Float": "a number", "Integer": "a whole number", "Boolean": "true or false"}
+
+
+def compose_error_line(e: Exception) -> str:
+    """One line for a Hydra compose error (a wrong type, an unknown key, a bad override),
+    without Hydra's ``full_key`` / ``object_type`` detail lines."""
+    lines = [line.strip() for part in (str(e), str(e.__cause__ or "")) for line in part.splitlines()]
+    lines = [line for line in lines if line and not line.startswith(("full_key:", "object_type=", "reference_type=",
+                                                                     "To append to your config use"))]
+    merging = re.fullmatch(r"Error merging override (\S+)", lines[0]) if lines else None
+    if merging:
+        override = merging.group(1)
+        key = override.split("=", 1)[0].lstrip("+~")
+        wrong = next((re.search(r"Value '(.*)' of type '\w+' could not be converted to (\w+)", line)
+                      for line in lines[1:] if "could not be converted" in line), None)
+        if wrong:
+            return f"{override}: {key} must be {_TYPE_WORDS.get(wrong.group(2), wrong.group(2))}, got '{wrong.group(1)}'"
+        return f"{override}: {'; '.join(lines[1:])}"
+    unknown = re.fullmatch(r"Could not override '(\S+)'\.", lines[0]) if lines else None
+    if unknown:
+        return (f"there is no config key {unknown.group(1)}: check its spelling (`spon-exp --cfg job` prints every "
+                f"key and its value)")
+    override = getattr(e, "override", None)  # OverrideParseException: the override it could not parse
+    return (f"{override}: " if override and override not in lines[0] else "") + ("; ".join(lines) or type(e).__name__)
+
+
 def main() -> None:
     """``spon-exp [--verbose] [--multirun] key=value ...``: Hydra parses everything but ``--verbose``."""
     if VERBOSE_FLAG in sys.argv[1:]:
@@ -193,12 +242,18 @@ def main() -> None:
         problem = _override_problem(arg)
         if problem:
             print(f"spon-exp: error: {problem}", file=sys.stderr)
-            sys.exit(1)  # a compose error, as Hydra's own
+            sys.exit(2)  # a compose error: a user error
     try:
-        _hydra_main()
+        with _hydra_errors_raised():
+            _hydra_main()
     except KeyboardInterrupt:  # while composing or launching, outside any run
         print("spon-exp: interrupted", file=sys.stderr)
         sys.exit(130)
+    except (ConfigCompositionException, OverrideParseException, SearchPathException) as e:
+        if _verbose():
+            raise
+        print(f"spon-exp: error: {compose_error_line(e)}", file=sys.stderr)
+        sys.exit(2)
     if FAILED_JOBS:
         print(f"spon-exp: error: {len(FAILED_JOBS)} job(s) of the sweep failed (one line each above; their "
               f"results.json says why); fix them and re-launch: finished jobs are skipped", file=sys.stderr)

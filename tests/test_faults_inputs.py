@@ -406,7 +406,7 @@ def test_a_damaged_model_folder_is_one_line_before_loading(damage, message, tmp_
 def test_compose_errors_hydra_would_not_explain_are_one_line(args, message, tmp_path):
     proc = cli([*args, f"paths.outputs={tmp_path}"], tmp_path)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 1 and lines == [lines[0]] and lines[0].startswith(message), proc.stderr[-2000:]
+    assert proc.returncode == 2 and lines == [lines[0]] and lines[0].startswith(message), proc.stderr[-2000:]
     assert "_schema" not in proc.stderr
 
 

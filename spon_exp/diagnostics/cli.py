@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     from spon_exp.data.corpora import CorpusError
     from spon_exp.diagnostics import DiagnoseError, diagnose
     from spon_exp.models.loading import ModelNotFoundError
+    from spon_exp.tracking.disk import as_disk_full
 
     try:
         d = diagnose(args.run_dir, args.max_length, args.sequences, args.device, log_to_wandb=not args.no_wandb)
@@ -32,6 +34,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         print(f"spon-exp-diagnose: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        full = as_disk_full(e, Path(args.run_dir))  # a full disk or quota: one line naming the folder
+        if full is None or args.verbose:
+            raise
+        print(f"spon-exp-diagnose: error: {full}", file=sys.stderr)
         return 2
     print(summary(d))
     return 0

@@ -80,6 +80,27 @@ def _read_run(run_dir: Path) -> tuple[dict, dict]:
         raise DiagnoseError(str(e)) from None
 
 
+def _check_files(run_dir: Path, results: dict) -> None:
+    """The files diagnose reads (the export's sparse state, α), checked whole before any model
+    loads: one clear error naming a missing or damaged one."""
+    from spon_exp.export.run_folder import ExportError, check_run_files
+    from spon_exp.models.loading import safetensors_problem
+
+    if results.get("sparsifier") != "dense":
+        if not (run_dir / "export" / "sparse_state.safetensors").is_file():
+            raise DiagnoseError(f"{run_dir} has no export/sparse_state.safetensors (run with save_export=false?); "
+                                f"re-run it with save_export=true")
+        try:
+            check_run_files(run_dir)
+        except ExportError as e:
+            raise DiagnoseError(str(e)) from None
+    alpha = run_dir / "alpha.safetensors"
+    problem = safetensors_problem(alpha) if alpha.is_file() else None
+    if problem:
+        raise DiagnoseError(f"{alpha} is damaged ({problem}); run the run's command again into a new folder "
+                            f"(hydra.run.dir=...) to write it again")
+
+
 def diagnose(run_dir: str | Path, max_length: int | None = None, sequences: int = DEFAULT_SEQUENCES,
              device: str = "cpu", log_to_wandb: bool = True) -> dict:
     """Compute, plot and write the diagnostics of the run in ``run_dir`` (see the module
@@ -91,6 +112,7 @@ def diagnose(run_dir: str | Path, max_length: int | None = None, sequences: int 
 
     run_dir = Path(run_dir)
     results, config = _read_run(run_dir)
+    _check_files(run_dir, results)
     if sequences < 1:
         raise DiagnoseError(f"--sequences must be >= 1, got {sequences}")
     model_cfg = config["model"]
@@ -106,9 +128,6 @@ def diagnose(run_dir: str | Path, max_length: int | None = None, sequences: int 
     sparsifier, folded, original, sites = None, {}, {}, {}
     state_dir = run_dir / "export"
     if results.get("sparsifier") != "dense":
-        if not (state_dir / "sparse_state.safetensors").is_file():
-            raise DiagnoseError(f"{run_dir} has no export/sparse_state.safetensors (run with save_export=false?); "
-                                f"re-run it with save_export=true")
         modules = {p.key: p.module for b in blocks for p in b.projections.values()}
         _, _, saved_biases = read_sparse_state(state_dir)
         original = {modules[k]: (None if modules[k].bias is None else modules[k].bias.detach().clone())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from spon_exp.export import ExportError, export_run
     from spon_exp.models.loading import ModelNotFoundError
+    from spon_exp.tracking.disk import as_disk_full
 
     try:
         out = export_run(args.run_dir, args.out, device=args.device, push_to_hub=args.push_to_hub,
@@ -36,6 +38,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         print(f"spon-exp-export: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        full = as_disk_full(e, Path(args.run_dir))  # a full disk or quota: one line naming the folder
+        if full is None or args.verbose:
+            raise
+        print(f"spon-exp-export: error: {full}", file=sys.stderr)
         return 2
     print(f"export: {out}")
     if args.push_to_hub:
