@@ -4,7 +4,11 @@ A user error (a bad value, a missing model or corpus, a folder holding another r
 single run with one line, ``spon-exp: error: ...``, and exit code 2; ``--verbose`` (or
 ``SPON_EXP_VERBOSE=1``, or Hydra's ``HYDRA_FULL_ERROR=1``) adds its traceback. Any other
 exception is a bug and keeps its traceback. Ctrl-C ends with one line saying where the run
-stopped and that re-running the command resumes it, and exit code 130.
+stopped and that re-running the command resumes it, and exit code 130; SIGTERM (``kill``, or
+SLURM before a time limit) the same way with exit code 143: while it runs, this command handles
+SIGTERM (``spon_exp/interrupts.py``). results.json then says ``interrupted`` and where.
+
+Exit codes: 0 done, 1 a bug (a traceback), 2 a user error (one line), 130 Ctrl-C, 143 SIGTERM.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from spon_exp.config import ConfigError, register_configs, resolve_aliases
+from spon_exp.interrupts import SIGTERM_EXIT, sigterm_as_interrupt, terminated
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 VERBOSE_FLAG = "--verbose"  # taken out of sys.argv before Hydra parses it
@@ -87,7 +92,7 @@ def _main(cfg: DictConfig) -> dict | float | None:
         if _verbose():
             traceback.print_exc()
         print(f"spon-exp: {_one_line(e) if str(e) else 'interrupted'}", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(SIGTERM_EXIT if terminated(e) else 130)
     except Exception as e:
         full = as_disk_full(e, run_dir)  # a full disk or quota: one line naming the folder, as a user error
         if full is None:
@@ -244,11 +249,11 @@ def main() -> None:
             print(f"spon-exp: error: {problem}", file=sys.stderr)
             sys.exit(2)  # a compose error: a user error
     try:
-        with _hydra_errors_raised():
+        with _hydra_errors_raised(), sigterm_as_interrupt():
             _hydra_main()
-    except KeyboardInterrupt:  # while composing or launching, outside any run
-        print("spon-exp: interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:  # while composing or launching, outside any run
+        print(f"spon-exp: {'SIGTERM: ' if terminated(e) else ''}interrupted", file=sys.stderr)
+        sys.exit(SIGTERM_EXIT if terminated(e) else 130)
     except (ConfigCompositionException, OverrideParseException, SearchPathException) as e:
         if _verbose():
             raise

@@ -42,7 +42,8 @@ UNITS_FILE = "eval_units.safetensors"  # per-block NLLs and per-document scores 
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C during a run; its message says where, and that a re-run resumes."""
+    """Ctrl-C (or SIGTERM, see spon_exp.interrupts) during a run; its message says where, and
+    that a re-run resumes."""
 
 
 class Timer:
@@ -272,7 +273,8 @@ def run(cfg: DictConfig, run_dir: str | Path, hydra_files: Callable[[Path], None
         if full is not None:  # results.json records the one line the CLI shows
             ctx.results["error"] = str(full)
             raise full from e
-        if isinstance(e, KeyboardInterrupt):  # Ctrl-C: say where, and that a re-run resumes
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C or SIGTERM: say where, and that a re-run resumes
+            ctx.results["status"] = "interrupted"
             ctx.results["error"] = _interrupted(e, timer.current)
             raise RunInterrupted(ctx.results["error"]) from e
         raise
@@ -337,11 +339,13 @@ def run_trial(cfg: DictConfig, trial_dir: str | Path, overrides: list[str] | Non
 
 
 def _interrupted(e: KeyboardInterrupt, stage: str) -> str:
+    from spon_exp.interrupts import terminated
     from spon_exp.spon.train import TrainingInterrupted
 
+    by = "SIGTERM: " if terminated(e) else ""
     if isinstance(e, TrainingInterrupted):  # "interrupted at step N; ... resume from step M"
-        return str(e)
-    return (f"interrupted during {stage}; re-run the same command to continue "
+        return f"{by}{e}"
+    return (f"{by}interrupted during {stage}; re-run the same command to continue "
             f"(calibration and finished stages are cached)")
 
 

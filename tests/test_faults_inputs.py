@@ -278,7 +278,7 @@ def test_ctrl_c_in_training_says_where_and_the_rerun_resumes(tmp_path):
     step, resume = int(step), int(resume)
     assert (step, resume) == (25, 20)
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["status"] == "failed" and results["error"] == last.removeprefix("spon-exp: ")
+    assert results["status"] == "interrupted" and results["error"] == last.removeprefix("spon-exp: ")
     rerun = cli(args, tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
@@ -304,7 +304,7 @@ def test_ctrl_c_outside_training_says_the_stage_and_the_rerun_continues(tmp_path
     assert proc.returncode == 130, err[-3000:]
     assert [line for line in err.splitlines() if line.strip()] == [f"spon-exp: {message}"]
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["status"] == "failed" and results["error"] == message
+    assert results["status"] == "interrupted" and results["error"] == message
     rerun = cli(args, tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert json.loads((run_dir / "results.json").read_text())["status"] == "ok"

@@ -8,11 +8,8 @@ computed chunk by chunk in the forward pass (one chunk of logits alive at a time
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -23,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spon_exp.interrupts import signals_deferred
 from spon_exp.models.head import final_hidden, head_and_softcap
 from spon_exp.sparsifiers.base import Sparsifier
 from spon_exp.spon.alpha import Spon, dense_mode
@@ -262,24 +260,6 @@ def _read_checkpoint(folder: Path, spon: Spon, optimizer: torch.optim.Optimizer)
     return state
 
 
-@contextlib.contextmanager
-def _ctrl_c_deferred():
-    """Hold a Ctrl-C (SIGINT) that arrives inside the block until it ends (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received and callable(previous):  # Python's own handler raises KeyboardInterrupt
-        previous(signal.SIGINT, None)
-    elif received and previous != signal.SIG_IGN:
-        raise KeyboardInterrupt
-
-
 def _set_checkpointing(model: nn.Module, on: bool) -> None:
     # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*
     if hasattr(model, "activation_checkpointing_enable"):
@@ -330,8 +310,7 @@ def _save_checkpoint(ckpt: Path, spon: Spon, optimizer: torch.optim.Optimizer, n
     iterate average)."""
     state = {"alpha": spon.alpha_state(), "optimizer": optimizer.state_dict(), "step": next_step,
              "losses": result.losses, "lrs": result.lrs, "average": average.state()}
-    with _ctrl_c_deferred():  # the step a Ctrl-C message names is the one on disk
-        write_entry(ckpt, lambda d: torch.save(state, d / CHECKPOINT_FILE), replace=True)
+    write_entry(ckpt, lambda d: torch.save(state, d / CHECKPOINT_FILE), replace=True)
     return next_step
 
 
@@ -389,7 +368,8 @@ def train_alpha(model: nn.Module, sparsifier: Sparsifier, spon: Spon, sequences:
             if on_step is not None and (step % cfg.log_every == 0 or step == steps - 1):
                 on_step(step, value, lr)
             if ckpt is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
-                checkpointed = _save_checkpoint(ckpt, spon, optimizer, step + 1, result, average)
+                with signals_deferred():  # a Ctrl-C or SIGTERM meanwhile: the step its message names is on disk
+                    checkpointed = _save_checkpoint(ckpt, spon, optimizer, step + 1, result, average)
     except KeyboardInterrupt:
         raise TrainingInterrupted(reached, checkpointed) from None
     finally:
