@@ -29,7 +29,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from spon_exp.config import ConfigError, register_configs, resolve_aliases
-from spon_exp.interrupts import SIGTERM_EXIT, sigterm_as_interrupt, terminated
+from spon_exp.interrupts import SIGTERM_EXIT, Terminated, sigterm_as_interrupt, terminated
+from spon_exp.sweeping.study import StudyError
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 VERBOSE_FLAG = "--verbose"  # taken out of sys.argv before Hydra parses it
@@ -71,13 +72,12 @@ def _main(cfg: DictConfig) -> dict | float | None:
     from spon_exp.tracking.identity import config_hash
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:  # sparsifier.sparsity=0.4 is sparsity=0.4: one name for one run
-        resolve_aliases(cfg, explicit_sparsity=any(o.split("=", 1)[0].lstrip("+~") == "sparsity"
-                                                   for o in HydraConfig.get().overrides.task))
-    except ConfigError as e:
-        return _user_error(e, run_dir)
     if cfg.search.seeds:  # a recipe-search trial: the sweeper (Optuna) gets its objective
         return _trial(cfg, run_dir)
+    try:  # sparsifier.sparsity=0.4 is sparsity=0.4: one name for one run
+        resolve_aliases(cfg, explicit_sparsity=_explicit_sparsity())
+    except ConfigError as e:
+        return _user_error(e, run_dir)
     if cfg.skip_if_done and is_done(run_dir, config_hash(cfg)):
         log.info("Skipping %s: results.json there says ok for this config", run_dir)
         return read_json(run_dir / RESULTS)
@@ -131,13 +131,34 @@ def _in_launching_process() -> bool:
 _MAIN_PID = os.getpid()
 
 
-def _trial(cfg: DictConfig, trial_dir: Path) -> float:
-    """One trial of a recipe search: validated once, then every seed run (spon_exp.runner.run_trial)."""
-    from spon_exp.config import validate
-    from spon_exp.runner import run_trial
+def _explicit_sparsity() -> bool:
+    return any(o.split("=", 1)[0].lstrip("+~") == "sparsity" for o in HydraConfig.get().overrides.task)
 
-    validate(cfg)  # a bad config fails the trial before any seed runs
-    return run_trial(cfg, trial_dir, overrides=list(HydraConfig.get().overrides.task))
+
+def _trial(cfg: DictConfig, trial_dir: Path) -> float | None:
+    """One trial of a recipe search: validated once, then every seed run (spon_exp.runner.run_trial).
+    A trial that fails on a user error (or a seed whose run fails) returns None and its
+    trial.json says why; the sweep's loop (spon_exp/sweeping) prints one line and tells Optuna."""
+    from spon_exp.assets import AssetError
+    from spon_exp.config import validate
+    from spon_exp.data.corpora import CorpusError
+    from spon_exp.models.loading import ModelNotFoundError
+    from spon_exp.runner import TrialFailed, run_trial
+    from spon_exp.sweeping.study import record_trial_failure
+    from spon_exp.tracking.disk import DiskFullError
+
+    overrides = list(HydraConfig.get().overrides.task)
+    try:
+        resolve_aliases(cfg, explicit_sparsity=_explicit_sparsity())
+        validate(cfg)  # a bad config fails the trial before any seed runs
+        return run_trial(cfg, trial_dir, overrides=overrides)
+    except TrialFailed:
+        return None  # its trial.json says why
+    except (ConfigError, ModelNotFoundError, CorpusError, FileExistsError, AssetError, DiskFullError) as e:
+        if _verbose():
+            traceback.print_exc()
+        record_trial_failure(trial_dir, _one_line(e), overrides)
+        return None
 
 
 class Preflight(Callback):
@@ -251,13 +272,20 @@ def main() -> None:
     try:
         with _hydra_errors_raised(), sigterm_as_interrupt():
             _hydra_main()
-    except KeyboardInterrupt as e:  # while composing or launching, outside any run
-        print(f"spon-exp: {'SIGTERM: ' if terminated(e) else ''}interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # while composing or launching, or a sweep's in-process run (its message)
+        said = _one_line(e) if str(e) and not isinstance(e, Terminated) else "interrupted"
+        print(f"spon-exp: {'SIGTERM: ' if terminated(e) and not said.startswith('SIGTERM') else ''}{said}",
+              file=sys.stderr)
         sys.exit(SIGTERM_EXIT if terminated(e) else 130)
     except (ConfigCompositionException, OverrideParseException, SearchPathException) as e:
         if _verbose():
             raise
         print(f"spon-exp: error: {compose_error_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    except StudyError as e:  # the recipe search's study (spon_exp/sweeping): its storage, or no trial completed
+        if _verbose():
+            raise
+        print(f"spon-exp: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
     if FAILED_JOBS:
         print(f"spon-exp: error: {len(FAILED_JOBS)} job(s) of the sweep failed (one line each above; their "

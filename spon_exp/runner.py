@@ -321,14 +321,18 @@ def run_trial(cfg: DictConfig, trial_dir: str | Path, overrides: list[str] | Non
                 raise
             except Exception as e:  # noqa: BLE001 - any failure of a seed fails the trial
                 runs[str(seed)] = {"error": f"{type(e).__name__}: {e}"}
-                write_json_atomic(trial_dir / TRIAL_FILE, {"status": "failed", "seeds": runs, "overrides": overrides})
-                raise TrialFailed(f"seed {seed} failed: {type(e).__name__}: {e}") from e
+                error = f"seed {seed} failed: {' '.join(str(e).split())}"
+                write_json_atomic(trial_dir / TRIAL_FILE, {"status": "failed", "error": error, "seeds": runs,
+                                                           "overrides": overrides})
+                raise TrialFailed(error) from e
         gap = (results.get("gap_closure") or {}).get(corpus)
         runs[str(seed)] = {"gap_closure": gap, "ppl": (results.get("ppl") or {}).get(corpus),
                            "config_hash": results.get("config_hash")}
         if gap is None or not math.isfinite(gap):
-            write_json_atomic(trial_dir / TRIAL_FILE, {"status": "failed", "seeds": runs, "overrides": overrides})
-            raise TrialFailed(f"seed {seed}: no finite gap closure on {corpus} ({gap}); the trial failed")
+            error = f"seed {seed}: no finite gap closure on {corpus} ({gap}); the trial failed"
+            write_json_atomic(trial_dir / TRIAL_FILE, {"status": "failed", "error": error, "seeds": runs,
+                                                       "overrides": overrides})
+            raise TrialFailed(error)
         values.append(gap)
     objective = sum(values) / len(values)
     write_json_atomic(trial_dir / TRIAL_FILE, {"status": "ok", "objective": objective, "metric": f"gap_closure/{corpus}",

@@ -1,0 +1,3 @@
+"""Sweeps: Hydra launchers that skip finished runs (:mod:`.launchers`) and the recipe search's
+Optuna study (:mod:`.study`). The classes Hydra instantiates are in ``hydra_plugins/spon_exp_launchers``
+(Hydra finds plugins only there); they combine these with Hydra's and submitit's launchers."""
