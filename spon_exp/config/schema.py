@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING
 
 from spon_exp.models.loading import PACKAGED
 from spon_exp.sparsifiers import REGISTRY
+from spon_exp.sparsifiers.registry import NOT_OPTIONS, sparsifier_options  # noqa: F401 - re-exported
 from spon_exp.spon.train import TrainOptions
 
 
@@ -33,16 +34,6 @@ class ModelConfig:
     dtype: str = "float32"  # float32 / bfloat16 / float16
     device: str = "cpu"  # cpu / cuda / cuda:N
     device_map: Optional[str] = None  # "auto" spreads a model larger than one GPU
-
-
-#: ``sparsifier.*`` keys of the schema that are not the method's options
-NOT_OPTIONS = ("name", "label", "sparsity")
-
-
-def sparsifier_options(node) -> dict:
-    """The method's options of a ``sparsifier`` config node (without ``name``, ``label`` and
-    the ``sparsity`` alias)."""
-    return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in NOT_OPTIONS}
 
 
 #: method name -> (its class, its schema), one schema per registered class

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import difflib
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
