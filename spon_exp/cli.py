@@ -66,10 +66,12 @@ def _main(cfg: DictConfig) -> dict | float | None:
     from spon_exp.data.corpora import CorpusError
     from spon_exp.hostmem import applies_to_run, keep_freed_memory
     from spon_exp.models.loading import ModelNotFoundError
-    from spon_exp.runner import guard_run_dir, is_done, run, summary_table
+    from spon_exp.runner import run
     from spon_exp.tracking.disk import as_disk_full
     from spon_exp.tracking.files import RESULTS, read_json
     from spon_exp.tracking.identity import config_hash
+    from spon_exp.tracking.run_folder import guard_run_dir, is_done
+    from spon_exp.tracking.summary import summary_table
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if cfg.search.seeds:  # a recipe-search trial: the sweeper (Optuna) gets its objective
@@ -136,15 +138,15 @@ def _explicit_sparsity() -> bool:
 
 
 def _trial(cfg: DictConfig, trial_dir: Path) -> float | None:
-    """One trial of a recipe search: validated once, then every seed run (spon_exp.runner.run_trial).
+    """One trial of a recipe search: validated once, then every seed run (:func:`spon_exp.sweeping.trial.run_trial`).
     A trial that fails on a user error (or a seed whose run fails) returns None and its
     trial.json says why; the sweep's loop (spon_exp/sweeping) prints one line and tells Optuna."""
     from spon_exp.assets import AssetError
     from spon_exp.config import validate
     from spon_exp.data.corpora import CorpusError
     from spon_exp.models.loading import ModelNotFoundError
-    from spon_exp.runner import TrialFailed, run_trial
     from spon_exp.sweeping.study import record_trial_failure
+    from spon_exp.sweeping.trial import TrialFailed, run_trial
     from spon_exp.tracking.disk import DiskFullError
 
     overrides = list(HydraConfig.get().overrides.task)

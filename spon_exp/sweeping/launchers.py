@@ -50,7 +50,7 @@ def job_folder(launcher: Launcher, overrides: Sequence[str]) -> Path:
 
 def finished(launcher: Launcher, overrides: Sequence[str]) -> bool:
     """Whether the job's run folder holds an ``ok`` results.json of the same config."""
-    from spon_exp.runner import is_done
+    from spon_exp.tracking.run_folder import is_done
     from spon_exp.tracking.identity import config_hash
 
     cfg = job_config(launcher, overrides)

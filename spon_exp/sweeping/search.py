@@ -74,10 +74,10 @@ def run_study(sweeper, arguments: Sequence[str]) -> None:
     if isinstance(sweeper.sampler, functools.partial):  # GridSampler, built from the search space upstream
         raise StudyError("a GridSampler is not supported by this sweeper; use hydra.sweeper.sampler=tpe (or random), "
                          "or a plain --multirun sweep for a grid")
-    check_storage(sweeper.storage)
+    sweep_dir = Path(str(sweeper.config.hydra.sweep.dir))
+    check_storage(sweeper.storage, sweep_dir)
     directions = _directions(sweeper.direction)
     distributions, fixed = search_space(sweeper.params, arguments)
-    sweep_dir = Path(str(sweeper.config.hydra.sweep.dir))
     with LaunchLock(lock_file(sweeper.storage, sweep_dir)) as lock:
         study = open_study(sweeper.study_name, sweeper.storage, sweeper.sampler, directions)
         for trial in fail_abandoned_trials(study, lock.alone):  # its fixed values are its user attributes

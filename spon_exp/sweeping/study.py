@@ -57,10 +57,11 @@ def shown(storage: str) -> str:
     return make_url(storage).render_as_string(hide_password=True)
 
 
-def check_storage(storage: str | None) -> None:
+def check_storage(storage: str | None, sweep_dir: str | Path) -> None:
     """One clear :class:`StudyError` when ``storage`` (``hydra.sweeper.storage``) cannot work:
     not a database URL, an unknown database, a SQLite file in a missing folder, a missing
-    driver. Connecting is left to :func:`open_study`."""
+    driver. The folder of a SQLite file inside ``sweep_dir`` (the default: ``optuna.db`` beside
+    the sweep) is created. Connecting is left to :func:`open_study`."""
     if storage is None:
         return
     from sqlalchemy.engine import make_url
@@ -77,7 +78,9 @@ def check_storage(storage: str | None) -> None:
         raise StudyError(f"{key}={storage} is not a database URL: give sqlite:///<file> (the default, beside the "
                          f"sweep) or a server's URL") from None
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        folder = Path(url.database).expanduser().parent
+        folder = Path(url.database).expanduser().resolve().parent
+        if folder.is_relative_to(Path(sweep_dir).expanduser().resolve()):
+            folder.mkdir(parents=True, exist_ok=True)  # the sweep's own folder
         if not folder.is_dir():
             raise StudyError(f"{key}={storage}: the folder {folder} does not exist; create it, or leave "
                              f"{key} at its default (optuna.db beside the sweep)")
