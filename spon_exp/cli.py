@@ -70,7 +70,7 @@ def _main(cfg: DictConfig) -> dict | float | None:
     from spon_exp.tracking.disk import as_disk_full
     from spon_exp.tracking.files import RESULTS, read_json
     from spon_exp.tracking.identity import config_hash
-    from spon_exp.tracking.run_folder import guard_run_dir, is_done
+    from spon_exp.tracking.run_folder import guard_run_dir, is_done, results_file
     from spon_exp.tracking.summary import summary_table
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -80,8 +80,9 @@ def _main(cfg: DictConfig) -> dict | float | None:
         resolve_aliases(cfg, explicit_sparsity=_explicit_sparsity())
     except ConfigError as e:
         return _user_error(e, run_dir)
-    if cfg.skip_if_done and is_done(run_dir, config_hash(cfg)):
-        log.info("Skipping %s: results.json there says ok for this config", run_dir)
+    if cfg.skip_if_done and is_done(run_dir, config_hash(cfg)):  # said, not logged: the run's log stays as it is
+        print(f"spon-exp: {run_dir} holds a finished run of this config: skipped (results: {run_dir / RESULTS}); "
+              f"skip_if_done=false runs it again beside it, as attempt N")
         return read_json(run_dir / RESULTS)
     try:
         guard_run_dir(run_dir, config_hash(cfg))  # before .hydra/ is written: a refused config changes nothing
@@ -101,7 +102,7 @@ def _main(cfg: DictConfig) -> dict | float | None:
             raise
         return _user_error(full, run_dir)
     print(summary_table(results))
-    print(f"results: {run_dir / RESULTS}")
+    print(f"results: {results_file(run_dir, results.get('attempt'))}")
     return results
 
 

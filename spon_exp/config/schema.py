@@ -217,7 +217,9 @@ class Config:
     sweep_name: str = "single"  # names the group of runs (W&B group, sweep folder)
     save_export: bool = True  # write the folded sparse state (thresholds + biases) into the run folder
     save_checkpoint: bool = False  # also a from_pretrained-loadable checkpoint (a full weight copy)
-    skip_if_done: bool = False  # re-launched sweeps: skip a run whose results.json says ok
+    # a run whose folder's results.json says ok for this config is skipped (false: run it again beside it, as
+    # attempt N: spon_exp/tracking/run_folder.py); a finished run's files are never written again
+    skip_if_done: bool = True
     # glibc malloc tuning (spon_exp/hostmem.py), applied to CPU runs only (model.device=cpu without
     # model.device_map); false leaves the allocator alone. Not part of a run's identity (its hash)
     malloc_tuning: bool = True
