@@ -91,3 +91,15 @@ def test_diagnose_on_a_full_disk_is_one_line(finished, tmp_path, capsys, monkeyp
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "it/s]" not in line]  # no bars
     assert err == [err[0]] and err[0].startswith(f"spon-exp-diagnose: error: Could not write {run_dir / 'diagnostics'}")
     assert "No space left on device" in err[0] and not list(run_dir.glob(".diagnostics*"))
+
+
+def test_collect_on_a_full_disk_is_one_line(finished, tmp_path, capsys, monkeypatch):
+    from spon_exp.collect import cli as collect_cli
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "tables" / "ppl.md"))
+
+    monkeypatch.setattr(collect_cli, "write_tables", full)
+    assert collect_cli.main([str(finished.parent), "--out", str(tmp_path / "tables")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == [err[0]] and err[0].startswith(f"spon-exp-collect: error: Could not write {tmp_path / 'tables' / 'ppl.md'}")

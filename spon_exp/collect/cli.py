@@ -109,9 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(rows, int):
         return rows
     out = Path(args.out or Path(args.folders[0] if args.folders else ".") / "tables")
-    if args.baseline:
-        return _compare(rows, args, out)
-    return _tables(rows, args.folders, out)
+    try:
+        return _compare(rows, args, out) if args.baseline else _tables(rows, args.folders, out)
+    except Exception as e:
+        from spon_exp.tracking.disk import as_disk_full
+
+        full = as_disk_full(e, out / "tables.md")  # a full disk or quota: one line naming the folder
+        if full is None:
+            raise
+        print(f"spon-exp-collect: error: {full}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
