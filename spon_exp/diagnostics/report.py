@@ -89,7 +89,7 @@ def _check_files(run_dir: Path, results: dict) -> None:
     if results.get("sparsifier") != "dense":
         if not (run_dir / "export" / "sparse_state.safetensors").is_file():
             raise DiagnoseError(f"{run_dir} has no export/sparse_state.safetensors (run with save_export=false?); "
-                                f"re-run it with save_export=true")
+                                f"run its command again with save_export=true into a new folder (hydra.run.dir=...)")
         try:
             check_run_files(run_dir)
         except ExportError as e:
