@@ -30,6 +30,11 @@ def _wait(job):
     return job
 
 
+#: SLURM's final job states other than COMPLETED: accounting will not turn them into COMPLETED
+ENDED_OTHERWISE = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
+                   "DEADLINE"}
+
+
 def _executor(folder: Path):
     # Its own folder per run: job ids restart at 1 when the cluster state is
     # wiped, and submitit would read back a stale result from a reused folder.
@@ -68,7 +73,7 @@ def test_submitit_returns_value(slurm_cluster, tmp_path):
     assert job_id == str(job.job_id)
     # The result file appears before accounting catches up; sacct must get there
     # (submitit relies on it to notice cancelled/timed-out jobs).
-    while job.state in ("PENDING", "RUNNING", "COMPLETING", "UNKNOWN"):
+    while job.state != "COMPLETED" and job.state.split()[0] not in ENDED_OTHERWISE:
         time.sleep(1)
     assert job.state == "COMPLETED"
 
