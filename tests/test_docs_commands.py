@@ -37,7 +37,7 @@ README_MAX_LINES = 260
 SHELL_FENCES = {"", "bash", "sh", "shell", "console"}
 NEEDS = re.compile(r"#\s*needs:\s*([\w, -]+?)\s*$")
 ENTRY_POINTS = {  # console script -> module whose main(argv) builds its argparse parser
-    "spon-exp-collect": "spon_exp.collect",
+    "spon-exp-collect": "spon_exp.collect.cli",
     "spon-exp-export": "spon_exp.export.cli",
     "spon-exp-diagnose": "spon_exp.diagnostics.cli",
 }

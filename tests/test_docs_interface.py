@@ -19,7 +19,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 INTERFACE = REPO / "docs" / "interface.md"
 ENTRY_POINTS = {  # console script -> module whose main(argv) builds its argparse parser
-    "spon-exp-collect": "spon_exp.collect",
+    "spon-exp-collect": "spon_exp.collect.cli",
     "spon-exp-export": "spon_exp.export.cli",
     "spon-exp-diagnose": "spon_exp.diagnostics.cli",
 }

@@ -111,7 +111,7 @@ def repository_paths(text: str) -> set[str]:
                 found.add(path)
             elif cited:
                 continue  # a reference repository's file, cited by line
-            elif "/" in path and first in SUBPACKAGES and "." in path.rsplit("/", 1)[-1]:
+            elif "/" in path and first in SUBPACKAGES and path.endswith((*SOURCE_SUFFIXES, ".md")):
                 found.add(f"spon_exp/{path}")
             elif BARE_NAME.match(path) and path.endswith(SOURCE_SUFFIXES) and path not in REFERENCE_FILES:
                 found.add(f"**/{path}")
