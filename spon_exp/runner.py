@@ -64,7 +64,7 @@ class Timer:
 
 def sparsifier_kwargs(cfg: DictConfig) -> dict:
     """The sparsifier's constructor arguments; ``seed`` seeds its calibration sampling (the
-    README's ``seed=``: batch order and subsampling)."""
+    ``seed=`` of docs/configuration.md: calibration sample and α batch order)."""
     return {"sparsity": cfg.sparsity, "seed": cfg.seed, **sparsifier_options(cfg.sparsifier)}
 
 

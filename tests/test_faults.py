@@ -52,10 +52,8 @@ def killed_at(function: str, run_dir: Path, outputs: Path, nth: int = 1, when: s
         main()
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not ready.exists():
+    while not ready.exists():  # a run that never reaches the fault point ends: poll() says so
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.time() < deadline, "the run never reached the fault point"
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     out, err = proc.communicate(timeout=60)

@@ -20,8 +20,10 @@ from spon_exp.collect.tables import write_tables
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spon-exp-collect", description=DESCRIPTION)
-    parser.add_argument("folders", nargs="*", default=["outputs"], help="folders to scan for results.json")
-    parser.add_argument("--wandb-project", action="append", default=[], help="also read runs of entity/project")
+    parser.add_argument("folders", nargs="*", default=["outputs"],
+                        help="folders to scan for results.json (default: outputs)")
+    parser.add_argument("--wandb-project", action="append", default=[],
+                        help="also read runs of entity/project (repeat for several projects)")
     parser.add_argument("--out", default=None, help="output folder (default: <first folder>/tables)")
     parser.add_argument("--baseline", nargs="+", metavar="KEY=VALUE",
                         help="compare: the runs of one configuration (its seeds), e.g. sparsity=0.4 or spon.count=0")

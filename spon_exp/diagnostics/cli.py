@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=None,
                         help="longest sequence, in tokens (default: 2048, or the model's context if shorter)")
     parser.add_argument("--sequences", type=int, default=4, help="evaluation sequences of that length (default 4)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="device for the forward passes (default cpu)")
     parser.add_argument("--no-wandb", action="store_true", help="do not log to the run's W&B run")
     parser.add_argument("--verbose", action="store_true", help="tracebacks for errors")
     args = parser.parse_args(argv)
