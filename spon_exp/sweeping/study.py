@@ -239,8 +239,9 @@ def objective_of(ret) -> tuple[list[float] | None, str | None, BaseException | N
 
 
 def say_failed(number: int, folder: Path | None, why: str, exception: BaseException | None) -> None:
-    """One line per failed trial (its traceback too when it failed on a bug and --verbose)."""
-    if exception is not None and os.environ.get("SPON_EXP_VERBOSE", "") not in ("", "0"):
+    """One line per failed trial, after its traceback when its job raised: a trial's user errors
+    return instead (its trial.json says why), so what a job raises is a bug or a crash."""
+    if exception is not None:
         traceback.print_exception(exception)
     where = f" ({folder.name}; its {TRIAL_FILE} says why)" if folder is not None else ""
     print(f"spon-exp: error: trial {number}{where}: {why}", file=sys.stderr)
