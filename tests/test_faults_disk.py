@@ -200,11 +200,12 @@ def test_a_truncated_or_foreign_wheel_is_never_used(not_installed, fake_wheel, c
 #: safetensors, writing the run's α, fails as on a full disk: half the file, then its own error
 #: type (SafetensorError is not an OSError)
 ALPHA_ON_A_FULL_DISK = """
+    from pathlib import Path
     import safetensors.torch
     from safetensors import SafetensorError
     save_file = safetensors.torch.save_file
     def full(tensors, filename, *args, **kwargs):
-        if ".alpha.safetensors." not in str(filename):
+        if not Path(str(filename)).name.startswith(".alpha."):  # the temp file of the run's α
             return save_file(tensors, filename, *args, **kwargs)
         open(filename, "wb").write(b"\\0" * 100)
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
@@ -223,7 +224,7 @@ def test_a_full_outputs_disk_is_one_line_and_results_json_records_it(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     lines = [line for line in proc.stderr.splitlines() if line.strip() and "[INFO]" not in line]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert lines[-1].startswith(f"spon-exp: error: Could not write {run_dir / 'alpha.safetensors'} in {run_dir}: "
+    assert lines[-1].startswith(f"spon-exp: error: Could not write {run_dir / 'alpha.partial.safetensors'} in {run_dir}: "
                                 f"No space left on device (")
     assert lines[-1].endswith("free there, not enough for it); free some disk space there and run again")
     results = json.loads((run_dir / "results.json").read_text())
