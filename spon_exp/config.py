@@ -118,6 +118,9 @@ class SponConfig(TrainOptions):  # the training settings (lr, steps, ...) are Tr
     projections: Any = "all"  # all / attention / mlp / down_proj, or a list of names ([q_proj,up_proj])
     init: str = "zero"  # zero / mean_dropped
     train: bool = True  # false: keep the init (the training-free baseline)
+    # where α acts: all (every token) / sparsified (only the tokens the token policy sparsified,
+    # trained so; the same model under token_policy=all): spon_exp/spon/gating.py, docs/configuration.md
+    apply: str = "all"
     checkpoint_every: int = 20  # steps between resumable checkpoints; a run keeps them (train_alpha's default: 0 = never)
 
 
@@ -385,6 +388,8 @@ def validate(cfg) -> None:
          f"unscored, so eval.ppl.max_tokens={cfg.eval.ppl.max_tokens} scores nothing; raise eval.ppl.max_tokens"),
         (cfg.spon.checkpoint_every >= 0, f"spon.checkpoint_every must be >= 0 (0 = never), got {cfg.spon.checkpoint_every}"),
         (cfg.spon.init in ("zero", "mean_dropped"), f"spon.init must be zero or mean_dropped, got {cfg.spon.init!r}"),
+        (cfg.spon.apply in ("all", "sparsified"),
+         f"spon.apply must be all (α on every token) or sparsified (only on the sparsified tokens), got {cfg.spon.apply!r}"),
         (cfg.spon.schedule in ("constant", "cosine", "linear"), f"spon.schedule must be constant, cosine or linear, got {cfg.spon.schedule!r}"),
         (cfg.spon.average in ("none", "ema", "polyak"), f"spon.average must be none, ema or polyak, got {cfg.spon.average!r}"),
         (0 < cfg.spon.ema_decay < 1, f"spon.ema_decay must be in (0, 1), e.g. 0.95, got {cfg.spon.ema_decay}"),
