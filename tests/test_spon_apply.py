@@ -281,3 +281,23 @@ def test_export_prefill_and_decode_equal_the_run_in_both_modes(tmp_path):
         assert spec.get("spon_apply", "all") == case[1], case
         card = (folder / "README.md").read_text()
         assert ("every decode token" in card) == (case[1] == "sparsified"), case
+
+
+def test_a_run_with_apply_sparsified_folds_exactly_and_exports_both_biases(tmp_path):
+    """The runner end to end (teal_ref: last floor(T/2) tokens sparsified): the fold check on the
+    first evaluation batch, results.json's spon.apply, and an export whose in-process logit
+    check passes."""
+    from spon_exp.export import export_run
+    from spon_exp.runner import run
+    from tests.test_app import strip_hydra
+
+    cfg = compose_cfg(["experiment=smoke", "sparsifier=teal_ref", "spon.steps=2", "spon.apply=sparsified"], tmp_path)
+    results = run(strip_hydra(cfg), tmp_path / "run")
+    assert results["status"] == "ok" and results["spon"]["apply"] == "sparsified"
+    assert results["fold"]["max_abs_logit_diff"] == 0.0
+    meta = json.loads((tmp_path / "run" / "export" / "sparse_state.json").read_text())
+    assert meta["spon_apply"] == "sparsified"
+    folder = export_run(tmp_path / "run", tmp_path / "export")
+    spec = json.loads((folder / "sparse_runtime.json").read_text())
+    assert spec["spon_apply"] == "sparsified" and spec["export_check"]["max_abs_logit_diff"] == 0.0
+    assert len(spec["dense_biases"]) == 0 and len(spec["biases"]) == 14  # the tiny Llama has no biases of its own
