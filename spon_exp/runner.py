@@ -357,7 +357,7 @@ def _spon(ctx: RunContext, model, sparsifier, calib: torch.Tensor):
     cfg, results = ctx.cfg, ctx.results
     which = cfg.spon.projections  # a set name or a list of projection names
     which = which if isinstance(which, str) else [str(n) for n in which]
-    spon = Spon(sparsifier, cfg.spon.count, which)
+    spon = Spon(sparsifier, cfg.spon.count, which, apply=cfg.spon.apply)
     akey = ctx.identity.alpha_key
     alpha_dir = ctx.cache / "alpha" / akey
     checkpoint_dir = alpha_dir.with_name(f"{akey}.checkpoint")
@@ -381,7 +381,7 @@ def _spon(ctx: RunContext, model, sparsifier, calib: torch.Tensor):
             train_info = _train(ctx, model, sparsifier, spon, calib, checkpoint_dir)
             write_entry(alpha_dir, fill)
             remove_entry(checkpoint_dir)
-    results["spon"] = {"count": cfg.spon.count, "projections": which,
+    results["spon"] = {"count": cfg.spon.count, "projections": which, "apply": cfg.spon.apply,
                        "num_parameters": spon.num_parameters(), **train_info}
     write_atomic(ctx.path(ALPHA_FILE), lambda tmp: save_file(spon.alpha_state(), str(tmp)))
     return spon

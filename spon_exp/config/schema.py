@@ -117,6 +117,9 @@ class SponConfig(TrainOptions):  # the training settings (lr, steps, ...) are Tr
     projections: Any = "all"  # all / attention / mlp / down_proj, or a list of names ([q_proj,up_proj])
     init: str = "mean_dropped"  # zero / mean_dropped (the recipe conf/spon/tuned.yaml selects)
     train: bool = True  # false: keep the init (the training-free baseline)
+    # where α acts: all (every token) / sparsified (only the tokens the token policy sparsified,
+    # trained so; the same model under token_policy=all): spon_exp/spon/gating.py, docs/configuration.md
+    apply: str = "all"
     checkpoint_every: int = 20  # steps between resumable checkpoints; a run keeps them (train_alpha's default: 0 = never)
 
 

@@ -27,7 +27,6 @@ import contextlib
 import errno
 import fcntl
 import io
-import json
 import logging
 import math
 import os

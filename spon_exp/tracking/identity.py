@@ -50,7 +50,7 @@ def sparsifier_label(node) -> str:
 #: every hash while at that value, so existing runs and caches keep their names
 NEW_OPTION_DEFAULTS = {"ppl": {"score": "all", "forbid_dense_scored": False, "split": "evaluation"},
                        "calib": {"bos": "none"},
-                       "spon": {"average": "none", "ema_decay": 0.95, "average_from": 0.5}}
+                       "spon": {"average": "none", "ema_decay": 0.95, "average_from": 0.5, "apply": "all"}}
 
 
 def _without_new_defaults(group: str, node: dict) -> dict:
