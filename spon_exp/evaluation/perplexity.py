@@ -282,14 +282,22 @@ def perplexity(model: nn.Module, data: torch.Tensor, protocol: PerplexityProtoco
 MIN_RELATIVE_GAP = 0.01
 
 
-def gap_closure(dense: float, sparse: float, spon: float) -> float | None:
+def gap_closure(dense, sparse, spon):
     """(sparse − spon) / (sparse − dense): 1 = SPON recovers all of the loss, 0 = none.
 
-    None when a value is missing or the sparse model is not worse than dense by more than
-    :data:`MIN_RELATIVE_GAP` (1 %): there is no gap to close."""
-    if sparse is None or spon is None or dense is None or sparse - dense <= MIN_RELATIVE_GAP * dense:
+    Undefined where a value is missing or the sparse model is not worse than dense by more
+    than :data:`MIN_RELATIVE_GAP` (1 %): there is no gap to close. The one definition for
+    single figures and bootstrap resamples alike: floats give a float, or None where
+    undefined; tensors (resamples) give a tensor, NaN where undefined."""
+    if isinstance(dense, torch.Tensor):
+        gap = sparse - dense
+        defined = gap > MIN_RELATIVE_GAP * dense
+        return torch.where(defined, (sparse - spon) / torch.where(defined, gap, torch.ones_like(gap)),
+                           torch.full_like(gap, float("nan")))
+    if sparse is None or spon is None or dense is None:
         return None
-    return (sparse - spon) / (sparse - dense)
+    value = gap_closure(*(torch.tensor([float(x)], dtype=torch.float64) for x in (dense, sparse, spon)))
+    return None if math.isnan(value) else float(value)
 
 
 def perplexity_report(model: nn.Module, data: torch.Tensor, protocol: PerplexityProtocol, sparsifier=None,

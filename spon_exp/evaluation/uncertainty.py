@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spon_exp.evaluation.perplexity import MIN_RELATIVE_GAP, BlockNLL
+from spon_exp.evaluation.perplexity import BlockNLL, gap_closure
 
 
 @dataclass(frozen=True)
@@ -72,9 +72,7 @@ def perplexity_intervals(blocks: Mapping[str, BlockNLL], boot: Bootstrap) -> dic
     ppl = {v: torch.exp(b.nll[idx].sum(1) / b.tokens[idx].sum(1).double()) for v, b in blocks.items()}
     out: dict = {"ppl": {v: boot.interval(s) for v, s in ppl.items()}, "gap_closure": None}
     if {"dense", "sparse", "spon"} <= ppl.keys():
-        dense, sparse, spon = ppl["dense"], ppl["sparse"], ppl["spon"]
-        gap = sparse - dense
-        out["gap_closure"] = boot.interval(_ratio(sparse - spon, gap, gap > MIN_RELATIVE_GAP * dense))
+        out["gap_closure"] = boot.interval(gap_closure(ppl["dense"], ppl["sparse"], ppl["spon"]))
     return out
 
 

@@ -1,0 +1,158 @@
+"""The 95 % interval of a mean over seeds that were all scored on the same evaluation blocks.
+
+A seed's statistic (a perplexity, the gap closure) is ``T_s = θ + a_s + B + e_s``: ``a_s`` what
+the seed does (calibration sample, α training order), ``B`` what the shared text does to every
+seed alike, ``e_s`` what the text does to this seed only (seed × block). The mean over ``n``
+seeds has variance ``σ_a²/n + Var(B) + Var(e)/n``. Two estimates add up to it:
+
+- **blocks**: the variance of the seed mean over block resamples, one draw shared by every
+  seed and variant (:class:`~spon_exp.evaluation.uncertainty.Bootstrap`): ``Var(B) + Var(e)/n``,
+  with ``m − 1`` degrees of freedom (``m`` blocks);
+- **seeds**: ``s²/n``, the between-seed variance of the seeds' values over their number:
+  ``σ_a²/n + Var(e)/n``, with ``n − 1`` degrees of freedom.
+
+Their sum counts ``Var(e)/n`` twice, which errs on the wide side (by a few coverage points at
+most in the scenarios of ``benchmarks/quality/coverage.py``). The interval is the mean ± a
+Student t quantile times the square root of the sum, its degrees of freedom by
+Welch–Satterthwaite: with few seeds and seed-dominated variance the quantile is large (12.7 at
+``n = 2``), as it must be for the interval to hold its level; when the blocks dominate it is
+close to the normal one. A comparison sums the same parts for a difference: paired seeds give
+one seed part (the per-seed differences), unpaired sides one each.
+
+``percentile`` is the interval spon-exp used before (a two-level bootstrap: blocks and seeds
+resampled, the seed draw scaled by √(n/(n−1)), 2.5 and 97.5 percentiles). It under-covers with
+few seeds when the seeds disagree (benchmarks/RESULTS.md, "Coverage of the intervals over
+seeds"); it stays selectable for comparing with tables made with it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from spon_exp.evaluation.uncertainty import Bootstrap
+
+METHODS = ("t", "percentile")
+
+
+@dataclass(frozen=True)
+class Part:
+    """One source of a mean's variance, and the degrees of freedom of its estimate."""
+
+    name: str
+    variance: float
+    df: float
+
+
+def satterthwaite_df(parts: Sequence[Part]) -> float:
+    """Welch–Satterthwaite degrees of freedom of a sum of independent variance estimates."""
+    total = sum(p.variance for p in parts)
+    spread = sum(p.variance ** 2 / p.df for p in parts if p.variance > 0)
+    return math.inf if spread == 0 else total ** 2 / spread
+
+
+def t_quantile(confidence: float, df: float) -> float:
+    from scipy.stats import norm, t
+
+    tail = 0.5 + confidence / 2
+    return float(norm.ppf(tail)) if math.isinf(df) else float(t.ppf(tail, df))
+
+
+def t_interval(center: float | None, parts: Sequence[Part], confidence: float) -> dict:
+    """``{"ci", "df", "parts"}``: ``center`` ± t(df) · √(Σ variances); ``ci`` None without a
+    center or a part."""
+    out = {"ci": None, "df": None, "parts": {p.name: p.variance for p in parts}}
+    if center is None or not parts:
+        return out
+    variance = sum(p.variance for p in parts)
+    df = satterthwaite_df(parts)
+    half = 0.0 if variance == 0 else t_quantile(confidence, df) * math.sqrt(variance)
+    out.update(ci=[center - half, center + half], df=None if math.isinf(df) else df)
+    return out
+
+
+def block_part(resampled: torch.Tensor, boot: Bootstrap, df: float) -> Part | None:
+    """The variance over block resamples of a statistic (``[resamples]``, one value per
+    resample: a seed mean or a difference of seed means), with ``df`` degrees of freedom
+    (blocks − 1);
+    None where it is undefined in more than the tail mass of the resamples (as
+    :meth:`Bootstrap.interval`)."""
+    finite = resampled[torch.isfinite(resampled)].double()
+    tail = (1.0 - boot.confidence) / 2
+    if finite.numel() < max(2, math.ceil(boot.resamples * (1 - tail))):
+        return None
+    return Part("blocks", float(finite.var()), max(df, 1))
+
+
+def seed_part(values: Sequence[float], name: str = "seeds") -> Part | None:
+    """``s²/n`` of the seeds' values, ``n − 1`` degrees of freedom; None for fewer than two
+    seeds or a value that is not finite."""
+    if len(values) < 2 or not all(math.isfinite(v) for v in values):
+        return None
+    n = len(values)
+    mean = sum(values) / n
+    return Part(name, sum((v - mean) ** 2 for v in values) / (n - 1) / n, n - 1)
+
+
+def seed_mean(values: torch.Tensor, seed_idx: torch.Tensor) -> torch.Tensor:
+    """``percentile``: per resample the mean over the drawn seeds (``values`` ``[resamples,
+    seeds]``), its deviation from the all-seed mean scaled by √(n/(n−1)); one seed: as is."""
+    n = values.shape[1]
+    full = values.mean(1)
+    if n == 1:
+        return full
+    drawn = torch.gather(values, 1, seed_idx).mean(1)
+    return full + math.sqrt(n / (n - 1)) * (drawn - full)
+
+
+def cell_interval(center: float | None, values: Sequence[float], per_seed: torch.Tensor | None, boot: Bootstrap,
+                  block_df: float, method: str, seed_idx: torch.Tensor) -> dict:
+    """A configuration's interval of one statistic: ``values`` the seeds' own, ``per_seed``
+    ``[resamples, seeds]`` their values on each block resample (None without per-block data,
+    ``block_df`` the blocks' degrees of freedom)."""
+    if method == "percentile":
+        if per_seed is None and len(values) < 2:
+            return {"ci": None}
+        seeds = torch.tensor(list(values), dtype=torch.float64).expand(boot.resamples, -1)
+        return {"ci": boot.interval(seed_mean(seeds if per_seed is None else per_seed, seed_idx))}
+    parts = [seed_part(values)]
+    if per_seed is not None:
+        parts.append(block_part(per_seed.mean(1), boot, block_df))
+        if parts[-1] is None:  # undefined in too many resamples: no interval
+            return t_interval(None, [], boot.confidence)
+    return t_interval(center, [p for p in parts if p is not None], boot.confidence)
+
+
+def difference_interval(center: float | None, base: Sequence[float], cand: Sequence[float],
+                        res_base: torch.Tensor | None, res_cand: torch.Tensor | None, paired: bool,
+                        boot: Bootstrap, block_df: float, method: str) -> dict:
+    """Candidate − baseline of one statistic: ``base`` / ``cand`` the seeds' values (in the same
+    seed order on both sides when ``paired``), ``res_*`` ``[resamples, seeds]`` on the shared
+    block resamples (None without per-block data)."""
+    blocks = res_base is not None and res_cand is not None
+    if method == "percentile":
+        if paired:
+            diffs = (res_cand - res_base) if blocks else _repeat([b - a for a, b in zip(base, cand)], boot)
+            return {"ci": boot.interval(seed_mean(diffs, boot.indices(len(base), stream=2)))}
+        rb, rc = (res_base, res_cand) if blocks else (_repeat(base, boot), _repeat(cand, boot))
+        return {"ci": boot.interval(seed_mean(rc, boot.indices(len(cand), stream=3))
+                                    - seed_mean(rb, boot.indices(len(base), stream=2)))}
+    if paired:
+        parts = [seed_part([b - a for a, b in zip(base, cand)])]
+    elif min(len(base), len(cand)) > 1:
+        parts = [seed_part(base, "seeds (baseline)"), seed_part(cand, "seeds (candidate)")]
+    else:  # one side's seed variance is unknown: blocks only (the comparison gives no verdict)
+        parts = []
+    if blocks:
+        resampled = (res_cand - res_base).mean(1) if paired else res_cand.mean(1) - res_base.mean(1)
+        parts.append(block_part(resampled, boot, block_df))
+        if parts[-1] is None:
+            return t_interval(None, [], boot.confidence)
+    return t_interval(center, [p for p in parts if p is not None], boot.confidence)
+
+
+def _repeat(values: Sequence[float], boot: Bootstrap) -> torch.Tensor:
+    return torch.tensor(list(values), dtype=torch.float64).expand(boot.resamples, -1)
