@@ -52,6 +52,7 @@ def _row(results: dict, source: str) -> dict:
         "effective_sparsity": sparsity.get("effective"),
         "ppl": results.get("ppl") or {},
         "ppl_ci": results.get("ppl_ci") or {},
+        "ppl_protocol": results.get("ppl_protocol"),
         "gap_closure": _gap_closures(results),
         "gap_closure_ci": results.get("gap_closure_ci") or {},
         "zeroshot_avg": zs.get("average") or {},
@@ -150,6 +151,24 @@ def read_runs(folder: str | Path) -> list[dict]:
                            **{**base, **_fields_from_dirname(sub)})
                 rows.append(row)
     return rows
+
+
+def mark_duplicates(rows: list[dict]) -> None:
+    """A finished run of one configuration and seed found twice (a copied folder, one
+    configuration in two sweeps, a local folder read with its W&B project) counts once: the
+    later copy's status becomes ``duplicate``, with a one-line warning naming both places."""
+    from spon_exp.evaluation.pairing import duplicates
+
+    def identity(row: dict):
+        if row["status"] != "ok":
+            return None
+        return row.get("config_hash") or (_group_key(row), str(row["seed"]))
+
+    for first, again in duplicates(rows, identity):
+        again.update(status="duplicate", error=f"the same configuration and seed as {first['source']}")
+        print(f"spon-exp-collect: warning: seed {again['seed']} of configuration "
+              f"{str(again.get('seed_group') or again.get('config_hash'))[:8]} found twice ({first['source']} and "
+              f"{again['source']}); counted once", file=sys.stderr)
 
 
 def _fields_from_dirname(sub: str) -> dict:
@@ -333,7 +352,7 @@ def _seed_run(row: dict, corpus: str):
     blocks = None
     if units is not None and all(f"{corpus}.{v}.nll" in units for v in ppl):
         blocks = {v: BlockNLL.from_state(units, f"{corpus}.{v}") for v in ppl}
-    return SeedRun(row["seed"], ppl, blocks)
+    return SeedRun(row["seed"], ppl, blocks, row.get("ppl_protocol"))
 
 
 def _bootstrap():
@@ -820,9 +839,14 @@ def comparison_table(result: dict) -> list[list[str]]:
     header = ["corpus", "statistic", "baseline", "candidate", "candidate − baseline", "95 % interval", "excludes 0",
               "seeds", "interval over"]
     body = []
+    from spon_exp.evaluation.pairing import describe_left_out
+
     for corpus, comp in result.items():
         seeds = (f"paired, n={comp['n_baseline']}" if comp["paired"]
                  else f"unpaired, n={comp['n_baseline']} / {comp['n_candidate']}")
+        left_out = describe_left_out(comp.get("left_out") or {})
+        seeds += f" ({left_out})" if left_out else ""
+        verdicts = {True: "yes", False: "no", None: comp.get("refused") or "-"}
         for name in [n for n in COMPARED if n in comp["statistics"]]:
             st = comp["statistics"][name]
             scale, digits, unit = (100, 1, " pts") if name == "gap_closure" else (1, 3, "")
@@ -831,7 +855,7 @@ def comparison_table(result: dict) -> list[list[str]]:
                          _fmt(None if st["candidate"] is None else st["candidate"] * scale, digits),
                          "-" if st["difference"] is None else f"{st['difference'] * scale:+.{digits}f}{unit}",
                          "-" if ci is None else f"[{ci[0] * scale:+.{digits}f}, {ci[1] * scale:+.{digits}f}]",
-                         {True: "yes", False: "no", None: "-"}[st["excludes_zero"]], seeds, comp["covers"]])
+                         verdicts[st["excludes_zero"]], seeds, comp["covers"]])
     return [header, *body]
 
 
@@ -861,6 +885,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r for folder in args.folders for r in read_runs(folder)]
     for project in args.wandb_project:
         rows += read_wandb(project)
+    mark_duplicates(rows)
     if not rows:
         print(f"spon-exp-collect: error: no results.json under {', '.join(args.folders)}: no run has written one "
               f"there yet", file=sys.stderr)

@@ -79,14 +79,17 @@ def point_values(runs: Sequence[SeedRun]) -> dict[str, list[float]]:
     return {k: [float(x) for x in t] for k, t in _statistics(ppl).items()}
 
 
-def _resampled_statistics(runs: Sequence[SeedRun], variants: list[str], block_idx: torch.Tensor | None
+def _resampled_statistics(runs: Sequence[SeedRun], variants: list[str], counts: torch.Tensor | None
                           ) -> dict[str, torch.Tensor] | None:
     """``{statistic: [resamples, seeds]}``: each seed's statistic on each block resample
-    (``block_idx`` ``[resamples, blocks]``, one draw for every seed and variant); None without one."""
-    if block_idx is None:
+    (``counts`` ``[resamples, blocks]``: how often each block is drawn, one draw for every seed
+    and variant); None without one. Every run scored the same tokens per block
+    (:func:`spon_exp.evaluation.pairing.check_same_text`)."""
+    if counts is None:
         return None
-    ppl = {v: torch.stack([torch.exp(r.blocks[v].nll[block_idx].sum(1) / r.blocks[v].tokens[block_idx].sum(1).double())
-                           for r in runs], dim=1) for v in variants}
+    tokens = counts @ runs[0].blocks[variants[0]].tokens.double()
+    ppl = {v: torch.exp(counts @ torch.stack([r.blocks[v].nll.double() for r in runs], dim=1) / tokens[:, None])
+           for v in variants}
     return _statistics(ppl)
 
 
@@ -129,7 +132,7 @@ def aggregate(runs: Sequence[SeedRun], boot: Bootstrap, method: str = "t") -> di
     blocks = _has_blocks(runs)
     m = check_same_text(runs) if blocks else None
     variants = _variants(runs)
-    resampled = _resampled_statistics(runs, variants, boot.indices(m, stream=1) if blocks else None)
+    resampled = _resampled_statistics(runs, variants, boot.counts(m, stream=1) if blocks else None)
     values = point_values(runs)
     seed_idx = boot.indices(len(runs), stream=2)
     out = {"n": len(runs), "seeds": [r.seed for r in runs], "covers": _covers(len(runs), blocks),
@@ -154,9 +157,9 @@ def compare(baseline: Sequence[SeedRun], candidate: Sequence[SeedRun], boot: Boo
     blocks = _has_blocks(baseline) and _has_blocks(candidate)
     m = check_same_text([*baseline, *candidate], blocks)
     variants = [v for v in _variants(baseline) if v in _variants(candidate)]
-    block_idx = boot.indices(m, stream=1) if blocks else None
-    res_a = _resampled_statistics(baseline, variants, block_idx)
-    res_b = _resampled_statistics(candidate, variants, block_idx)
+    counts = boot.counts(m, stream=1) if blocks else None
+    res_a = _resampled_statistics(baseline, variants, counts)
+    res_b = _resampled_statistics(candidate, variants, counts)
     val_a, val_b = point_values(baseline), point_values(candidate)
     n = len(baseline) if paired else min(len(baseline), len(candidate))
     refused = refusal(n, blocks)
@@ -210,9 +213,9 @@ def _resampled_averages(runs: Sequence[ZeroshotSeedRun], variants: list[str], bo
     sizes = {t: {r.items[v][t].numel() for r in runs for v in variants} for t in tasks}
     if any(len(n) > 1 for n in sizes.values()):
         raise ValueError(f"runs scored on different documents ({sizes}): their documents cannot be paired")
-    idx = {t: boot.indices(next(iter(sizes[t])), stream=10 + i) for i, t in enumerate(tasks)}
-    average = {v: torch.stack([torch.stack([r.items[v][t].double()[idx[t]].mean(1) for t in tasks]).mean(0)
-                               for r in runs], dim=1) for v in variants}
+    counts = {t: boot.counts(next(iter(sizes[t])), stream=10 + i) for i, t in enumerate(tasks)}
+    average = {v: torch.stack([counts[t] @ torch.stack([r.items[v][t].double() for r in runs], dim=1)
+                               / counts[t].shape[1] for t in tasks]).mean(0) for v in variants}
     return average, sum(next(iter(sizes[t])) for t in tasks) - len(tasks)
 
 

@@ -43,6 +43,13 @@ class Bootstrap:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + stream)
         return torch.randint(0, size, (self.resamples, size), generator=g)
 
+    def counts(self, size: int, stream: int = 0) -> torch.Tensor:
+        """``[resamples, size]``: how often each unit is drawn in each resample of
+        :meth:`indices` (a statistic summed over units is then one matrix product)."""
+        idx = self.indices(size, stream)
+        return torch.zeros(self.resamples, size, dtype=torch.float64).scatter_add_(
+            1, idx, torch.ones_like(idx, dtype=torch.float64))
+
     def interval(self, samples: torch.Tensor) -> list[float] | None:
         """Percentile interval of the finite samples; None when too few are finite (an
         undefined statistic in more than the tail mass of the resamples)."""
