@@ -46,7 +46,8 @@ def _row(results: dict, source: str) -> dict:
         "sparsifier": results.get("sparsifier_label") or results.get("sparsifier"),  # a preset: its label
         "calib_corpus": results.get("calib_corpus"),
         "spon_count": results.get("spon_count"),
-        "seed": results.get("seed"),
+        "seed": _seed_label(results),
+        "seeds": results.get("seeds") or {},
         "sparsity": sparsity.get("target"),
         "measured_sparsity": sparsity.get("measured"),
         "effective_sparsity": sparsity.get("effective"),
@@ -62,6 +63,15 @@ def _row(results: dict, source: str) -> dict:
         "fold_max_abs_logit_diff": (results.get("fold") or {}).get("max_abs_logit_diff"),
         "sensitivity_relative_spread": (results.get("sensitivity") or {}).get("relative_spread"),
     }
+
+
+def _seed_label(results: dict):
+    """The run's seed; ``0 (calib 1, spon 2)`` where ``calib.seed`` or ``spon.seed`` was set apart
+    from it (a crossed sweep), so each run of the crossing is a seed of its own."""
+    seed, seeds = results.get("seed"), results.get("seeds") or {}
+    if seeds and (seeds.get("calib"), seeds.get("spon")) != (seed, seed):
+        return f"{seed} (calib {seeds.get('calib')}, spon {seeds.get('spon')})"
+    return seed
 
 
 def _gap_closures(results: dict) -> dict:
@@ -587,7 +597,7 @@ def to_markdown(table: list[list[str]]) -> str:
 def write_tables(rows: list[dict], out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     runs = runs_table(rows)
-    tables = {"runs": runs, **ppl_tables(rows)}
+    tables = {"runs": runs, **ppl_tables(rows), **seed_variance_tables(rows)}
     csv_tables = {"runs": runs, **ppl_csv_tables(rows)}
     if any(r["zeroshot_avg"] for r in rows):
         tables["zeroshot"] = zeroshot_table(rows)
@@ -600,6 +610,34 @@ def write_tables(rows: list[dict], out: Path) -> dict[str, Path]:
         with (out / f"{name}.csv").open("w", newline="") as f:
             csv.writer(f).writerows(table)
     return written
+
+
+def seed_variance_tables(rows: list[dict]) -> dict[str, list[list[str]]]:
+    """``seed_variance_<corpus>``: for each configuration whose runs cross ``calib.seed`` with
+    ``spon.seed`` (a complete grid of at least 2 × 2), the between-seed SD of the gap closure and
+    of +SPON's perplexity split into calibration, α training and the rest
+    (:func:`spon_exp.evaluation.variance.crossed_seed_components`)."""
+    from spon_exp.evaluation.variance import crossed_seed_components
+
+    header = [*ROW_KEYS, "sparsity", "statistic", "seeds (calib × spon)", "mean", "SD calibration", "SD α training",
+              "SD interaction and rest", "SD one run", "seed_group"]
+    tables: dict[str, list[list[str]]] = {}
+    for group in seed_groups(rows):
+        ok = [r for r in group if r["status"] == "ok" and r["seeds"]]
+        for corpus in sorted({c for r in ok for c in r["ppl"]}):
+            for name, scale, get in (("gap closure (pts)", 100, lambda r: r["gap_closure"].get(corpus)),
+                                     ("+SPON perplexity", 1, lambda r: r["ppl"].get(corpus, {}).get("spon"))):
+                values = {(r["seeds"]["calib"], r["seeds"]["spon"]): get(r) for r in ok}
+                parts = None if None in values.values() else crossed_seed_components(values)
+                if parts is None:
+                    continue
+                sd = parts["sd"]
+                tables.setdefault(f"seed_variance_{corpus}", [header]).append(
+                    [*_key(group[0]), _fmt(group[0]["sparsity"]), name, "{} × {}".format(*parts["levels"]),
+                     _fmt(parts["mean"] * scale), *(_fmt(sd[k] * scale) for k in ("calibration", "training",
+                                                                                  "interaction and rest", "one run")),
+                     str(group[0].get("seed_group") or "-")[:8]])
+    return tables
 
 
 # ------------------------------------------------------------------------ plots
@@ -918,7 +956,7 @@ def main(argv: list[str] | None = None) -> int:
         counts[r["status"]] += 1
     print(f"{len(rows)} runs ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))})")
     for name, path in written.items():
-        if name.startswith("ppl_") or name == "zeroshot":
+        if name.startswith(("ppl_", "seed_variance_")) or name == "zeroshot":
             print(f"\n## {name}\n\n{path.read_text()}")
     for study in studies:
         name = study["study"]
