@@ -79,24 +79,28 @@ def test_block_and_seed_parts_add_up_with_satterthwaites_degrees_of_freedom():
     gap = aggregate(runs, Bootstrap())["statistics"]["gap_closure"]
     blocks, seeds = gap["parts"]["blocks"], gap["parts"]["seeds"]
     assert seeds == pytest.approx(statistics.variance(gap["values"]) / 3)
-    assert 2 < gap["df"] < 2 + 31
+    plain = satterthwaite_df([Part("seeds", seeds, 2), Part("blocks", blocks, BLOCKS - 1)])
+    # the seed part enters the degrees of freedom at its 75 % upper bound, 2 / χ²₂(0.25) = 3.48 times
+    bounded = satterthwaite_df([Part("seeds", seeds * 3.4760595, 2), Part("blocks", blocks, BLOCKS - 1)])
+    assert 2 < gap["df"] < plain < 2 + 31 and gap["df"] == pytest.approx(bounded, rel=1e-6)
     assert width(gap["ci"]) > 2 * 1.96 * math.sqrt(blocks + seeds)  # a t quantile, wider than the normal one
 
 
 def test_gap_closure_is_the_mean_of_each_seeds_ratio():
     # two seeds with the same gap closure (0.5) but gaps of 12 and 2 points; only +SPON's blocks
-    # vary, alike for both. A seed's gap closure moves with the blocks as +SPON / gap: 2.5 and
-    # 12.5 times the blocks' shift, so the mean over seeds moves 7.5 times it. A ratio of the
-    # seeds' mean perplexities would move 27.5 / 7 = 3.9 times it.
+    # vary, alike for both. A seed's gap closure moves with the blocks' shift ε as +SPON / gap:
+    # -2.5 ε and -12.5 ε. The part of the mean's block variance that the seeds share is the
+    # covariance of the two, 2.5 × 12.5 Var(ε): the geometric mean of the seeds' own variances.
+    # A ratio of the seeds' mean perplexities would move (27.5 / 7) ε, for (27.5 / 7)² Var(ε).
     shift = {"spon": noise(5, 0.05)}
     wide = run(0, {"dense": 24.0, "sparse": 36.0, "spon": 30.0}, shift)
     narrow = run(1, {"dense": 24.0, "sparse": 26.0, "spon": 25.0}, shift)
     boot = Bootstrap()
     both = aggregate([wide, narrow], boot)["statistics"]["gap_closure"]
-    each = [aggregate([r], boot)["statistics"]["gap_closure"] for r in (wide, narrow)]
+    each = [aggregate([r], boot)["statistics"]["gap_closure"]["parts"]["blocks"] for r in (wide, narrow)]
     assert both["mean"] == pytest.approx(0.5) and both["parts"]["seeds"] == pytest.approx(0, abs=1e-20)
-    assert math.sqrt(both["parts"]["blocks"]) == pytest.approx(
-        (math.sqrt(each[0]["parts"]["blocks"]) + math.sqrt(each[1]["parts"]["blocks"])) / 2, rel=1e-3)
+    assert each[1] / each[0] == pytest.approx(25.0, rel=0.02)  # (12.5 / 2.5)²
+    assert both["parts"]["blocks"] == pytest.approx(math.sqrt(each[0] * each[1]), rel=0.02)
 
 
 def shifted_pair(seed_effects, improvement: float):
