@@ -54,9 +54,11 @@ def _main(cfg: DictConfig) -> dict | float | None:
     from spon_exp.data.corpora import CorpusError
     from spon_exp.hostmem import applies_to_run, keep_freed_memory
     from spon_exp.models.loading import ModelNotFoundError
-    from spon_exp.runner import guard_run_dir, is_done, run, summary_table
+    from spon_exp.runner import run
     from spon_exp.tracking.files import RESULTS, read_json
     from spon_exp.tracking.identity import config_hash
+    from spon_exp.tracking.run_folder import guard_run_dir, is_done
+    from spon_exp.tracking.summary import summary_table
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:  # sparsifier.sparsity=0.4 is sparsity=0.4: one name for one run
@@ -115,9 +117,9 @@ _MAIN_PID = os.getpid()
 
 
 def _trial(cfg: DictConfig, trial_dir: Path) -> float:
-    """One trial of a recipe search: validated once, then every seed run (spon_exp.runner.run_trial)."""
+    """One trial of a recipe search: validated once, then every seed run (:func:`spon_exp.sweeping.trial.run_trial`)."""
     from spon_exp.config import validate
-    from spon_exp.runner import run_trial
+    from spon_exp.sweeping.trial import run_trial
 
     validate(cfg)  # a bad config fails the trial before any seed runs
     return run_trial(cfg, trial_dir, overrides=list(HydraConfig.get().overrides.task))

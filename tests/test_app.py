@@ -260,3 +260,40 @@ def test_a_list_of_projections_from_the_command_line_trains_alpha_on_those_only(
     assert results["status"] == "ok" and results["spon"]["projections"] == ["q_proj", "up_proj"]
     names = {key.rsplit(".", 1)[-1] for key in load_file(str(tmp_path / "run" / "alpha.safetensors"))}
     assert names == {"q_proj", "up_proj"}
+
+
+def test_hydra_exclude_keys_spell_the_non_identity_keys():
+    """One list: conf/config.yaml's override_dirname.exclude_keys is NON_IDENTITY_KEYS as a
+    command line writes them (a group's leaves for the keys that are nodes), nothing more."""
+    from spon_exp.tracking.identity import NON_IDENTITY_KEYS
+
+    cfg = compose_cfg([])
+    excluded = set(cfg.hydra.job.config.override_dirname.exclude_keys)
+    expected = set()
+    for key in NON_IDENTITY_KEYS:
+        node = OmegaConf.select(cfg, key, throw_on_missing=False)
+        schema_node = OmegaConf.is_dict(node) and key not in GROUPS and key != "local"
+        expected |= {f"{key}.{leaf}" for leaf in node} if schema_node else {key}
+    assert excluded == expected
+
+
+def test_spon_tuned_shows_the_library_defaults():
+    """conf/spon/tuned.yaml spells out the recipe, and it is the library's TrainOptions (and
+    SponConfig) defaults: the README's library example trains the α spon-exp trains."""
+    import dataclasses
+
+    from spon_exp.config import SponConfig
+    from spon_exp.spon.train import TrainConfig
+
+    shown = OmegaConf.load(CONF / "spon" / "tuned.yaml")
+    defaults = SponConfig()
+    library = TrainConfig()
+    for key, value in shown.items():
+        if key == "defaults":
+            continue
+        assert getattr(defaults, key) == value, key
+        if key in {f.name for f in dataclasses.fields(TrainConfig)}:
+            assert getattr(library, key) == value, key
+    assert compose_cfg([]).spon == compose_cfg(["spon=tuned"]).spon  # the CLI's default is that recipe
+    earlier = compose_cfg(["spon=default"]).spon
+    assert (earlier.lr, earlier.init, earlier.average, earlier.warmup_steps) == (3e-4, "zero", "none", 0)

@@ -102,7 +102,7 @@ def test_malloc_tuning_is_no_part_of_a_runs_identity():
 
 CLI_PATCH = textwrap.dedent("""
     import json, sys
-    import spon_exp.hostmem, spon_exp.runner
+    import spon_exp.hostmem, spon_exp.runner, spon_exp.tracking.summary
     log = open(sys.argv[1], "a")
 
     def keep_freed_memory():
@@ -115,7 +115,7 @@ CLI_PATCH = textwrap.dedent("""
 
     spon_exp.hostmem.keep_freed_memory = keep_freed_memory
     spon_exp.runner.run = run
-    spon_exp.runner.summary_table = lambda results: ""
+    spon_exp.tracking.summary.summary_table = lambda results: ""
     sys.argv = ["spon-exp", *sys.argv[2:]]
     from spon_exp.cli import main
     main()

@@ -142,7 +142,7 @@ def test_expected_runs_when_the_command_line_overrides_a_swept_key(tmp_path):
     # sweep file sweeps sparsity=0.25,0.5; the command line narrows it: only two runs are expected
     from omegaconf import OmegaConf
 
-    from spon_exp.collect import _sweep_expected
+    from spon_exp.collect.runs import _sweep_expected
 
     cfg = {"model": {"name": "m"}, "sparsifier": {"name": "teal"}, "calib": {"corpus": "wikipedia"},
            "spon": {"count": 1}, "sparsity": 0.5,

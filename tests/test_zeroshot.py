@@ -18,9 +18,9 @@ pytest.importorskip("datasets")
 
 from spon_exp import hub  # noqa: E402
 from spon_exp.evaluation import offline_data  # noqa: E402
+from spon_exp.evaluation.gap import zeroshot_recovery  # noqa: E402
 from spon_exp.evaluation.zeroshot import (  # noqa: E402
     DEFAULT_TASKS, PAPER_METRIC, SUPPORTED_TASKS, evaluate_zeroshot, resolve_tasks,
-    zeroshot_recovery,
 )
 
 LM_EVAL_TASKS = Path(importlib.util.find_spec("lm_eval").submodule_search_locations[0]) / "tasks"
@@ -119,7 +119,7 @@ def test_zeroshot_recovery():
     assert zeroshot_recovery(0.60, 0.50, 0.55) == pytest.approx(0.5)
     assert zeroshot_recovery(0.60, 0.50, 0.60) == pytest.approx(1.0)
     assert zeroshot_recovery(0.60, 0.50, 0.45) == pytest.approx(-0.5)
-    assert math.isnan(zeroshot_recovery(0.5, 0.5, 0.6))
+    assert zeroshot_recovery(0.5, 0.5, 0.6) is None  # undefined: no gap (one convention, evaluation/gap.py)
 
 
 # --------------------------------------------------------------------------- (d) YAML parity

@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spon_exp.evaluation.perplexity import BlockNLL, gap_closure
+from spon_exp.evaluation.gap import gap_closure
+from spon_exp.evaluation.perplexity import BlockNLL
 from spon_exp.evaluation.seeds import SeedRun, aggregate, compare
 from spon_exp.evaluation.uncertainty import Bootstrap
 

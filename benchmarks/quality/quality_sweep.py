@@ -28,7 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from spon_exp.collect import group_summary, read_runs, seed_groups, write_plots, write_tables
+from spon_exp.collect import configurations, read_runs, write_plots, write_tables
 
 REPO = Path(__file__).resolve().parents[2]
 TARGETS = {0.5: 0.60, 0.6: 0.80}  # gap-closure targets (issue: quality sweep)
@@ -67,12 +67,13 @@ def main() -> None:
 
     rows = [r for r in read_runs(sweep_dir) if r["sparsifier"] in args.methods]
     out = Path(args.out)
-    written = write_tables(rows, out)
-    plots = write_plots(rows, out)
+    configs = configurations(rows)  # each configuration summarised once, for the tables, plots and summary
+    written = write_tables(rows, out, configs)
+    plots = write_plots(rows, out, configs)
     print(written["ppl_wikipedia"].read_text() if "ppl_wikipedia" in written else "no finished runs")
     summary = []  # one entry per configuration, its seeds aggregated (spon-exp-collect's table)
-    for group in seed_groups(rows):
-        agg = group_summary(group, "wikipedia")
+    for config in configs:
+        group, agg = config.rows, config.ppl("wikipedia")
         if not agg["n"]:
             summary.append({"sparsifier": group[0]["sparsifier"], "sparsity": group[0]["sparsity"], "n": 0,
                             "not_ok": agg["not_ok"]})

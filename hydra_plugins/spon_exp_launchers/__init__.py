@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 def _finished(launcher: Launcher, overrides: Sequence[str]) -> bool:
-    from spon_exp.runner import is_done
+    from spon_exp.tracking.run_folder import is_done
     from spon_exp.tracking.identity import config_hash
 
     previous = HydraConfig.instance().cfg
@@ -83,6 +83,9 @@ from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper  # n
 
 class SponOptunaSweeper(OptunaSweeper):
     def sweep(self, arguments: list[str]) -> None:
+        storage = str(self.sweeper.storage or "")
+        if storage.startswith("sqlite:///"):  # the study's folder (the ${spon_sqlite:} resolver creates nothing)
+            Path(storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         try:
             return super().sweep(arguments)
         except ValueError:  # the plugin's closing report asks the study for its best trial

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spon_exp.evaluation.gap import MIN_RELATIVE_GAP, gap_closure  # noqa: F401 - re-exported
 from spon_exp.spon.alpha import dense_mode
 from spon_exp.models.head import chunked_logits, final_hidden
 from spon_exp.sparsifiers.base import TokenPolicy
@@ -275,29 +276,6 @@ def first_batch(data: torch.Tensor, protocol: PerplexityProtocol) -> torch.Tenso
 def perplexity(model: nn.Module, data: torch.Tensor, protocol: PerplexityProtocol, desc: str | None = None) -> float:
     """Perplexity of the model in its current state on ``data`` (see :func:`block_nll`)."""
     return block_nll(model, data, protocol, desc).perplexity
-
-
-#: Below this relative gap between sparse and dense perplexity the gap closure is undefined
-#: (None): a ratio over a gap of a few hundredths of a point is noise, not recovery.
-MIN_RELATIVE_GAP = 0.01
-
-
-def gap_closure(dense, sparse, spon):
-    """(sparse − spon) / (sparse − dense): 1 = SPON recovers all of the loss, 0 = none.
-
-    Undefined where a value is missing or the sparse model is not worse than dense by more
-    than :data:`MIN_RELATIVE_GAP` (1 %): there is no gap to close. The one definition for
-    single figures and bootstrap resamples alike: floats give a float, or None where
-    undefined; tensors (resamples) give a tensor, NaN where undefined."""
-    if isinstance(dense, torch.Tensor):
-        gap = sparse - dense
-        defined = gap > MIN_RELATIVE_GAP * dense
-        return torch.where(defined, (sparse - spon) / torch.where(defined, gap, torch.ones_like(gap)),
-                           torch.full_like(gap, float("nan")))
-    if sparse is None or spon is None or dense is None:
-        return None
-    value = gap_closure(*(torch.tensor([float(x)], dtype=torch.float64) for x in (dense, sparse, spon)))
-    return None if math.isnan(value) else float(value)
 
 
 def perplexity_report(model: nn.Module, data: torch.Tensor, protocol: PerplexityProtocol, sparsifier=None,

@@ -37,12 +37,10 @@ from dataclasses import dataclass
 import torch
 
 from spon_exp.evaluation.pairing import check_same_text, pair_seeds, refusal
-from spon_exp.evaluation.perplexity import BlockNLL, gap_closure
+from spon_exp.evaluation.gap import VARIANTS, gap_closure, zeroshot_recovery
+from spon_exp.evaluation.perplexity import BlockNLL
 from spon_exp.evaluation.seed_intervals import METHODS, cell_interval, difference_interval
 from spon_exp.evaluation.uncertainty import Bootstrap
-
-VARIANTS = ("dense", "sparse", "spon")
-
 
 @dataclass
 class SeedRun:
@@ -188,19 +186,10 @@ class ZeroshotSeedRun:
     items: dict[str, dict[str, torch.Tensor]] | None = None
 
 
-def _recovery(dense: torch.Tensor, sparse: torch.Tensor, spon: torch.Tensor) -> torch.Tensor:
-    """(spon − sparse) / (dense − sparse), NaN where dense equals sparse."""
-    gap = dense - sparse
-    out = torch.full_like(gap, float("nan"))
-    defined = gap != 0
-    out[defined] = (spon - sparse)[defined] / gap[defined]
-    return out
-
-
 def _zeroshot_statistics(average: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {f"average/{v}": a for v, a in average.items()}
     if set(VARIANTS) <= average.keys():
-        out["recovery"] = _recovery(average["dense"], average["sparse"], average["spon"])
+        out["recovery"] = zeroshot_recovery(average["dense"], average["sparse"], average["spon"])
     return out
 
 

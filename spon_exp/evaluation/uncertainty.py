@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from spon_exp.evaluation.perplexity import BlockNLL, gap_closure
+from spon_exp.evaluation.gap import gap_closure, zeroshot_recovery
+from spon_exp.evaluation.perplexity import BlockNLL
 
 
 @dataclass(frozen=True)
@@ -59,12 +60,6 @@ class Bootstrap:
             return None
         q = torch.quantile(samples.double(), torch.tensor([tail, 1.0 - tail], dtype=torch.float64))
         return [float(q[0]), float(q[1])]
-
-
-def _ratio(numerator: torch.Tensor, denominator: torch.Tensor, defined: torch.Tensor) -> torch.Tensor:
-    out = torch.full_like(numerator, float("nan"))
-    out[defined] = numerator[defined] / denominator[defined]
-    return out
 
 
 def perplexity_intervals(blocks: Mapping[str, BlockNLL], boot: Bootstrap) -> dict:
@@ -105,7 +100,5 @@ def zeroshot_intervals(items: Mapping[str, Mapping[str, torch.Tensor]], boot: Bo
     out: dict = {"ci": {v: {t: boot.interval(m) for t, m in task_means[v].items()} for v in variants},
                  "average_ci": {v: boot.interval(a) for v, a in averages.items()}, "recovery_ci": None}
     if {"dense", "sparse", "spon"} <= averages.keys():
-        dense, sparse, spon = averages["dense"], averages["sparse"], averages["spon"]
-        gap = dense - sparse
-        out["recovery_ci"] = boot.interval(_ratio(spon - sparse, gap, gap != 0))
+        out["recovery_ci"] = boot.interval(zeroshot_recovery(averages["dense"], averages["sparse"], averages["spon"]))
     return out

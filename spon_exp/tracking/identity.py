@@ -12,7 +12,8 @@ if TYPE_CHECKING:  # omegaconf only where a config is hashed: data/corpora.py im
     from omegaconf import DictConfig  # on GPU nodes without Hydra/OmegaConf
 
 # Keys that do not change a run's numbers: where it logs, how it is launched, where files go,
-# how the host allocator is tuned.
+# how the host allocator is tuned. The one list: conf/config.yaml's override_dirname.exclude_keys
+# spells the same keys as a command line gives them (tests/test_app.py checks they agree).
 NON_IDENTITY_KEYS = ("logger", "launcher", "paths", "local", "experiment", "sweep_name", "skip_if_done",
                      "save_export", "save_checkpoint", "search", "malloc_tuning")
 
