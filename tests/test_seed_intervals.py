@@ -103,6 +103,19 @@ def test_gap_closure_is_the_mean_of_each_seeds_ratio():
     assert both["parts"]["blocks"] == pytest.approx(math.sqrt(each[0] * each[1]), rel=0.02)
 
 
+def test_what_the_text_does_to_each_seed_alone_is_counted_once():
+    # no text effect that the seeds share: each seed has its own block noise (seed × block). It
+    # moves each seed's figure, so it is in the between-seed variance already; the block part,
+    # the text every seed shares, must come out near zero rather than count it again.
+    runs = [run(s, {"dense": 24.0, "sparse": 36.0, "spon": 30.0},
+                {"sparse": noise(10 + s, 0.05) + 0.01 * s, "spon": noise(20 + s, 0.05)}) for s in range(4)]
+    boot = Bootstrap()
+    spon = aggregate(runs, boot)["statistics"]["ppl/spon"]
+    own = statistics.mean(aggregate([r], boot)["statistics"]["ppl/spon"]["parts"]["blocks"] for r in runs)
+    assert own > 0.01  # each seed alone moves with its blocks
+    assert spon["parts"]["blocks"] < 0.1 * own / 4  # the seed mean's resample variance would be about own / 4
+
+
 def shifted_pair(seed_effects, improvement: float):
     """Baseline and candidate over the same seeds: large seed effects both sides share, each
     side's own block noise, the candidate's +SPON better by ``improvement``."""
