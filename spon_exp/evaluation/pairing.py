@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import TypeVar
 
@@ -114,6 +113,3 @@ def describe_left_out(left_out: dict) -> str | None:
              for side, seeds in left_out.items() if seeds]
     return f"left out: {'; '.join(parts)}" if parts else None
 
-
-def protocol_text(protocol: dict | None) -> str:
-    return json.dumps(_text_settings(protocol), sort_keys=True)
