@@ -26,7 +26,7 @@ from spon_exp.evaluation.session import Evaluation
 from spon_exp.sparsifiers import REGISTRY
 from spon_exp.tracking.disk import as_disk_full
 from spon_exp.tracking.files import MetricsWriter
-from spon_exp.tracking.identity import RunIdentity, plain, sparsifier_label
+from spon_exp.tracking.identity import RunIdentity, calibration_seed, plain, sparsifier_label, training_seed
 from spon_exp.tracking.run_folder import (ALPHA_FILE, EXPORT_DIR, SAMPLES_FILE, UNITS_FILE, Attempt, guard_run_dir,
                                           writing)
 from spon_exp.tracking.store import read_entry, remove_entry, write_atomic, write_entry
@@ -63,9 +63,9 @@ class Timer:
 
 
 def sparsifier_kwargs(cfg: DictConfig) -> dict:
-    """The sparsifier's constructor arguments; ``seed`` seeds its calibration sampling (the
-    ``seed=`` of docs/configuration.md: calibration sample and α batch order)."""
-    return {"sparsity": cfg.sparsity, "seed": cfg.seed, **sparsifier_options(cfg.sparsifier)}
+    """The sparsifier's constructor arguments; ``seed`` seeds its calibration sampling
+    (``calib.seed``, else the run's ``seed``)."""
+    return {"sparsity": cfg.sparsity, "seed": calibration_seed(cfg), **sparsifier_options(cfg.sparsifier)}
 
 
 @dataclass
@@ -99,7 +99,8 @@ def _initial_results(cfg: DictConfig, identity: RunIdentity, timer: Timer) -> di
         "model": {"path": cfg.model.path, "name": cfg.model.name, "dtype": cfg.model.dtype},
         "sparsifier": cfg.sparsifier.name, "sparsifier_label": sparsifier_label(cfg.sparsifier),
         "spon_count": cfg.spon.count, "calib_corpus": cfg.calib.corpus,
-        "seed": cfg.seed, "seed_group": identity.seed_group, "sweep_name": cfg.sweep_name,
+        "seed": cfg.seed, "seeds": {"calib": calibration_seed(cfg), "spon": training_seed(cfg)},
+        "seed_group": identity.seed_group, "sweep_name": cfg.sweep_name,
         "wandb_run_id": identity.wandb_run_id,
         "sparsity": {"target": cfg.sparsity, "measured": None, "effective": None},
         "ppl": {}, "gap_closure": {}, "timings": timer.timings, "cache": {},
@@ -395,7 +396,7 @@ def _train(ctx: RunContext, model, sparsifier, spon, calib, checkpoint_dir) -> d
     if not cfg.spon.train or cfg.spon.steps == 0:
         return {"trained": False, "init": cfg.spon.init}
     s = cfg.spon
-    tcfg = TrainConfig.from_options(s, seed=cfg.seed)
+    tcfg = TrainConfig.from_options(s, seed=training_seed(cfg))
 
     def on_step(step: int, loss: float, lr: float) -> None:
         metrics.write("train", step=step, kl=loss, lr=lr)

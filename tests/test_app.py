@@ -92,6 +92,29 @@ def test_hash_ignores_logging_and_keys_follow_dependencies():
     assert sparsifier_key(base) == sparsifier_key(lr) and alpha_key(base) != alpha_key(lr)
 
 
+def test_calibration_and_training_seeds_follow_seed_unless_set():
+    from spon_exp.runner import sparsifier_kwargs
+    from spon_exp.tracking.identity import RunIdentity, training_seed
+
+    def ident(overrides):
+        return RunIdentity.of(compose_cfg(overrides))
+
+    # the default config's names from before calib.seed / spon.seed existed
+    default = ident([])
+    assert (default.config_hash, default.seed_group, default.sparsifier_key, default.alpha_key) == \
+        ("1c2d74c8d7eebf21", "8dd731cf48f4fea2", "9b06fbece4699c65", "d9b3503ee5a3de92")
+    assert ident(["seed=3", "calib.seed=3", "spon.seed=3"]) == ident(["seed=3"])  # spelled out: the same run
+    seed1, crossed = ident(["seed=1"]), ident(["calib.seed=1", "spon.seed=2"])
+    assert crossed.sparsifier_key == seed1.sparsifier_key  # calibrated with seed 1 either way
+    assert crossed.alpha_key not in (seed1.alpha_key, default.alpha_key, ident(["seed=2"]).alpha_key)
+    assert ident(["calib.seed=1", "spon.seed=1"]).alpha_key == seed1.alpha_key
+    assert ident(["calib.seed=1"]).alpha_key != seed1.alpha_key  # trained with seed 0
+    assert len({default.config_hash, seed1.config_hash, crossed.config_hash}) == 3
+    assert crossed.seed_group == seed1.seed_group == default.seed_group  # one configuration, other seeds
+    cfg = compose_cfg(["calib.seed=1", "spon.seed=2"])
+    assert sparsifier_kwargs(cfg)["seed"] == 1 and training_seed(cfg) == 2
+
+
 RESULT_KEYS = {"status", "error", "config_hash", "ppl", "gap_closure", "sparsity", "timings", "cache", "model",
                "sparsifier", "spon_count", "started_at", "finished_at"}
 

@@ -71,15 +71,6 @@ def test_disagreeing_seeds_widen_the_interval_beyond_every_single_seed_one():
     assert two_level[0] < 12 / 12 - (33 - 28) / 12 and two_level[1] > (36 - 30) / 12
 
 
-def test_agreeing_seeds_give_the_interval_of_the_text_alone():
-    t, boot = text(), Bootstrap()
-    runs = [seed_run(s, 36.0, 30.0, t) for s in range(3)]
-    two_level = aggregate(runs, boot)["statistics"]["gap_closure"]["ci"]
-    one = aggregate(runs[:1], boot)["statistics"]["gap_closure"]["ci"]
-    assert two_level == pytest.approx(one, abs=1e-9)  # no seed variance: only the blocks move it
-    assert aggregate(runs[:1], boot)["covers"] == "blocks"
-
-
 def test_without_blocks_the_interval_covers_seeds_only():
     runs = [SeedRun(s, {"dense": 24.0, "sparse": 36.0, "spon": spon}) for s, spon in enumerate((28.0, 30.0, 33.0))]
     agg = aggregate(runs, Bootstrap())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from spon_exp.collect.compare import compare_groups, comparison_table
 from spon_exp.collect.format import to_markdown
-from spon_exp.collect.groups import configurations
+from spon_exp.collect.groups import configurations, mark_duplicates
 from spon_exp.collect.plots import write_plots
 from spon_exp.collect.runs import read_runs, read_wandb
 from spon_exp.collect.studies import read_studies, write_studies
@@ -52,6 +52,7 @@ def _read(args) -> list[dict] | int:
     rows = [r for folder in args.folders for r in read_runs(folder)]
     for project in args.wandb_project:
         rows += read_wandb(project)
+    mark_duplicates(rows)
     if not rows:
         return _error(f"no results.json under {', '.join(args.folders)}: no run has written one there yet")
     return rows
@@ -87,7 +88,7 @@ def _tables(rows: list[dict], folders: list[str], out: Path) -> int:
         counts[r["status"]] += 1
     print(f"{len(rows)} runs ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))})")
     for name, path in written.items():
-        if name.startswith("ppl_") or name == "zeroshot":
+        if name.startswith(("ppl_", "seed_variance_")) or name == "zeroshot":
             print(f"\n## {name}\n\n{path.read_text()}")
     for study in studies:
         name = study["study"]

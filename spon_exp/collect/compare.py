@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from spon_exp.collect.format import fmt
 from spon_exp.collect.groups import _bootstrap, _seed_run
 from spon_exp.collect.runs import run_config
+from spon_exp.evaluation.pairing import describe_left_out
 from spon_exp.tracking.intervals import interval
 
 
@@ -97,6 +98,9 @@ def comparison_table(result: dict) -> list[list[str]]:
     for corpus, comp in result.items():
         seeds = (f"paired, n={comp['n_baseline']}" if comp["paired"]
                  else f"unpaired, n={comp['n_baseline']} / {comp['n_candidate']}")
+        left_out = describe_left_out(comp.get("left_out") or {})
+        seeds += f" ({left_out})" if left_out else ""
+        verdicts = {True: "yes", False: "no", None: comp.get("refused") or "-"}  # no verdict: the reason
         for name in [n for n in COMPARED if n in comp["statistics"]]:
             st = comp["statistics"][name]
             scale, digits, unit = (100, 1, " pts") if name == "gap_closure" else (1, 3, "")
@@ -105,5 +109,5 @@ def comparison_table(result: dict) -> list[list[str]]:
                          fmt(None if st["candidate"] is None else st["candidate"] * scale, digits),
                          "-" if st["difference"] is None else f"{st['difference'] * scale:+.{digits}f}{unit}",
                          "-" if ci is None else f"[{ci[0] * scale:+.{digits}f}, {ci[1] * scale:+.{digits}f}]",
-                         {True: "yes", False: "no", None: "-"}[st["excludes_zero"]], seeds, comp["covers"]])
+                         verdicts[st["excludes_zero"]], seeds, comp["covers"]])
     return [header, *body]

@@ -109,6 +109,10 @@ class CalibConfig:
     # when the evaluation puts a BOS before every block or window (eval.ppl.bos resolves to
     # chunk: Gemma-3's tokenizer), none otherwise, so thresholds and α see the inputs evaluated
     bos: str = "auto"
+    # seeds the calibration sampling alone (the sparsifier's subsampling of activations); null
+    # follows the top-level seed. Crossed with spon.seed, spon-exp-collect splits the spread
+    # between seeds into its calibration and α-training parts
+    seed: Optional[int] = None
 
 
 @dataclass
@@ -121,6 +125,7 @@ class SponConfig(TrainOptions):  # the training settings (lr, steps, ...) are Tr
     # trained so; the same model under token_policy=all): spon_exp/spon/gating.py, docs/configuration.md
     apply: str = "all"
     checkpoint_every: int = 20  # steps between resumable checkpoints; a run keeps them (train_alpha's default: 0 = never)
+    seed: Optional[int] = None  # seeds α training's batch order alone; null follows the top-level seed
 
 
 @dataclass
