@@ -108,7 +108,6 @@ def diagnose(run_dir: str | Path, max_length: int | None = None, sequences: int 
     from spon_exp.data.corpora import token_blocks
     from spon_exp.models.adapters import find_decoder_blocks
     from spon_exp.models.loading import load_model
-    from spon_exp.spon.fold import load_sparse_state, read_sparse_state
 
     run_dir = Path(run_dir)
     results, config = _read_run(run_dir)
@@ -125,17 +124,7 @@ def diagnose(run_dir: str | Path, max_length: int | None = None, sequences: int 
     corpus = (config.get("eval", {}).get("ppl", {}).get("corpora") or [config.get("calib", {}).get("corpus")])[0]
     ids = token_blocks(loaded.tokenizer, corpus, "evaluation", length, sequences)
     blocks = find_decoder_blocks(model)
-    sparsifier, folded, original, sites = None, {}, {}, {}
-    state_dir = run_dir / "export"
-    if results.get("sparsifier") != "dense":
-        modules = {p.key: p.module for b in blocks for p in b.projections.values()}
-        _, _, saved_biases = read_sparse_state(state_dir)
-        original = {modules[k]: (None if modules[k].bias is None else modules[k].bias.detach().clone())
-                    for k in saved_biases}
-        sparsifier = load_sparse_state(model, state_dir)
-        folded = {modules[k]: modules[k].bias.detach().clone() for k in saved_biases}
-        sites = _site_maskers(sparsifier, saved_biases, run_dir)
-    variants = Variants(model, sparsifier, original, folded)
+    sparsifier, variants, sites = _variants(model, blocks, run_dir, results)
     log.info("Diagnosing %s: %s on %d x %d tokens of %s", run_dir, "/".join(variants.names), ids.shape[0],
              length, corpus)
     stats = forward_statistics(model, blocks, variants, sites, ids, sparsifier)
@@ -170,6 +159,24 @@ def diagnose(run_dir: str | Path, max_length: int | None = None, sequences: int 
         out["wandb"] = log_diagnostics(run_dir, config, out, target)
     log.info("Diagnostics written to %s", target)
     return out
+
+
+def _variants(model, blocks, run_dir: Path, results: dict):
+    """The run's sparse state loaded into ``model`` (none for a dense run): the sparsifier, the
+    dense / sparse / +SPON variants (the biases before and after the fold) and the mask sites."""
+    from spon_exp.spon.fold import load_sparse_state, read_sparse_state
+
+    sparsifier, folded, original, sites = None, {}, {}, {}
+    if results.get("sparsifier") != "dense":
+        state_dir = run_dir / "export"
+        modules = {p.key: p.module for b in blocks for p in b.projections.values()}
+        _, _, saved_biases = read_sparse_state(state_dir)
+        original = {modules[k]: (None if modules[k].bias is None else modules[k].bias.detach().clone())
+                    for k in saved_biases}
+        sparsifier = load_sparse_state(model, state_dir)
+        folded = {modules[k]: modules[k].bias.detach().clone() for k in saved_biases}
+        sites = _site_maskers(sparsifier, saved_biases, run_dir)
+    return sparsifier, Variants(model, sparsifier, original, folded), sites
 
 
 def _site_maskers(sparsifier, biases: dict, run_dir: Path) -> dict:

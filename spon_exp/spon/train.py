@@ -316,6 +316,30 @@ def _save_checkpoint(ckpt: Path, spon: Spon, optimizer: torch.optim.Optimizer, n
     return next_step
 
 
+def _resumed(ckpt: Path | None, spon: Spon, optimizer, average: IterateAverage) -> TrainResult:
+    """A fresh result, or the one a checkpoint in ``ckpt`` holds (α, optimiser state and the
+    iterate average loaded from it as well)."""
+    result = TrainResult()
+    state = None if ckpt is None else read_entry(ckpt, lambda d: _read_checkpoint(d, spon, optimizer),
+                                                 "SPON training checkpoint")
+    if state is not None:
+        result.losses, result.lrs = state["losses"], state["lrs"]
+        result.resumed_from = state["step"]
+        average.load(state.get("average"))
+        log.info("Resuming SPON training from step %d (%s)", result.resumed_from, ckpt)
+    return result
+
+
+def _checkpoint(ckpt: Path | None, cfg: TrainConfig, step: int, steps: int, spon: Spon, optimizer, result,
+                average) -> int | None:
+    """Save a resumable checkpoint after ``step`` when one is due; returns the step it resumes
+    from, or None when none was written."""
+    if ckpt is None or not cfg.checkpoint_every or (step + 1) % cfg.checkpoint_every or step + 1 >= steps:
+        return None
+    with signals_deferred():  # a Ctrl-C or SIGTERM meanwhile: the step its message names is on disk
+        return _save_checkpoint(ckpt, spon, optimizer, step + 1, result, average)
+
+
 def train_alpha(model: nn.Module, sparsifier: Sparsifier, spon: Spon, sequences: torch.Tensor,
                 cfg: TrainConfig, on_step: Callable[[int, float, float], None] | None = None,
                 checkpoint_path: str | Path | None = None,
@@ -336,15 +360,8 @@ def train_alpha(model: nn.Module, sparsifier: Sparsifier, spon: Spon, sequences:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     steps = total_steps(cfg, sequences.shape[0])
     average = IterateAverage(cfg.average, cfg.ema_decay, int(cfg.average_from * steps))
-    result = TrainResult()
     ckpt = Path(checkpoint_path) if checkpoint_path else None
-    state = None if ckpt is None else read_entry(ckpt, lambda d: _read_checkpoint(d, spon, optimizer),
-                                                 "SPON training checkpoint")
-    if state is not None:
-        result.losses, result.lrs = state["losses"], state["lrs"]
-        result.resumed_from = state["step"]
-        average.load(state.get("average"))
-        log.info("Resuming SPON training from step %d (%s)", result.resumed_from, ckpt)
+    result = _resumed(ckpt, spon, optimizer, average)
     start_step = result.resumed_from
     if on_start is not None:  # the step training (re)starts from: 0, or the checkpoint's
         on_start(start_step)
@@ -369,9 +386,7 @@ def train_alpha(model: nn.Module, sparsifier: Sparsifier, spon: Spon, sequences:
             bar.set_postfix(kl=f"{value:.4f}")
             if on_step is not None and (step % cfg.log_every == 0 or step == steps - 1):
                 on_step(step, value, lr)
-            if ckpt is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
-                with signals_deferred():  # a Ctrl-C or SIGTERM meanwhile: the step its message names is on disk
-                    checkpointed = _save_checkpoint(ckpt, spon, optimizer, step + 1, result, average)
+            checkpointed = _checkpoint(ckpt, cfg, step, steps, spon, optimizer, result, average) or checkpointed
     except KeyboardInterrupt:
         raise TrainingInterrupted(reached, checkpointed) from None
     finally:
