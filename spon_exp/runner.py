@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 from spon_exp import __version__
 from spon_exp.config import resolve_aliases, sparsifier_options, validate
+from spon_exp.pruning import pruner_name
 from spon_exp.evaluation.session import Evaluation
 from spon_exp.sparsifiers import REGISTRY
 from spon_exp.tracking.disk import as_disk_full
@@ -183,7 +184,9 @@ def _run_stages(ctx: RunContext) -> None:
     cfg, results = ctx.cfg, ctx.results
     torch.manual_seed(cfg.seed)
     model, tokenizer = _load_model(ctx)
-    dense_only = not REGISTRY[cfg.sparsifier.name].sparsifies  # sparsifier=dense: the sparse model is the dense one
+    pruned = pruner_name(cfg) != "none"  # pruner=wanda / sparsegpt: the pruned model is the "sparse" variant
+    # sparsifier=dense without a pruner: the sparse model is the dense one
+    dense_only = not REGISTRY[cfg.sparsifier.name].sparsifies and not pruned
     use_spon = not dense_only and cfg.spon.count > 0
     variants = [v for v in cfg.eval.variants if v == "dense" or (v == "sparse" and not dense_only)
                 or (v == "spon" and use_spon)]
@@ -193,7 +196,11 @@ def _run_stages(ctx: RunContext) -> None:
     if "dense" in variants:
         _dense_baseline(ctx, evaluation, sparsifier)
         results.update(evaluation.summary())  # kept if a later stage fails
-    if "sparse" in variants:
+    if pruned:
+        from spon_exp.pruning.stage import prune_stage
+
+        prune_stage(ctx, model, tokenizer, evaluation)  # after the dense baseline: it changes the weights
+    elif "sparse" in variants:
         _sparse_eval(ctx, evaluation, sparsifier)
     biases = _spon_stage(ctx, model, sparsifier, calib, evaluation, "spon" in variants) if use_spon else None
     results.update(evaluation.summary())

@@ -23,7 +23,7 @@ from spon_exp.tracking.wandb_logger import summary_from_results
 from tests.wandb_offline import read_offline_run
 
 CONF = Path(CONFIG_DIR)
-GROUPS = ["model", "sparsifier", "calib", "spon", "eval", "logger", "launcher", "experiment"]
+GROUPS = ["model", "sparsifier", "pruner", "calib", "spon", "eval", "logger", "launcher", "experiment"]
 SMALL = ["model=tiny_random", "calib.num_sequences=8", "calib.seq_len=64", "calib.threshold_sequences=4",
          "spon.steps=3", "spon.lr=0.01", "spon.batch_size=2", "eval.ppl.seq_len=64", "eval.ppl.max_sequences=4"]
 

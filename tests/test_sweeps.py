@@ -203,3 +203,36 @@ def test_a_sweep_over_paths_gives_one_flat_folder_per_run(tmp_path):
     # collect maps the sweep's expected runs onto those folders: nothing reported missing
     rows = read_runs(sweep)
     assert sorted(r["status"] for r in rows) == ["ok", "ok"]
+
+
+@pytest.mark.parametrize("name", ["pruning_compare", "pruning_compare_cpu"])
+def test_the_pruning_comparison_validates_on_every_grid_point(name):
+    """Each point is one method: pruner=none is TEAL + SPON, a pruner runs alone (sparsifier=dense,
+    no SPON); the pruner's own checks pass (the rest of validate() needs the hub for Llama-3-8B)."""
+    from omegaconf import open_dict
+
+    from spon_exp.pruning import check_pruner, pruner_of
+
+    combos = sweep_combinations(compose_sweep(name))
+    assert len(combos) == 15
+    methods = set()
+    for combo in combos:
+        cfg = compose_sweep(name, combo)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        check_pruner(cfg)
+        pruner = pruner_of(cfg)
+        methods.add(pruner.label if pruner else f"{cfg.sparsifier.name} + SPON")
+        assert cfg.sparsity == 0.5
+        assert (cfg.sparsifier.name, cfg.spon.count) == (("dense", 0) if pruner else ("teal", 1))
+        if name == "pruning_compare":  # the references' calibration: 128 x 2048 tokens of C4
+            assert (cfg.model.name, cfg.calib.corpus, cfg.pruner.calib_sequences, cfg.pruner.seq_len) == \
+                ("llama3-8b", "c4", 128, 2048)
+    assert methods == {"teal + SPON", "sparsegpt", "sparsegpt 2:4", "wanda", "wanda 2:4"}
+
+
+def test_the_paper_scale_pruning_sweep_prints_its_job_config(tmp_path):
+    proc = run_cli("-cd", str(REPO / "sweeps"), "-cn", "pruning_compare", "pruner=sparsegpt_2of4", "seed=2",
+                   "--cfg", "job", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "name: sparsegpt" in proc.stdout and "prune_n: 2" in proc.stdout and "corpus: c4" in proc.stdout

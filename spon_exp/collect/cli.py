@@ -88,7 +88,7 @@ def _tables(rows: list[dict], folders: list[str], out: Path) -> int:
         counts[r["status"]] += 1
     print(f"{len(rows)} runs ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))})")
     for name, path in written.items():
-        if name.startswith(("ppl_", "seed_variance_")) or name == "zeroshot":
+        if name.startswith(("ppl_", "seed_variance_", "methods_")) or name == "zeroshot":
             print(f"\n## {name}\n\n{path.read_text()}")
     for study in studies:
         name = study["study"]

@@ -148,6 +148,9 @@ def write_tables(rows: list[dict], out: Path, configs: list[Configuration] | Non
     runs = runs_table(rows)
     ppl_md, ppl_csv = ppl_tables(rows, configs)
     tables, csv_tables = {"runs": runs, **ppl_md, **seed_variance_tables(configs)}, {"runs": runs, **ppl_csv}
+    from spon_exp.pruning.table import method_tables
+
+    tables.update(method_tables(rows, configs))  # methods_<corpus>: the pruning comparison, where runs pruned
     if any(r["zeroshot_avg"] for r in rows):
         tables["zeroshot"], csv_tables["zeroshot"] = zeroshot_tables(rows, configs)
     written = {}

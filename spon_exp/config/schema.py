@@ -215,6 +215,7 @@ class SearchConfig:
 class Config:
     model: ModelConfig = MISSING
     sparsifier: Any = MISSING
+    pruner: Any = None  # one-shot weight pruning (conf/pruner/, spon_exp/pruning/); none = no pruning
     calib: CalibConfig = MISSING
     spon: SponConfig = MISSING
     eval: EvalConfig = MISSING
@@ -250,8 +251,10 @@ SCHEMAS = {
 def store_schemas() -> None:
     """Every schema into Hydra's ConfigStore: ``config_schema`` and each group's; sparsifier
     schemas from the registry as it is now (a method registered after import has one too)."""
+    from spon_exp.pruning.registry import pruner_schemas
+
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
-    for group, schemas in {**SCHEMAS, "sparsifier": sparsifier_schemas()}.items():
+    for group, schemas in {**SCHEMAS, "sparsifier": sparsifier_schemas(), "pruner": pruner_schemas()}.items():
         for name, node in schemas.items():
             cs.store(group=group, name=name, node=node)

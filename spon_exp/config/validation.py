@@ -66,6 +66,7 @@ def validate(cfg) -> None:
     _check_zeroshot(cfg)
     _check_hub(cfg)
     _check_sparsifier(cfg)
+    _check_pruner(cfg)
     _check_lengths_and_corpora(cfg)
 
 
@@ -159,6 +160,16 @@ def _check_sparsifier(cfg) -> None:
         raise ConfigError(f"this protocol (eval.ppl.forbid_dense_scored=true, experiment=paper) scores only tokens "
                           f"computed sparse, but {dense_scored}; use eval.ppl.score=sparsified or "
                           f"sparsifier.token_policy=all")
+
+
+def _check_pruner(cfg) -> None:
+    """A pruner's options, its N:M against the sparsity, and that it runs alone (spon_exp/pruning/)."""
+    from spon_exp.pruning import check_pruner, pruner_name
+
+    try:
+        check_pruner(cfg)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"pruner={pruner_name(cfg)}: {e}") from None
 
 
 OFFLINE_ADVICE = {

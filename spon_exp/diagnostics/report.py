@@ -111,6 +111,7 @@ def diagnose(run_dir: str | Path, max_length: int | None = None, sequences: int 
 
     run_dir = Path(run_dir)
     results, config = _read_run(run_dir)
+    _refuse_pruned(run_dir, results)
     _check_files(run_dir, results)
     if sequences < 1:
         raise DiagnoseError(f"--sequences must be >= 1, got {sequences}")
@@ -159,6 +160,14 @@ def diagnose(run_dir: str | Path, max_length: int | None = None, sequences: int 
         out["wandb"] = log_diagnostics(run_dir, config, out, target)
     log.info("Diagnostics written to %s", target)
     return out
+
+
+def _refuse_pruned(run_dir: Path, results: dict) -> None:
+    if results.get("pruner"):  # pruner=wanda / sparsegpt
+        raise DiagnoseError(f"The run in {run_dir} pruned its weights ({results['pruner'].get('label')}); these "
+                            f"diagnostics measure activation masks and α, which a pruned run has none of (its dense and "
+                            f"pruned perplexities are in results.json; benchmarks/quality/pruning_error.py measures "
+                            f"per-layer reconstruction error)")
 
 
 def _variants(model, blocks, run_dir: Path, results: dict):

@@ -64,6 +64,10 @@ def _exportable_run(run_dir: Path) -> tuple[dict, dict, Path]:
     """The run's results, config and sparse-state folder, or an :class:`ExportError` saying in
     one line why there is nothing to export."""
     results, config = read_run(run_dir)
+    if results.get("pruner"):  # pruner=wanda / sparsegpt: the weights themselves are the result
+        raise ExportError(f"The run in {run_dir} pruned its weights ({results['pruner'].get('label')}), it has no "
+                          f"activation sparsity to export; its pruned model is a plain checkpoint: re-run the run's "
+                          f"command with save_checkpoint=true (written to export/checkpoint, loads with from_pretrained)")
     if results.get("sparsifier") == "dense":
         raise ExportError(f"The run in {run_dir} is dense (sparsifier=dense): there is nothing sparse to export; "
                           f"the model itself is {config['model']['path']}")
