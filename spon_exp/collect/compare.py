@@ -13,7 +13,6 @@ from spon_exp.collect.runs import run_config
 from spon_exp.evaluation.pairing import describe_left_out
 from spon_exp.tracking.intervals import interval
 
-
 #: ``key=value`` names a run's field in :func:`_row` under these spellings too
 FIELD_ALIASES = {"model": "model", "model.name": "model", "sparsifier": "sparsifier", "sparsity": "sparsity",
                  "sparsifier.sparsity": "sparsity", "spon.count": "spon_count", "spon_count": "spon_count",
