@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,21 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     from spon_exp.data.corpora import CorpusError
     from spon_exp.diagnostics import DiagnoseError, diagnose
     from spon_exp.models.loading import ModelNotFoundError
-    from spon_exp.tracking.disk import as_disk_full
+    from spon_exp.tracking.disk import one_line_errors
 
-    try:
-        d = diagnose(args.run_dir, args.max_length, args.sequences, args.device, log_to_wandb=not args.no_wandb)
-    except (DiagnoseError, ModelNotFoundError, CorpusError) as e:
-        if args.verbose:
-            raise
-        print(f"spon-exp-diagnose: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        full = as_disk_full(e, Path(args.run_dir))  # a full disk or quota: one line naming the folder
-        if full is None or args.verbose:
-            raise
-        print(f"spon-exp-diagnose: error: {full}", file=sys.stderr)
-        return 2
+    code, d = one_line_errors("spon-exp-diagnose", (DiagnoseError, ModelNotFoundError, CorpusError), args.run_dir,
+                              args.verbose, lambda: diagnose(args.run_dir, args.max_length, args.sequences, args.device,
+                                                             log_to_wandb=not args.no_wandb))
+    if code:
+        return code
     print(summary(d))
     return 0
 

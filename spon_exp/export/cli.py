@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,22 +28,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from spon_exp.export import ExportError, export_run
     from spon_exp.models.loading import ModelNotFoundError
-    from spon_exp.tracking.disk import as_disk_full
+    from spon_exp.tracking.disk import one_line_errors
 
-    try:
-        out = export_run(args.run_dir, args.out, device=args.device, push_to_hub=args.push_to_hub,
-                         private=not args.public, check=not args.no_check)
-    except (ExportError, ModelNotFoundError) as e:
-        if args.verbose:
-            raise
-        print(f"spon-exp-export: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        full = as_disk_full(e, Path(args.run_dir))  # a full disk or quota: one line naming the folder
-        if full is None or args.verbose:
-            raise
-        print(f"spon-exp-export: error: {full}", file=sys.stderr)
-        return 2
+    code, out = one_line_errors("spon-exp-export", (ExportError, ModelNotFoundError), args.run_dir, args.verbose,
+                                lambda: export_run(args.run_dir, args.out, device=args.device,
+                                                   push_to_hub=args.push_to_hub, private=not args.public,
+                                                   check=not args.no_check))
+    if code:
+        return code
     print(f"export: {out}")
     if args.push_to_hub:
         print(f"pushed: https://huggingface.co/{args.push_to_hub}")

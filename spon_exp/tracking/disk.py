@@ -96,3 +96,25 @@ def as_disk_full(e: BaseException, where: str | Path) -> DiskFullError | None:
     if os_error is None or os_error.errno not in FULL:
         return None
     return disk_full_error(getattr(os_error, "filename", None) or where, os_error)
+
+
+def one_line_errors(program: str, user_errors: tuple[type[BaseException], ...], folder: str | Path, verbose: bool,
+                    call):
+    """``(0, call())``, or ``(2, None)`` after one ``<program>: error:`` line when ``call``
+    raised one of ``user_errors`` or met a full disk under ``folder``; anything else, and
+    everything with ``verbose``, is raised with its traceback. What the command-line tools
+    besides ``spon-exp`` share."""
+    import sys
+
+    try:
+        return 0, call()
+    except user_errors as e:
+        if verbose:
+            raise
+        print(f"{program}: error: {' '.join(str(e).split())}", file=sys.stderr)
+    except Exception as e:
+        full = as_disk_full(e, Path(folder))  # a full disk or quota: one line naming the folder
+        if full is None or verbose:
+            raise
+        print(f"{program}: error: {full}", file=sys.stderr)
+    return 2, None
