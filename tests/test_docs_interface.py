@@ -112,6 +112,10 @@ def test_every_environment_variable_the_package_reads_is_on_the_interface_page()
     assert not missing, f"docs/interface.md does not list {missing}"
 
 
+def _yaml_text(value) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def test_every_key_left_out_of_the_config_hash_is_in_run_folders_and_cache():
     from spon_exp.tracking import identity
 
@@ -121,6 +125,6 @@ def test_every_key_left_out_of_the_config_hash_is_in_run_folders_and_cache():
             *(f"sparsifier.{k}" for k in identity.NOT_SPARSIFIER_SETTINGS)]
     for group, options in identity.NEW_OPTION_DEFAULTS.items():
         prefix = "eval.ppl" if group == "ppl" else group
-        keys += [f"{prefix}.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in options.items()]
+        keys += [f"{prefix}.{k}={_yaml_text(v)}" for k, v in options.items()]
     missing = [k for k in keys if f"`{k}`" not in page and f"`{k} " not in page]
     assert not missing, f"docs/run-folders-and-cache.md, 'What names a run', does not list {missing}"
