@@ -25,9 +25,11 @@ from spon_exp.config import resolve_aliases, sparsifier_options, validate
 from spon_exp.pruning import pruner_name
 from spon_exp.evaluation.session import Evaluation
 from spon_exp.sparsifiers import REGISTRY
+from spon_exp.tracking.disk import as_disk_full
 from spon_exp.tracking.files import MetricsWriter
-from spon_exp.tracking.identity import RunIdentity, plain, sparsifier_label
-from spon_exp.tracking.run_folder import ALPHA_FILE, EXPORT_DIR, SAMPLES_FILE, UNITS_FILE, Attempt, guard_run_dir
+from spon_exp.tracking.identity import RunIdentity, calibration_seed, plain, sparsifier_label, training_seed
+from spon_exp.tracking.run_folder import (ALPHA_FILE, EXPORT_DIR, SAMPLES_FILE, UNITS_FILE, Attempt, guard_run_dir,
+                                          writing)
 from spon_exp.tracking.store import read_entry, remove_entry, write_atomic, write_entry
 from spon_exp.tracking.wandb_logger import Tracker
 
@@ -37,7 +39,8 @@ TRAIN_INFO_FILE = "train.json"  # next to the cached α: how it was trained (los
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C during a run; its message says where, and that a re-run resumes."""
+    """Ctrl-C (or SIGTERM, see spon_exp.interrupts) during a run; its message says where, and
+    that a re-run resumes."""
 
 
 class Timer:
@@ -61,9 +64,9 @@ class Timer:
 
 
 def sparsifier_kwargs(cfg: DictConfig) -> dict:
-    """The sparsifier's constructor arguments; ``seed`` seeds its calibration sampling (the
-    README's ``seed=``: batch order and subsampling)."""
-    return {"sparsity": cfg.sparsity, "seed": cfg.seed, **sparsifier_options(cfg.sparsifier)}
+    """The sparsifier's constructor arguments; ``seed`` seeds its calibration sampling
+    (``calib.seed``, else the run's ``seed``)."""
+    return {"sparsity": cfg.sparsity, "seed": calibration_seed(cfg), **sparsifier_options(cfg.sparsifier)}
 
 
 @dataclass
@@ -79,10 +82,15 @@ class RunContext:
     timer: Timer
     metrics: MetricsWriter
     tracker: Tracker | None = None
+    attempt: Attempt | None = None
 
     @property
     def cache(self) -> Path:
         return Path(self.cfg.paths.cache)
+
+    def path(self, name: str) -> Path:
+        """Where this attempt writes the run-folder artefact ``name`` (α, units, samples, export)."""
+        return self.run_dir / name if self.attempt is None else self.attempt.path(name)
 
 
 def _initial_results(cfg: DictConfig, identity: RunIdentity, timer: Timer) -> dict:
@@ -92,7 +100,8 @@ def _initial_results(cfg: DictConfig, identity: RunIdentity, timer: Timer) -> di
         "model": {"path": cfg.model.path, "name": cfg.model.name, "dtype": cfg.model.dtype},
         "sparsifier": cfg.sparsifier.name, "sparsifier_label": sparsifier_label(cfg.sparsifier),
         "spon_count": cfg.spon.count, "calib_corpus": cfg.calib.corpus,
-        "seed": cfg.seed, "seed_group": identity.seed_group, "sweep_name": cfg.sweep_name,
+        "seed": cfg.seed, "seeds": {"calib": calibration_seed(cfg), "spon": training_seed(cfg)},
+        "seed_group": identity.seed_group, "sweep_name": cfg.sweep_name,
         "wandb_run_id": identity.wandb_run_id,
         "sparsity": {"target": cfg.sparsity, "measured": None, "effective": None},
         "ppl": {}, "gap_closure": {}, "timings": timer.timings, "cache": {},
@@ -102,33 +111,36 @@ def _initial_results(cfg: DictConfig, identity: RunIdentity, timer: Timer) -> di
 def run(cfg: DictConfig, run_dir: str | Path, hydra_files: Callable[[Path], None] | None = None) -> dict:
     """Run one experiment into ``run_dir``; always leaves a complete results.json.
 
-    A finished run is never lost to a later attempt: when ``run_dir`` already holds an ``ok``
-    results.json of the same config (``skip_if_done=false``, or this function called again),
-    the new attempt records itself in ``results.attempt-<N>.json`` (and, failing,
-    ``error.attempt-<N>.txt``) and leaves results.json, env.json and config.yaml alone.
-    Only if it ends ``ok`` does it replace them, and its attempt file is then removed; a
-    failed attempt's files stay as its record. The same holds for the training log
-    (``metrics.attempt-<N>.jsonl``) and Hydra's record (``hydra_files``, a function writing
-    the ``.hydra`` files into the folder it is given: ``.hydra.attempt-<N>/``), so a killed
-    re-attempt never rewrites a byte of the finished run.
+    A finished run is never written again (``spon_exp/tracking/run_folder.py``): when ``run_dir``
+    already holds an ``ok`` results.json of the same config (``skip_if_done=false``, or this
+    function called again), the new attempt writes only ``*.attempt-<N>.*`` files beside it
+    (results, metrics, α, evaluation units, export state, Hydra's record via ``hydra_files``, a
+    function writing the ``.hydra`` files into the folder it is given), whether it ends ok or not.
+    One process writes a folder at a time; a folder holding files spon-exp did not write is
+    refused (both ``FileExistsError``).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolve_aliases(cfg)  # sparsifier.sparsity -> sparsity, before the run is named
     identity = RunIdentity.of(cfg)
-    guard_run_dir(run_dir, identity.config_hash)
+    with writing(run_dir):  # a second process refuses at once
+        guard_run_dir(run_dir, identity.config_hash)
+        return _attempt(cfg, run_dir, identity, hydra_files)
+
+
+def _attempt(cfg: DictConfig, run_dir: Path, identity: RunIdentity, hydra_files) -> dict:
     attempt = Attempt(cfg, run_dir, identity.config_hash)
     if hydra_files is not None:
         hydra_files(attempt.hydra_dir)
     metrics = MetricsWriter(attempt.metrics_file)
     timer = Timer(metrics)
-    ctx = RunContext(cfg, run_dir, identity, _initial_results(cfg, identity, timer), timer, metrics)
+    ctx = RunContext(cfg, run_dir, identity, _initial_results(cfg, identity, timer), timer, metrics, attempt=attempt)
     attempt.start(ctx.results)
     ok = False
     try:
         t_total = time.perf_counter()
         validate(cfg)
-        ctx.tracker = Tracker(cfg, identity.wandb_run_id, run_dir, plain(cfg), identity.config_hash,
+        ctx.tracker = Tracker(cfg, identity.wandb_run_id, attempt.tracker_dir, plain(cfg), identity.config_hash,
                               metrics_file=attempt.metrics_file)
         _run_stages(ctx)
         ctx.results["timings"]["total"] = time.perf_counter() - t_total
@@ -137,8 +149,14 @@ def run(cfg: DictConfig, run_dir: str | Path, hydra_files: Callable[[Path], None
     except BaseException as e:  # noqa: BLE001 - record every failure, then re-raise
         ctx.results["status"] = "failed"
         ctx.results["error"] = f"{type(e).__name__}: {e}"
-        attempt.failed()
-        if isinstance(e, KeyboardInterrupt):  # Ctrl-C: say where, and that a re-run resumes
+        with contextlib.suppress(OSError):  # a full disk may refuse the traceback file too
+            attempt.failed()
+        full = as_disk_full(e, run_dir)
+        if full is not None:  # results.json records the one line the CLI shows
+            ctx.results["error"] = str(full)
+            raise full from e
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C or SIGTERM: say where, and that a re-run resumes
+            ctx.results["status"] = "interrupted"
             ctx.results["error"] = _interrupted(e, timer.current)
             raise RunInterrupted(ctx.results["error"]) from e
         raise
@@ -150,11 +168,13 @@ def run(cfg: DictConfig, run_dir: str | Path, hydra_files: Callable[[Path], None
 
 
 def _interrupted(e: KeyboardInterrupt, stage: str) -> str:
+    from spon_exp.interrupts import terminated
     from spon_exp.spon.train import TrainingInterrupted
 
+    by = "SIGTERM: " if terminated(e) else ""
     if isinstance(e, TrainingInterrupted):  # "interrupted at step N; ... resume from step M"
-        return str(e)
-    return (f"interrupted during {stage}; re-run the same command to continue "
+        return f"{by}{e}"
+    return (f"{by}interrupted during {stage}; re-run the same command to continue "
             f"(calibration and finished stages are cached)")
 
 
@@ -186,7 +206,7 @@ def _run_stages(ctx: RunContext) -> None:
     results.update(evaluation.summary())
     if cfg.eval.zeroshot.log_samples and evaluation.zeroshot:
         results["zeroshot"]["samples"] = _sample_table(ctx, evaluation)
-    evaluation.save_units(ctx.run_dir / UNITS_FILE)
+    evaluation.save_units(ctx.path(UNITS_FILE))
     if sparsifier is not None and cfg.save_export:
         _export(ctx, model, tokenizer, sparsifier, biases)
     bad = [f"{c}/{v}" for c, vs in results["ppl"].items() for v, x in vs.items() if not math.isfinite(x)]
@@ -267,12 +287,12 @@ def _sample_table(ctx: RunContext, evaluation: Evaluation) -> dict:
     from spon_exp.evaluation.zeroshot import SAMPLE_COLUMNS, sample_table, sample_table_summary, write_sample_table
 
     rows = sample_table(evaluation.zeroshot)
-    write_sample_table(ctx.run_dir / SAMPLES_FILE, rows)
+    write_sample_table(ctx.path(SAMPLES_FILE), rows)
     if ctx.tracker is not None:
         ctx.tracker.log_table("zeroshot/samples", SAMPLE_COLUMNS, rows)
     differing = sum(bool(r["differs"]) for r in rows)
     log.info("zero-shot samples: %d documents, %d with differing answers -> %s", len(rows), differing,
-             ctx.run_dir / SAMPLES_FILE)
+             ctx.path(SAMPLES_FILE))
     return {"file": SAMPLES_FILE, "documents": len(rows), "documents_differing": differing,
             "per_task": sample_table_summary(rows)}
 
@@ -281,10 +301,10 @@ def _export(ctx: RunContext, model, tokenizer, sparsifier, biases) -> None:
     from spon_exp.spon import export_checkpoint, save_sparse_state
 
     with ctx.timer.stage("export"):
-        save_sparse_state(ctx.run_dir / EXPORT_DIR, sparsifier, biases,
+        save_sparse_state(ctx.path(EXPORT_DIR), sparsifier, biases,
                           extra_meta={"model": ctx.cfg.model.path, "config_hash": ctx.identity.config_hash})
         if ctx.cfg.save_checkpoint:
-            ctx.results["checkpoint"] = str(export_checkpoint(model, tokenizer, ctx.run_dir / EXPORT_DIR / "checkpoint"))
+            ctx.results["checkpoint"] = str(export_checkpoint(model, tokenizer, ctx.path(EXPORT_DIR) / "checkpoint"))
 
 
 def _calibrate(ctx: RunContext, model, calib: torch.Tensor):
@@ -345,7 +365,7 @@ def _spon(ctx: RunContext, model, sparsifier, calib: torch.Tensor):
     cfg, results = ctx.cfg, ctx.results
     which = cfg.spon.projections  # a set name or a list of projection names
     which = which if isinstance(which, str) else [str(n) for n in which]
-    spon = Spon(sparsifier, cfg.spon.count, which)
+    spon = Spon(sparsifier, cfg.spon.count, which, apply=cfg.spon.apply)
     akey = ctx.identity.alpha_key
     alpha_dir = ctx.cache / "alpha" / akey
     checkpoint_dir = alpha_dir.with_name(f"{akey}.checkpoint")
@@ -369,9 +389,9 @@ def _spon(ctx: RunContext, model, sparsifier, calib: torch.Tensor):
             train_info = _train(ctx, model, sparsifier, spon, calib, checkpoint_dir)
             write_entry(alpha_dir, fill)
             remove_entry(checkpoint_dir)
-    results["spon"] = {"count": cfg.spon.count, "projections": which,
+    results["spon"] = {"count": cfg.spon.count, "projections": which, "apply": cfg.spon.apply,
                        "num_parameters": spon.num_parameters(), **train_info}
-    write_atomic(ctx.run_dir / ALPHA_FILE, lambda tmp: save_file(spon.alpha_state(), str(tmp)))
+    write_atomic(ctx.path(ALPHA_FILE), lambda tmp: save_file(spon.alpha_state(), str(tmp)))
     return spon
 
 
@@ -383,7 +403,7 @@ def _train(ctx: RunContext, model, sparsifier, spon, calib, checkpoint_dir) -> d
     if not cfg.spon.train or cfg.spon.steps == 0:
         return {"trained": False, "init": cfg.spon.init}
     s = cfg.spon
-    tcfg = TrainConfig.from_options(s, seed=cfg.seed)
+    tcfg = TrainConfig.from_options(s, seed=training_seed(cfg))
 
     def on_step(step: int, loss: float, lr: float) -> None:
         metrics.write("train", step=step, kl=loss, lr=lr)

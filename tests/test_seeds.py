@@ -71,15 +71,6 @@ def test_disagreeing_seeds_widen_the_interval_beyond_every_single_seed_one():
     assert two_level[0] < 12 / 12 - (33 - 28) / 12 and two_level[1] > (36 - 30) / 12
 
 
-def test_agreeing_seeds_give_the_interval_of_the_text_alone():
-    t, boot = text(), Bootstrap()
-    runs = [seed_run(s, 36.0, 30.0, t) for s in range(3)]
-    two_level = aggregate(runs, boot)["statistics"]["gap_closure"]["ci"]
-    one = aggregate(runs[:1], boot)["statistics"]["gap_closure"]["ci"]
-    assert two_level == pytest.approx(one, abs=1e-9)  # no seed variance: only the blocks move it
-    assert aggregate(runs[:1], boot)["covers"] == "blocks"
-
-
 def test_without_blocks_the_interval_covers_seeds_only():
     runs = [SeedRun(s, {"dense": 24.0, "sparse": 36.0, "spon": spon}) for s, spon in enumerate((28.0, 30.0, 33.0))]
     agg = aggregate(runs, Bootstrap())
@@ -217,7 +208,11 @@ def test_comparison_errors_are_one_line(two_configurations, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "matches 2 configurations" in err and "seed_group=" in err and len(err.strip().splitlines()) == 1
     assert collect_main([*args, "--baseline", "sparsity=0.5", "--candidate", "sparsity=0.6"]) == 2
-    assert "matches no finished run" in capsys.readouterr().err
+    assert "matches no finished run; the finished runs have sparsity = 0.4, 0.6" in capsys.readouterr().err
+    # model= takes the name the tables print; a config group's name matches nothing, and the error says what does
+    assert collect_main([*args, "--baseline", "model=tiny_random", "sparsity=0.4", "--candidate", "sparsity=0.6"]) == 2
+    assert "the finished runs have model = m" in capsys.readouterr().err
+    assert collect_main([*args, "--baseline", "model=m", "sparsity=0.4", "--candidate", "sparsity=0.6"]) == 0
     assert collect_main([*args, "--baseline", "seed_group=aaaaaaaa", "--candidate", "seed_group=bbbbbbbb"]) == 0
 
 

@@ -65,6 +65,32 @@ def test_every_sweep_composes_with_every_combination(sweep):
         compose_sweep(sweep.stem, combo)
 
 
+def header(sweep: Path) -> str:
+    """The comment block a sweep file starts with."""
+    lines = sweep.read_text().splitlines()
+    return "\n".join(line for line in lines[:next(i for i, line in enumerate(lines) if not line.startswith("#"))])
+
+
+@pytest.mark.parametrize("sweep", SWEEPS, ids=[p.stem for p in SWEEPS])
+def test_every_sweep_header_counts_its_runs_from_the_sweep_and_times_nothing(sweep):
+    import re
+
+    text = header(sweep)
+    stated = re.search(r"= (\d+) runs", text)
+    assert stated, f"{sweep.name}: the header says what the sweep runs: '... = N runs'"
+    cfg = compose_sweep(sweep.stem)
+    params = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in (cfg.hydra.sweeper.params or {}).items()])
+    if "optuna" in str(cfg.hydra.sweeper.get("_target_", "")).lower():
+        runs = cfg.hydra.sweeper.n_trials * len(cfg.search.seeds)  # every trial runs each seed
+    else:
+        runs = 1
+        for override in params:
+            runs *= len(_values(override))
+    assert int(stated.group(1)) == runs, f"{sweep.name}: the header says {stated.group(1)} runs, the sweep has {runs}"
+    timed = re.search(r"\b(\d+(\.\d+)? ?(s|min|minutes?|h|hours?)|an hour|seconds)\b", text)
+    assert not timed, f"{sweep.name}: the header says how long it took ({timed.group(0)!r}); timings go to RESULTS.md"
+
+
 def test_every_sweep_has_a_cpu_variant():
     names = {p.stem for p in SWEEPS}
     for name in names - {n for n in names if n.endswith("_cpu")}:

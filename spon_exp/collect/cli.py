@@ -11,7 +11,7 @@ from pathlib import Path
 
 from spon_exp.collect.compare import compare_groups, comparison_table
 from spon_exp.collect.format import to_markdown
-from spon_exp.collect.groups import configurations
+from spon_exp.collect.groups import configurations, mark_duplicates
 from spon_exp.collect.plots import write_plots
 from spon_exp.collect.runs import read_runs, read_wandb
 from spon_exp.collect.studies import read_studies, write_studies
@@ -20,8 +20,10 @@ from spon_exp.collect.tables import write_tables
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spon-exp-collect", description=DESCRIPTION)
-    parser.add_argument("folders", nargs="*", default=["outputs"], help="folders to scan for results.json")
-    parser.add_argument("--wandb-project", action="append", default=[], help="also read runs of entity/project")
+    parser.add_argument("folders", nargs="*", default=["outputs"],
+                        help="folders to scan for results.json (default: outputs)")
+    parser.add_argument("--wandb-project", action="append", default=[],
+                        help="also read runs of entity/project (repeat for several projects)")
     parser.add_argument("--out", default=None, help="output folder (default: <first folder>/tables)")
     parser.add_argument("--baseline", nargs="+", metavar="KEY=VALUE",
                         help="compare: the runs of one configuration (its seeds), e.g. sparsity=0.4 or spon.count=0")
@@ -50,6 +52,7 @@ def _read(args) -> list[dict] | int:
     rows = [r for folder in args.folders for r in read_runs(folder)]
     for project in args.wandb_project:
         rows += read_wandb(project)
+    mark_duplicates(rows)
     if not rows:
         return _error(f"no results.json under {', '.join(args.folders)}: no run has written one there yet")
     return rows
@@ -85,7 +88,7 @@ def _tables(rows: list[dict], folders: list[str], out: Path) -> int:
         counts[r["status"]] += 1
     print(f"{len(rows)} runs ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))})")
     for name, path in written.items():
-        if name.startswith(("ppl_", "methods_")) or name == "zeroshot":
+        if name.startswith(("ppl_", "seed_variance_", "methods_")) or name == "zeroshot":
             print(f"\n## {name}\n\n{path.read_text()}")
     for study in studies:
         name = study["study"]
@@ -109,9 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(rows, int):
         return rows
     out = Path(args.out or Path(args.folders[0] if args.folders else ".") / "tables")
-    if args.baseline:
-        return _compare(rows, args, out)
-    return _tables(rows, args.folders, out)
+    try:
+        return _compare(rows, args, out) if args.baseline else _tables(rows, args.folders, out)
+    except Exception as e:
+        from spon_exp.tracking.disk import as_disk_full
+
+        full = as_disk_full(e, out / "tables.md")  # a full disk or quota: one line naming the folder
+        if full is None:
+            raise
+        print(f"spon-exp-collect: error: {full}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ from omegaconf import OmegaConf
 from spon_exp.collect.format import fmt
 from spon_exp.collect.groups import _bootstrap, _seed_run
 from spon_exp.collect.runs import run_config
+from spon_exp.evaluation.pairing import describe_left_out
 from spon_exp.tracking.intervals import interval
-
 
 #: ``key=value`` names a run's field in :func:`_row` under these spellings too
 FIELD_ALIASES = {"model": "model", "model.name": "model", "sparsifier": "sparsifier", "sparsity": "sparsity",
@@ -46,12 +46,24 @@ def _matches(row: dict, condition: str) -> bool:
     return same_value(_config_value(row, key), wanted)
 
 
+def _values_hint(rows: list[dict], conditions: list[str]) -> str:
+    """For the first condition on a results field that no finished run meets: the values the
+    runs have (``model=`` takes the name the tables print, not the config group)."""
+    finished = [r for r in rows if r["status"] == "ok"]
+    for condition in conditions:
+        key = condition.partition("=")[0].strip()
+        if key in FIELD_ALIASES and not any(_matches(r, condition) for r in finished):
+            values = sorted({str(r.get(FIELD_ALIASES[key])) for r in finished})
+            return f"; the finished runs have {key} = {', '.join(values[:10])}"
+    return ""
+
+
 def select_group(rows: list[dict], conditions: list[str], side: str) -> list[dict]:
     """The finished runs matching every ``key=value`` condition; they must be the seeds of one
     configuration, else a one-line error says how to narrow the selection."""
     chosen = [r for r in rows if r["status"] == "ok" and all(_matches(r, c) for c in conditions)]
     if not chosen:
-        raise ValueError(f"--{side} {' '.join(conditions)} matches no finished run")
+        raise ValueError(f"--{side} {' '.join(conditions)} matches no finished run{_values_hint(rows, conditions)}")
     groups = sorted({str(r.get("seed_group")) for r in chosen})
     if len(groups) > 1:
         raise ValueError(f"--{side} {' '.join(conditions)} matches {len(groups)} configurations (seed groups "
@@ -85,6 +97,9 @@ def comparison_table(result: dict) -> list[list[str]]:
     for corpus, comp in result.items():
         seeds = (f"paired, n={comp['n_baseline']}" if comp["paired"]
                  else f"unpaired, n={comp['n_baseline']} / {comp['n_candidate']}")
+        left_out = describe_left_out(comp.get("left_out") or {})
+        seeds += f" ({left_out})" if left_out else ""
+        verdicts = {True: "yes", False: "no", None: comp.get("refused") or "-"}  # no verdict: the reason
         for name in [n for n in COMPARED if n in comp["statistics"]]:
             st = comp["statistics"][name]
             scale, digits, unit = (100, 1, " pts") if name == "gap_closure" else (1, 3, "")
@@ -93,5 +108,5 @@ def comparison_table(result: dict) -> list[list[str]]:
                          fmt(None if st["candidate"] is None else st["candidate"] * scale, digits),
                          "-" if st["difference"] is None else f"{st['difference'] * scale:+.{digits}f}{unit}",
                          "-" if ci is None else f"[{ci[0] * scale:+.{digits}f}, {ci[1] * scale:+.{digits}f}]",
-                         {True: "yes", False: "no", None: "-"}[st["excludes_zero"]], seeds, comp["covers"]])
+                         verdicts[st["excludes_zero"]], seeds, comp["covers"]])
     return [header, *body]

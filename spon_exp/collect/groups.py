@@ -54,6 +54,26 @@ def _group_key(row: dict) -> tuple:
     return (*row_key(row), row["sparsity"], row.get("seed_group"))
 
 
+def mark_duplicates(rows: list[dict]) -> None:
+    """A finished run of one configuration and seed found twice (a copied folder, one
+    configuration in two sweeps, a local folder read with its W&B project) counts once: the
+    later copy's status becomes ``duplicate``, with a one-line warning naming both places."""
+    import sys
+
+    from spon_exp.evaluation.pairing import duplicates
+
+    def identity(row: dict):
+        if row["status"] != "ok":
+            return None
+        return row.get("config_hash") or (_group_key(row), str(row["seed"]))
+
+    for first, again in duplicates(rows, identity):
+        again.update(status="duplicate", error=f"the same configuration and seed as {first['source']}")
+        print(f"spon-exp-collect: warning: seed {again['seed']} of configuration "
+              f"{str(again.get('seed_group') or again.get('config_hash'))[:8]} found twice ({first['source']} and "
+              f"{again['source']}); counted once", file=sys.stderr)
+
+
 def seed_groups(rows: list[dict]) -> list[list[dict]]:
     """The rows of each configuration, seeds together, in table order. A run the sweep expected
     but never wrote (no seed group known) joins the one configuration of its row keys and
@@ -132,7 +152,7 @@ def _seed_run(row: dict, corpus: str):
     blocks = None
     if units is not None and all(f"{corpus}.{v}.nll" in units for v in ppl):
         blocks = {v: BlockNLL.from_state(units, f"{corpus}.{v}") for v in ppl}
-    return SeedRun(row["seed"], ppl, blocks)
+    return SeedRun(row["seed"], ppl, blocks, row.get("ppl_protocol"))
 
 
 @functools.lru_cache(maxsize=1)

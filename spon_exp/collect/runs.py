@@ -37,12 +37,14 @@ def _row(results: dict, source: str) -> dict:
         "pruner": (results.get("pruner") or {}).get("label"),
         "calib_corpus": results.get("calib_corpus"),
         "spon_count": results.get("spon_count"),
-        "seed": results.get("seed"),
+        "seed": _seed_label(results),
+        "seeds": results.get("seeds") or {},
         "sparsity": sparsity.get("target"),
         "measured_sparsity": sparsity.get("measured"),
         "effective_sparsity": sparsity.get("effective"),
         "ppl": results.get("ppl") or {},
         "ppl_ci": results.get("ppl_ci") or {},
+        "ppl_protocol": results.get("ppl_protocol"),
         "gap_closure": _gap_closures(results),
         "gap_closure_ci": results.get("gap_closure_ci") or {},
         "zeroshot_avg": zs.get("average") or {},
@@ -52,6 +54,15 @@ def _row(results: dict, source: str) -> dict:
         "fold_max_abs_logit_diff": (results.get("fold") or {}).get("max_abs_logit_diff"),
         "sensitivity_relative_spread": (results.get("sensitivity") or {}).get("relative_spread"),
     }
+
+
+def _seed_label(results: dict):
+    """The run's seed; ``0 (calib 1, spon 2)`` where ``calib.seed`` or ``spon.seed`` was set apart
+    from it (a crossed sweep), so each run of the crossing is a seed of its own."""
+    seed, seeds = results.get("seed"), results.get("seeds") or {}
+    if seeds and (seeds.get("calib"), seeds.get("spon")) != (seed, seed):
+        return f"{seed} (calib {seeds.get('calib')}, spon {seeds.get('spon')})"
+    return seed
 
 
 def _gap_closures(results: dict) -> dict:

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING
 
 from spon_exp.models.loading import PACKAGED
 from spon_exp.sparsifiers import REGISTRY
+from spon_exp.sparsifiers.registry import NOT_OPTIONS, sparsifier_options  # noqa: F401 - re-exported
 from spon_exp.spon.train import TrainOptions
 
 
@@ -33,16 +34,6 @@ class ModelConfig:
     dtype: str = "float32"  # float32 / bfloat16 / float16
     device: str = "cpu"  # cpu / cuda / cuda:N
     device_map: Optional[str] = None  # "auto" spreads a model larger than one GPU
-
-
-#: ``sparsifier.*`` keys of the schema that are not the method's options
-NOT_OPTIONS = ("name", "label", "sparsity")
-
-
-def sparsifier_options(node) -> dict:
-    """The method's options of a ``sparsifier`` config node (without ``name``, ``label`` and
-    the ``sparsity`` alias)."""
-    return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in NOT_OPTIONS}
 
 
 #: method name -> (its class, its schema), one schema per registered class
@@ -118,6 +109,10 @@ class CalibConfig:
     # when the evaluation puts a BOS before every block or window (eval.ppl.bos resolves to
     # chunk: Gemma-3's tokenizer), none otherwise, so thresholds and α see the inputs evaluated
     bos: str = "auto"
+    # seeds the calibration sampling alone (the sparsifier's subsampling of activations); null
+    # follows the top-level seed. Crossed with spon.seed, spon-exp-collect splits the spread
+    # between seeds into its calibration and α-training parts
+    seed: Optional[int] = None
 
 
 @dataclass
@@ -126,7 +121,11 @@ class SponConfig(TrainOptions):  # the training settings (lr, steps, ...) are Tr
     projections: Any = "all"  # all / attention / mlp / down_proj, or a list of names ([q_proj,up_proj])
     init: str = "mean_dropped"  # zero / mean_dropped (the recipe conf/spon/tuned.yaml selects)
     train: bool = True  # false: keep the init (the training-free baseline)
+    # where α acts: all (every token) / sparsified (only the tokens the token policy sparsified,
+    # trained so; the same model under token_policy=all): spon_exp/spon/gating.py, docs/configuration.md
+    apply: str = "all"
     checkpoint_every: int = 20  # steps between resumable checkpoints; a run keeps them (train_alpha's default: 0 = never)
+    seed: Optional[int] = None  # seeds α training's batch order alone; null follows the top-level seed
 
 
 @dataclass
@@ -227,7 +226,9 @@ class Config:
     sweep_name: str = "single"  # names the group of runs (W&B group, sweep folder)
     save_export: bool = True  # write the folded sparse state (thresholds + biases) into the run folder
     save_checkpoint: bool = False  # also a from_pretrained-loadable checkpoint (a full weight copy)
-    skip_if_done: bool = False  # re-launched sweeps: skip a run whose results.json says ok
+    # a run whose folder's results.json says ok for this config is skipped (false: run it again beside it, as
+    # attempt N: spon_exp/tracking/run_folder.py); a finished run's files are never written again
+    skip_if_done: bool = True
     # glibc malloc tuning (spon_exp/hostmem.py), applied to CPU runs only (model.device=cpu without
     # model.device_map); false leaves the allocator alone. Not part of a run's identity (its hash)
     malloc_tuning: bool = True

@@ -70,28 +70,7 @@ def forward_statistics(model, blocks, variants: Variants, sites: dict, ids: torc
         hooks.post(b.module, block_hook(b.index))
     try:
         for seq in tqdm(ids, desc="diagnostics", leave=False):
-            dense_hidden = None
-            for variant in variants.names:
-                variants.set(variant)
-                current["variant"], current["hidden"] = variant, {}
-                measuring = variant == "sparse" and sparsifier is not None
-                if measuring:
-                    with sparsifier.measuring():
-                        model(seq[None].to(device))
-                    m = sparsifier.measured_sparsity()
-                    measured = _accumulate(measured, m, seq.numel())
-                else:
-                    model(seq[None].to(device))
-                if variant == "dense":
-                    dense_hidden = current["hidden"]
-                for index, h in current["hidden"].items():
-                    ref = dense_hidden[index]
-                    rel = (h - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-30)
-                    cos = torch.nn.functional.cosine_similarity(h, ref, dim=-1)
-                    d = drift[variant][index]
-                    d["rel_l2"] += float(rel.sum())
-                    d["cosine"] += float(cos.sum())
-                    d["tokens"] += h.shape[0]
+            measured = _one_sequence(model, seq.to(device), variants, current, drift, sparsifier, measured)
     finally:
         hooks.remove()
         variants.set("spon" if "spon" in variants.names else "sparse" if "sparse" in variants.names else "dense")
@@ -102,6 +81,32 @@ def forward_statistics(model, blocks, variants: Variants, sites: dict, ids: torc
     if measured is not None:
         measured = {k: s / measured["_tokens"] for k, s in measured.items() if k != "_tokens"}
     return {"figure1": figure1, "drift": drift_json, "measured": measured}
+
+
+def _one_sequence(model, seq: torch.Tensor, variants: Variants, current: dict, drift: dict, sparsifier, measured):
+    """Every variant's forward of one sequence (the sparse one measured), each layer's drift
+    from the dense hidden states added to ``drift``; returns the measured sparsity so far."""
+    dense_hidden = None
+    for variant in variants.names:
+        variants.set(variant)
+        current["variant"], current["hidden"] = variant, {}
+        if variant == "sparse" and sparsifier is not None:
+            with sparsifier.measuring():
+                model(seq[None])
+            measured = _accumulate(measured, sparsifier.measured_sparsity(), seq.numel())
+        else:
+            model(seq[None])
+        if variant == "dense":
+            dense_hidden = current["hidden"]
+        for index, h in current["hidden"].items():
+            ref = dense_hidden[index]
+            rel = (h - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-30)
+            cos = torch.nn.functional.cosine_similarity(h, ref, dim=-1)
+            d = drift[variant][index]
+            d["rel_l2"] += float(rel.sum())
+            d["cosine"] += float(cos.sum())
+            d["tokens"] += h.shape[0]
+    return measured
 
 
 def _accumulate(total: dict | None, m: dict, tokens: int) -> dict:

@@ -28,86 +28,109 @@ def write_plots(d: dict, folder: Path) -> dict[str, str]:
     data); returns ``{name: file name}``."""
     plt = _pyplot()
     written = {}
-    f1 = d["figure1"]
-    if f1["average"]:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for v, curve in f1["average"].items():
-            ax.plot(f1["length"], curve, label=LABELS[v], color=COLORS[v])
-        ax.set_xscale("log")
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("sequence length (tokens)")
-        ax.set_ylabel("fraction of channels kept for all tokens")
-        ax.set_title("Always-kept channels, mean over layers and sites\n" + _title(d), fontsize=9)
-        ax.legend()
-        written["figure1"] = _save(fig, folder, "figure1.png")
-
-        variants = list(f1["per_site"])
-        fig, axes = plt.subplots(len(variants), len(SITES), figsize=(3.2 * len(SITES), 2.6 * len(variants)),
-                                 sharex=True, sharey=True, squeeze=False)
-        cmap = plt.get_cmap("viridis")
-        for row, v in enumerate(variants):
-            per = f1["per_site"][v]
-            layers = sorted({int(k.split(".", 1)[0]) for k in per})
-            for col, site in enumerate(SITES):
-                ax = axes[row][col]
-                for layer in layers:
-                    curve = per.get(f"{layer}.{site}")
-                    if curve is not None:
-                        ax.plot(f1["length"], curve, color=cmap(layer / max(1, len(layers) - 1)), lw=0.8)
-                ax.set_xscale("log")
-                ax.set_ylim(-0.02, 1.02)
-                if row == 0:
-                    ax.set_title(site, fontsize=9)
-                if col == 0:
-                    ax.set_ylabel(f"{LABELS[v]}\nkept for all tokens", fontsize=8)
-                if row == len(variants) - 1:
-                    ax.set_xlabel("sequence length")
-        fig.suptitle("Always-kept channels per layer (colour: depth, dark = first)\n" + _title(d), fontsize=9)
-        written["figure1_per_layer"] = _save(fig, folder, "figure1_per_layer.png")
-
-    drift = {v: x for v, x in d["drift"].items() if v != "dense"}
-    if drift:
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
-        for v, x in drift.items():
-            a1.plot(x["layer"], x["rel_l2"], marker=".", label=LABELS[v], color=COLORS[v])
-            a2.plot(x["layer"], x["cosine"], marker=".", label=LABELS[v], color=COLORS[v])
-        a1.set_ylabel("‖h − h_dense‖ / ‖h_dense‖")
-        a2.set_ylabel("cosine(h, h_dense)")
-        for ax in (a1, a2):
-            ax.set_xlabel("layer (residual stream after the block)")
-            ax.legend()
-        fig.suptitle("Hidden-state drift against the dense model\n" + _title(d), fontsize=9)
-        written["drift"] = _save(fig, folder, "drift.png")
-
-    kl = d["kl_curve"]
-    if kl["step"]:
-        fig, ax = plt.subplots(figsize=(6, 3.8))
-        ax.plot(kl["step"], kl["kl"], color=COLORS["spon"])
-        ax.set_xlabel("step")
-        ax.set_ylabel("KL(dense ‖ sparse + SPON)")
-        ax.set_title("α training\n" + _title(d), fontsize=9)
-        written["kl_curve"] = _save(fig, folder, "kl_curve.png")
-
-    per = d["sparsity"]["per_projection"]
-    if per:
-        import numpy as np
-
-        layers = sorted({int(k.split(".", 1)[0]) for k in per})
-        names = [n for n in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-                 if any(k.endswith("." + n) for k in per)]
-        grid = np.full((len(names), len(layers)), np.nan)
-        for k, v in per.items():
-            layer, name = k.split(".", 1)
-            grid[names.index(name), layers.index(int(layer))] = v
-        fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(layers) + 2), 3.6))
-        im = ax.imshow(grid, aspect="auto", cmap="magma", vmin=0, vmax=1)
-        ax.set_yticks(range(len(names)), names)
-        ax.set_xticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
-        ax.set_xlabel("layer")
-        fig.colorbar(im, ax=ax, label="measured sparsity")
-        ax.set_title(f"Measured sparsity per projection ({d['sparsity']['source']})\n" + _title(d), fontsize=8)
-        written["sparsity"] = _save(fig, folder, "sparsity.png")
+    for draw in (_figure1, _figure1_per_layer, _drift, _kl_curve, _sparsity_grid):
+        name_fig = draw(plt, d)
+        if name_fig is not None:
+            name, fig = name_fig
+            written[name] = _save(fig, folder, f"{name}.png")
     return written
+
+
+def _figure1(plt, d: dict):
+    f1 = d["figure1"]
+    if not f1["average"]:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for v, curve in f1["average"].items():
+        ax.plot(f1["length"], curve, label=LABELS[v], color=COLORS[v])
+    ax.set_xscale("log")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("sequence length (tokens)")
+    ax.set_ylabel("fraction of channels kept for all tokens")
+    ax.set_title("Always-kept channels, mean over layers and sites\n" + _title(d), fontsize=9)
+    ax.legend()
+    return "figure1", fig
+
+
+def _figure1_per_layer(plt, d: dict):
+    f1 = d["figure1"]
+    if not f1["average"]:
+        return None
+    variants = list(f1["per_site"])
+    fig, axes = plt.subplots(len(variants), len(SITES), figsize=(3.2 * len(SITES), 2.6 * len(variants)),
+                             sharex=True, sharey=True, squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    for row, v in enumerate(variants):
+        per = f1["per_site"][v]
+        layers = sorted({int(k.split(".", 1)[0]) for k in per})
+        for col, site in enumerate(SITES):
+            ax = axes[row][col]
+            for layer in layers:
+                curve = per.get(f"{layer}.{site}")
+                if curve is not None:
+                    ax.plot(f1["length"], curve, color=cmap(layer / max(1, len(layers) - 1)), lw=0.8)
+            ax.set_xscale("log")
+            ax.set_ylim(-0.02, 1.02)
+            if row == 0:
+                ax.set_title(site, fontsize=9)
+            if col == 0:
+                ax.set_ylabel(f"{LABELS[v]}\nkept for all tokens", fontsize=8)
+            if row == len(variants) - 1:
+                ax.set_xlabel("sequence length")
+    fig.suptitle("Always-kept channels per layer (colour: depth, dark = first)\n" + _title(d), fontsize=9)
+    return "figure1_per_layer", fig
+
+
+def _drift(plt, d: dict):
+    drift = {v: x for v, x in d["drift"].items() if v != "dense"}
+    if not drift:
+        return None
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for v, x in drift.items():
+        a1.plot(x["layer"], x["rel_l2"], marker=".", label=LABELS[v], color=COLORS[v])
+        a2.plot(x["layer"], x["cosine"], marker=".", label=LABELS[v], color=COLORS[v])
+    a1.set_ylabel("‖h − h_dense‖ / ‖h_dense‖")
+    a2.set_ylabel("cosine(h, h_dense)")
+    for ax in (a1, a2):
+        ax.set_xlabel("layer (residual stream after the block)")
+        ax.legend()
+    fig.suptitle("Hidden-state drift against the dense model\n" + _title(d), fontsize=9)
+    return "drift", fig
+
+
+def _kl_curve(plt, d: dict):
+    kl = d["kl_curve"]
+    if not kl["step"]:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ax.plot(kl["step"], kl["kl"], color=COLORS["spon"])
+    ax.set_xlabel("step")
+    ax.set_ylabel("KL(dense ‖ sparse + SPON)")
+    ax.set_title("α training\n" + _title(d), fontsize=9)
+    return "kl_curve", fig
+
+
+def _sparsity_grid(plt, d: dict):
+    per = d["sparsity"]["per_projection"]
+    if not per:
+        return None
+    import numpy as np
+
+    layers = sorted({int(k.split(".", 1)[0]) for k in per})
+    names = [n for n in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+             if any(k.endswith("." + n) for k in per)]
+    grid = np.full((len(names), len(layers)), np.nan)
+    for k, v in per.items():
+        layer, name = k.split(".", 1)
+        grid[names.index(name), layers.index(int(layer))] = v
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(layers) + 2), 3.6))
+    im = ax.imshow(grid, aspect="auto", cmap="magma", vmin=0, vmax=1)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
+    ax.set_xlabel("layer")
+    fig.colorbar(im, ax=ax, label="measured sparsity")
+    ax.set_title(f"Measured sparsity per projection ({d['sparsity']['source']})\n" + _title(d), fontsize=8)
+    return "sparsity", fig
 
 
 def _save(fig, folder: Path, name: str) -> str:

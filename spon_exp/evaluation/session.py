@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
-from spon_exp.config import sparsifier_options
+from spon_exp.sparsifiers.registry import sparsifier_options
 from spon_exp.tracking.files import MetricsWriter
 from spon_exp.tracking.store import write_atomic
 

@@ -1,7 +1,7 @@
 """Confidence intervals by paired bootstrap.
 
 A thresholded model is chaotic (a relative 1e-6 change of its thresholds visibly moves
-perplexity: README, "Trustworthy numbers", and ``eval.sensitivity=true`` measures it per run),
+perplexity: docs/evaluation.md, "Numerical sensitivity", and ``eval.sensitivity=true`` measures it per run),
 so one evaluation is one draw from a noisy process. Every figure therefore carries a
 percentile interval from resampling its evaluation units with replacement: blocks for
 perplexity, documents for zero-shot scores. Dense, sparse and sparse+SPON are scored on
@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from spon_exp.evaluation.perplexity import MIN_RELATIVE_GAP, BlockNLL
+from spon_exp.evaluation.gap import gap_closure, zeroshot_recovery
+from spon_exp.evaluation.perplexity import BlockNLL
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,13 @@ class Bootstrap:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + stream)
         return torch.randint(0, size, (self.resamples, size), generator=g)
 
+    def counts(self, size: int, stream: int = 0) -> torch.Tensor:
+        """``[resamples, size]``: how often each unit is drawn in each resample of
+        :meth:`indices` (a statistic summed over units is then one matrix product)."""
+        idx = self.indices(size, stream)
+        return torch.zeros(self.resamples, size, dtype=torch.float64).scatter_add_(
+            1, idx, torch.ones_like(idx, dtype=torch.float64))
+
     def interval(self, samples: torch.Tensor) -> list[float] | None:
         """Percentile interval of the finite samples; None when too few are finite (an
         undefined statistic in more than the tail mass of the resamples)."""
@@ -52,12 +60,6 @@ class Bootstrap:
             return None
         q = torch.quantile(samples.double(), torch.tensor([tail, 1.0 - tail], dtype=torch.float64))
         return [float(q[0]), float(q[1])]
-
-
-def _ratio(numerator: torch.Tensor, denominator: torch.Tensor, defined: torch.Tensor) -> torch.Tensor:
-    out = torch.full_like(numerator, float("nan"))
-    out[defined] = numerator[defined] / denominator[defined]
-    return out
 
 
 def perplexity_intervals(blocks: Mapping[str, BlockNLL], boot: Bootstrap) -> dict:
@@ -72,9 +74,7 @@ def perplexity_intervals(blocks: Mapping[str, BlockNLL], boot: Bootstrap) -> dic
     ppl = {v: torch.exp(b.nll[idx].sum(1) / b.tokens[idx].sum(1).double()) for v, b in blocks.items()}
     out: dict = {"ppl": {v: boot.interval(s) for v, s in ppl.items()}, "gap_closure": None}
     if {"dense", "sparse", "spon"} <= ppl.keys():
-        dense, sparse, spon = ppl["dense"], ppl["sparse"], ppl["spon"]
-        gap = sparse - dense
-        out["gap_closure"] = boot.interval(_ratio(sparse - spon, gap, gap > MIN_RELATIVE_GAP * dense))
+        out["gap_closure"] = boot.interval(gap_closure(ppl["dense"], ppl["sparse"], ppl["spon"]))
     return out
 
 
@@ -100,7 +100,5 @@ def zeroshot_intervals(items: Mapping[str, Mapping[str, torch.Tensor]], boot: Bo
     out: dict = {"ci": {v: {t: boot.interval(m) for t, m in task_means[v].items()} for v in variants},
                  "average_ci": {v: boot.interval(a) for v, a in averages.items()}, "recovery_ci": None}
     if {"dense", "sparse", "spon"} <= averages.keys():
-        dense, sparse, spon = averages["dense"], averages["sparse"], averages["spon"]
-        gap = dense - sparse
-        out["recovery_ci"] = boot.interval(_ratio(spon - sparse, gap, gap != 0))
+        out["recovery_ci"] = boot.interval(zeroshot_recovery(averages["dense"], averages["sparse"], averages["spon"]))
     return out

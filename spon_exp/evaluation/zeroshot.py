@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import difflib
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -314,34 +313,13 @@ def evaluate_zeroshot(model, tokenizer, tasks: str | Sequence[str] | Sequence[Re
         resolved = resolve_tasks(tasks, source=source)  # fails fast on unknown names
     else:
         resolved = list(tasks)
-
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
-    include_path = prepare_offline(resolved)
-    use_hub = any(t.source == "hub" for t in resolved)
-    task_manager = TaskManager(include_path=include_path, include_defaults=use_hub)
-
-    was_training = getattr(model, "training", False)
-    model.eval()
     if apply_chat_template and not getattr(tokenizer, "chat_template", None):
         raise ValueError("eval.zeroshot.apply_chat_template=true needs a tokenizer with a chat template, and this one "
                          "has none; use eval.zeroshot.apply_chat_template=false")
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-    log.info("lm-eval %s: %s, %d-shot, limit=%s, batch %s%s", _lm_eval_version(),
-             ", ".join(f"{t.name} ({t.source})" for t in resolved), num_fewshot, limit, batch_size,
-             ", chat template" if apply_chat_template else "")
     t0 = time.perf_counter()
-    try:
-        out = lm_eval.simple_evaluate(
-            model=lm, tasks=[t.lm_eval_name for t in resolved], num_fewshot=num_fewshot,
-            limit=limit, task_manager=task_manager, bootstrap_iters=bootstrap_iters,
-            apply_chat_template=apply_chat_template, fewshot_as_multiturn=fewshot_as_multiturn,
-            log_samples=True)  # the per-document scores the intervals resample
-    finally:
-        if was_training:
-            model.train()
+    out, lm = _simple_evaluate(model, tokenizer, resolved, batch_size=batch_size, max_length=max_length,
+                               num_fewshot=num_fewshot, limit=limit, bootstrap_iters=bootstrap_iters,
+                               apply_chat_template=apply_chat_template, fewshot_as_multiturn=fewshot_as_multiturn)
     seconds = time.perf_counter() - t0
     if out is None:  # non-zero rank in a distributed run
         return {}
@@ -359,6 +337,35 @@ def evaluate_zeroshot(model, tokenizer, tasks: str | Sequence[str] | Sequence[Re
              ", ".join(f"{k}={v:.4f}" for k, v in table["paper_metric"].items()),
              table["average"], seconds)
     return table
+
+
+def _simple_evaluate(model, tokenizer, resolved: list[ResolvedTask], batch_size, max_length, num_fewshot, limit,
+                     bootstrap_iters, apply_chat_template, fewshot_as_multiturn):
+    """lm-eval's ``simple_evaluate`` on the in-memory model (in eval mode, restored after), the
+    offline tasks' folder included; returns its output and the ``HFLM`` wrapper."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    include_path = prepare_offline(resolved)
+    use_hub = any(t.source == "hub" for t in resolved)
+    task_manager = TaskManager(include_path=include_path, include_defaults=use_hub)
+    was_training = getattr(model, "training", False)
+    model.eval()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    log.info("lm-eval %s: %s, %d-shot, limit=%s, batch %s%s", _lm_eval_version(),
+             ", ".join(f"{t.name} ({t.source})" for t in resolved), num_fewshot, limit, batch_size,
+             ", chat template" if apply_chat_template else "")
+    try:
+        out = lm_eval.simple_evaluate(
+            model=lm, tasks=[t.lm_eval_name for t in resolved], num_fewshot=num_fewshot,
+            limit=limit, task_manager=task_manager, bootstrap_iters=bootstrap_iters,
+            apply_chat_template=apply_chat_template, fewshot_as_multiturn=fewshot_as_multiturn,
+            log_samples=True)  # the per-document scores the intervals resample
+    finally:
+        if was_training:
+            model.train()
+    return out, lm
 
 
 # --------------------------------------------------------------------------- per-item table

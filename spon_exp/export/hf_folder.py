@@ -60,20 +60,10 @@ def check_out_dir(out: Path, config_hash: str) -> None:
                           f"choose another --out (or remove that folder)")
 
 
-def export_run(run_dir: str | Path, out: str | Path | None = None, device: str = "cpu",
-               push_to_hub: str | None = None, private: bool = True, check: bool = True) -> Path:
-    """Write the Hugging Face export of the run in ``run_dir`` to ``out`` (default
-    ``<run_dir>/hf_export``); with ``push_to_hub``, upload it to that repository.
-
-    ``check`` loads the written folder back (a second copy of the weights in memory) and
-    requires its logits to equal the run's folded sparse model's bit for bit."""
-    from spon_exp.models.loading import load_model
-    from spon_exp.spon import load_sparse_state
-    from spon_exp.spon.fold import read_sparse_state
-
-    run_dir = Path(run_dir)
+def _exportable_run(run_dir: Path) -> tuple[dict, dict, Path]:
+    """The run's results, config and sparse-state folder, or an :class:`ExportError` saying in
+    one line why there is nothing to export."""
     results, config = read_run(run_dir)
-    chash = results["config_hash"]
     if results.get("pruner"):  # pruner=wanda / sparsegpt: the weights themselves are the result
         raise ExportError(f"The run in {run_dir} pruned its weights ({results['pruner'].get('label')}), it has no "
                           f"activation sparsity to export; its pruned model is a plain checkpoint: re-run the run's "
@@ -86,6 +76,23 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, device: str =
         raise ExportError(f"{run_dir} has no export/sparse_state.safetensors (was it run with save_export=false?); "
                           f"re-run it with save_export=true")
     check_run_files(run_dir)
+    return results, config, state_dir
+
+
+def export_run(run_dir: str | Path, out: str | Path | None = None, device: str = "cpu",
+               push_to_hub: str | None = None, private: bool = True, check: bool = True) -> Path:
+    """Write the Hugging Face export of the run in ``run_dir`` to ``out`` (default
+    ``<run_dir>/hf_export``); with ``push_to_hub``, upload it to that repository.
+
+    ``check`` loads the written folder back (a second copy of the weights in memory) and
+    requires its logits to equal the run's folded sparse model's bit for bit."""
+    from spon_exp.models.loading import load_model
+    from spon_exp.spon import load_sparse_state
+    from spon_exp.spon.fold import read_sparse_state
+
+    run_dir = Path(run_dir)
+    results, config, state_dir = _exportable_run(run_dir)
+    chash = results["config_hash"]
     out = Path(out) if out is not None else run_dir / DEFAULT_OUT
     check_out_dir(out, chash)
 

@@ -28,6 +28,19 @@ from spon_exp.sparsifiers.base import Sparsifier, SparsifierOptions
 #: config name (``sparsifier=<name>``) -> class
 REGISTRY: dict[str, type[Sparsifier]] = {}
 
+#: ``sparsifier.*`` config keys that are not the method's options
+NOT_OPTIONS = ("name", "label", "sparsity")
+
+
+def sparsifier_options(node) -> dict:
+    """The method's options of a ``sparsifier`` config node or dict (without ``name``,
+    ``label`` and the ``sparsity`` alias): what its constructor takes besides ``sparsity``."""
+    if not isinstance(node, dict):  # a DictConfig (omegaconf only imported for one)
+        from omegaconf import OmegaConf
+
+        node = OmegaConf.to_container(node, resolve=True)
+    return {k: v for k, v in node.items() if k not in NOT_OPTIONS}
+
 
 def register(cls: type[Sparsifier]) -> type[Sparsifier]:
     """Class decorator: add a :class:`Sparsifier` subclass to :data:`REGISTRY` under its

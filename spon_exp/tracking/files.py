@@ -111,4 +111,7 @@ def environment() -> dict:
                         "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
     except ImportError:
         pass
+    from spon_exp.tracking.machine import cpu_info, gpu_info
+
+    env["cpu"], env["gpu"] = cpu_info(), gpu_info()  # what a sparse figure's last bits depend on
     return env

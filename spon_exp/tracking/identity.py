@@ -49,8 +49,28 @@ def sparsifier_label(node) -> str:
 #: Options added after runs were named, at the value that reproduces those runs: left out of
 #: every hash while at that value, so existing runs and caches keep their names
 NEW_OPTION_DEFAULTS = {"ppl": {"score": "all", "forbid_dense_scored": False, "split": "evaluation"},
-                       "calib": {"bos": "none"},
-                       "spon": {"average": "none", "ema_decay": 0.95, "average_from": 0.5}}
+                       "calib": {"bos": "none", "seed": None},
+                       "spon": {"average": "none", "ema_decay": 0.95, "average_from": 0.5, "apply": "all", "seed": None}}
+
+
+def calibration_seed(cfg) -> int:
+    """The seed of the calibration sampling: ``calib.seed``, else the run's ``seed``."""
+    own = cfg["calib"].get("seed")
+    return cfg["seed"] if own is None else own
+
+
+def training_seed(cfg) -> int:
+    """The seed of α training's batch order: ``spon.seed``, else the run's ``seed``."""
+    own = cfg["spon"].get("seed")
+    return cfg["seed"] if own is None else own
+
+
+def _seeds_that_follow(c: dict) -> dict:
+    """``calib.seed`` / ``spon.seed`` set to the run's ``seed`` name the run they follow it in."""
+    for group in ("calib", "spon"):
+        if isinstance(c.get(group), dict) and c[group].get("seed") == c.get("seed"):
+            c[group]["seed"] = None
+    return c
 
 
 def _without_new_defaults(group: str, node: dict) -> dict:
@@ -72,7 +92,7 @@ def _calib(c: dict, keys: tuple[str, ...], bos: str | None) -> dict:
 
 
 def _identity_config(cfg: DictConfig) -> dict:
-    c = {k: v for k, v in plain(cfg).items() if k not in NON_IDENTITY_KEYS}
+    c = _seeds_that_follow({k: v for k, v in plain(cfg).items() if k not in NON_IDENTITY_KEYS})
     c.get("spon", {}).pop("checkpoint_every", None)
     for key in NOT_SPARSIFIER_SETTINGS:
         c.get("sparsifier", {}).pop(key, None)
@@ -98,10 +118,12 @@ def config_hash(cfg: DictConfig) -> str:
 
 def seed_group(cfg: DictConfig) -> str:
     """Names the run's configuration across seeds: :func:`config_hash` computed without
-    ``seed``. Runs that differ only in their seed share it: ``spon-exp-collect`` aggregates
-    them, and W&B groups them by the ``seed_group`` config key."""
+    ``seed``, ``calib.seed`` and ``spon.seed``. Runs that differ only in their seeds share it:
+    ``spon-exp-collect`` aggregates them, and W&B groups them by the ``seed_group`` config key."""
     c = _identity_config(cfg)
     c.pop("seed", None)
+    for group in ("calib", "spon"):  # crossed calibration and training seeds: one configuration
+        c.get(group, {}).pop("seed", None)
     return _digest(c)
 
 
@@ -125,7 +147,7 @@ def sparsifier_key(cfg: DictConfig, calib_bos: str | None = None) -> str:
         "model": {k: c["model"][k] for k in ("path", "dtype")},
         "sparsifier": {k: v for k, v in c["sparsifier"].items() if k not in NOT_SPARSIFIER_SETTINGS},
         "sparsity": c["sparsity"],
-        "seed": c["seed"],
+        "seed": calibration_seed(c),
         "calib": _calib(c, ("corpus", "seq_len", "threshold_sequences", "batch_size"), calib_bos),
         **_text_versions([c["calib"]["corpus"]]),
     })
@@ -134,7 +156,9 @@ def sparsifier_key(cfg: DictConfig, calib_bos: str | None = None) -> str:
 def alpha_key(cfg: DictConfig, calib_bos: str | None = None) -> str:
     """What trained alphas depend on: the sparsifier's inputs plus SPON and training data."""
     c = plain(cfg)
-    spon = _without_new_defaults("spon", {k: v for k, v in c["spon"].items() if k != "checkpoint_every"})
+    spon = _without_new_defaults("spon", {k: v for k, v in c["spon"].items() if k not in ("checkpoint_every", "seed")})
+    if training_seed(c) != calibration_seed(c):  # else the sparsifier's key names it
+        spon["seed"] = training_seed(c)
     return _digest({"sparsifier": sparsifier_key(cfg, calib_bos), "spon": spon,
                     "calib": _calib(c, ("corpus", "seq_len", "num_sequences"), calib_bos)})
 

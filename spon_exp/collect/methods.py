@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from spon_exp.collect.format import fmt, pm
+from spon_exp.collect.groups import configurations, stat
+
 
 def _lines(configs: list, corpus: str) -> list[tuple[dict, str, str, dict]]:
     """``(first row, method, variant, summary)`` per method line of one corpus, dense first,
@@ -34,8 +37,6 @@ def _lines(configs: list, corpus: str) -> list[tuple[dict, str, str, dict]]:
 def method_tables(rows: list[dict], configs: list | None = None) -> dict[str, list[list[str]]]:
     """``{"methods_<corpus>": table}`` where a run holds a pruned model, else ``{}``;
     ``configs``: the runs' :class:`spon_exp.collect.groups.Configuration` list, if made already."""
-    from spon_exp.collect.format import fmt, pm
-    from spon_exp.collect.groups import configurations, stat
 
     if not any(r.get("pruner") for r in rows):
         return {}
