@@ -304,7 +304,11 @@ def _export(ctx: RunContext, model, tokenizer, sparsifier, biases) -> None:
         save_sparse_state(ctx.path(EXPORT_DIR), sparsifier, biases,
                           extra_meta={"model": ctx.cfg.model.path, "config_hash": ctx.identity.config_hash})
         if ctx.cfg.save_checkpoint:
-            ctx.results["checkpoint"] = str(export_checkpoint(model, tokenizer, ctx.path(EXPORT_DIR) / "checkpoint"))
+            written = export_checkpoint(model, tokenizer, ctx.path(EXPORT_DIR) / "checkpoint")
+            # recorded where it lies once the run ends ok: a first attempt's staged export folder is renamed then
+            first = ctx.attempt is None or not ctx.attempt.keeps_finished_run
+            final = ctx.run_dir / EXPORT_DIR / "checkpoint" if first else written
+            ctx.results["checkpoint"] = None if written is None else str(final)
 
 
 def _calibrate(ctx: RunContext, model, calib: torch.Tensor):
