@@ -22,11 +22,14 @@ from omegaconf import DictConfig
 
 from spon_exp import __version__
 from spon_exp.config import resolve_aliases, sparsifier_options, validate
+from spon_exp.pruning import pruner_name
 from spon_exp.evaluation.session import Evaluation
 from spon_exp.sparsifiers import REGISTRY
+from spon_exp.tracking.disk import as_disk_full
 from spon_exp.tracking.files import MetricsWriter
 from spon_exp.tracking.identity import RunIdentity, calibration_seed, plain, sparsifier_label, training_seed
-from spon_exp.tracking.run_folder import ALPHA_FILE, EXPORT_DIR, SAMPLES_FILE, UNITS_FILE, Attempt, guard_run_dir
+from spon_exp.tracking.run_folder import (ALPHA_FILE, EXPORT_DIR, SAMPLES_FILE, UNITS_FILE, Attempt, guard_run_dir,
+                                          writing)
 from spon_exp.tracking.store import read_entry, remove_entry, write_atomic, write_entry
 from spon_exp.tracking.wandb_logger import Tracker
 
@@ -36,7 +39,8 @@ TRAIN_INFO_FILE = "train.json"  # next to the cached α: how it was trained (los
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C during a run; its message says where, and that a re-run resumes."""
+    """Ctrl-C (or SIGTERM, see spon_exp.interrupts) during a run; its message says where, and
+    that a re-run resumes."""
 
 
 class Timer:
@@ -78,10 +82,15 @@ class RunContext:
     timer: Timer
     metrics: MetricsWriter
     tracker: Tracker | None = None
+    attempt: Attempt | None = None
 
     @property
     def cache(self) -> Path:
         return Path(self.cfg.paths.cache)
+
+    def path(self, name: str) -> Path:
+        """Where this attempt writes the run-folder artefact ``name`` (α, units, samples, export)."""
+        return self.run_dir / name if self.attempt is None else self.attempt.path(name)
 
 
 def _initial_results(cfg: DictConfig, identity: RunIdentity, timer: Timer) -> dict:
@@ -102,33 +111,36 @@ def _initial_results(cfg: DictConfig, identity: RunIdentity, timer: Timer) -> di
 def run(cfg: DictConfig, run_dir: str | Path, hydra_files: Callable[[Path], None] | None = None) -> dict:
     """Run one experiment into ``run_dir``; always leaves a complete results.json.
 
-    A finished run is never lost to a later attempt: when ``run_dir`` already holds an ``ok``
-    results.json of the same config (``skip_if_done=false``, or this function called again),
-    the new attempt records itself in ``results.attempt-<N>.json`` (and, failing,
-    ``error.attempt-<N>.txt``) and leaves results.json, env.json and config.yaml alone.
-    Only if it ends ``ok`` does it replace them, and its attempt file is then removed; a
-    failed attempt's files stay as its record. The same holds for the training log
-    (``metrics.attempt-<N>.jsonl``) and Hydra's record (``hydra_files``, a function writing
-    the ``.hydra`` files into the folder it is given: ``.hydra.attempt-<N>/``), so a killed
-    re-attempt never rewrites a byte of the finished run.
+    A finished run is never written again (``spon_exp/tracking/run_folder.py``): when ``run_dir``
+    already holds an ``ok`` results.json of the same config (``skip_if_done=false``, or this
+    function called again), the new attempt writes only ``*.attempt-<N>.*`` files beside it
+    (results, metrics, α, evaluation units, export state, Hydra's record via ``hydra_files``, a
+    function writing the ``.hydra`` files into the folder it is given), whether it ends ok or not.
+    One process writes a folder at a time; a folder holding files spon-exp did not write is
+    refused (both ``FileExistsError``).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolve_aliases(cfg)  # sparsifier.sparsity -> sparsity, before the run is named
     identity = RunIdentity.of(cfg)
-    guard_run_dir(run_dir, identity.config_hash)
+    with writing(run_dir):  # a second process refuses at once
+        guard_run_dir(run_dir, identity.config_hash)
+        return _attempt(cfg, run_dir, identity, hydra_files)
+
+
+def _attempt(cfg: DictConfig, run_dir: Path, identity: RunIdentity, hydra_files) -> dict:
     attempt = Attempt(cfg, run_dir, identity.config_hash)
     if hydra_files is not None:
         hydra_files(attempt.hydra_dir)
     metrics = MetricsWriter(attempt.metrics_file)
     timer = Timer(metrics)
-    ctx = RunContext(cfg, run_dir, identity, _initial_results(cfg, identity, timer), timer, metrics)
+    ctx = RunContext(cfg, run_dir, identity, _initial_results(cfg, identity, timer), timer, metrics, attempt=attempt)
     attempt.start(ctx.results)
     ok = False
     try:
         t_total = time.perf_counter()
         validate(cfg)
-        ctx.tracker = Tracker(cfg, identity.wandb_run_id, run_dir, plain(cfg), identity.config_hash,
+        ctx.tracker = Tracker(cfg, identity.wandb_run_id, attempt.tracker_dir, plain(cfg), identity.config_hash,
                               metrics_file=attempt.metrics_file)
         _run_stages(ctx)
         ctx.results["timings"]["total"] = time.perf_counter() - t_total
@@ -137,8 +149,14 @@ def run(cfg: DictConfig, run_dir: str | Path, hydra_files: Callable[[Path], None
     except BaseException as e:  # noqa: BLE001 - record every failure, then re-raise
         ctx.results["status"] = "failed"
         ctx.results["error"] = f"{type(e).__name__}: {e}"
-        attempt.failed()
-        if isinstance(e, KeyboardInterrupt):  # Ctrl-C: say where, and that a re-run resumes
+        with contextlib.suppress(OSError):  # a full disk may refuse the traceback file too
+            attempt.failed()
+        full = as_disk_full(e, run_dir)
+        if full is not None:  # results.json records the one line the CLI shows
+            ctx.results["error"] = str(full)
+            raise full from e
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C or SIGTERM: say where, and that a re-run resumes
+            ctx.results["status"] = "interrupted"
             ctx.results["error"] = _interrupted(e, timer.current)
             raise RunInterrupted(ctx.results["error"]) from e
         raise
@@ -150,11 +168,13 @@ def run(cfg: DictConfig, run_dir: str | Path, hydra_files: Callable[[Path], None
 
 
 def _interrupted(e: KeyboardInterrupt, stage: str) -> str:
+    from spon_exp.interrupts import terminated
     from spon_exp.spon.train import TrainingInterrupted
 
+    by = "SIGTERM: " if terminated(e) else ""
     if isinstance(e, TrainingInterrupted):  # "interrupted at step N; ... resume from step M"
-        return str(e)
-    return (f"interrupted during {stage}; re-run the same command to continue "
+        return f"{by}{e}"
+    return (f"{by}interrupted during {stage}; re-run the same command to continue "
             f"(calibration and finished stages are cached)")
 
 
@@ -164,7 +184,9 @@ def _run_stages(ctx: RunContext) -> None:
     cfg, results = ctx.cfg, ctx.results
     torch.manual_seed(cfg.seed)
     model, tokenizer = _load_model(ctx)
-    dense_only = not REGISTRY[cfg.sparsifier.name].sparsifies  # sparsifier=dense: the sparse model is the dense one
+    pruned = pruner_name(cfg) != "none"  # pruner=wanda / sparsegpt: the pruned model is the "sparse" variant
+    # sparsifier=dense without a pruner: the sparse model is the dense one
+    dense_only = not REGISTRY[cfg.sparsifier.name].sparsifies and not pruned
     use_spon = not dense_only and cfg.spon.count > 0
     variants = [v for v in cfg.eval.variants if v == "dense" or (v == "sparse" and not dense_only)
                 or (v == "spon" and use_spon)]
@@ -174,13 +196,17 @@ def _run_stages(ctx: RunContext) -> None:
     if "dense" in variants:
         _dense_baseline(ctx, evaluation, sparsifier)
         results.update(evaluation.summary())  # kept if a later stage fails
-    if "sparse" in variants:
+    if pruned:
+        from spon_exp.pruning.stage import prune_stage
+
+        prune_stage(ctx, model, tokenizer, evaluation)  # after the dense baseline: it changes the weights
+    elif "sparse" in variants:
         _sparse_eval(ctx, evaluation, sparsifier)
     biases = _spon_stage(ctx, model, sparsifier, calib, evaluation, "spon" in variants) if use_spon else None
     results.update(evaluation.summary())
     if cfg.eval.zeroshot.log_samples and evaluation.zeroshot:
         results["zeroshot"]["samples"] = _sample_table(ctx, evaluation)
-    evaluation.save_units(ctx.run_dir / UNITS_FILE)
+    evaluation.save_units(ctx.path(UNITS_FILE))
     if sparsifier is not None and cfg.save_export:
         _export(ctx, model, tokenizer, sparsifier, biases)
     bad = [f"{c}/{v}" for c, vs in results["ppl"].items() for v, x in vs.items() if not math.isfinite(x)]
@@ -261,12 +287,12 @@ def _sample_table(ctx: RunContext, evaluation: Evaluation) -> dict:
     from spon_exp.evaluation.zeroshot import SAMPLE_COLUMNS, sample_table, sample_table_summary, write_sample_table
 
     rows = sample_table(evaluation.zeroshot)
-    write_sample_table(ctx.run_dir / SAMPLES_FILE, rows)
+    write_sample_table(ctx.path(SAMPLES_FILE), rows)
     if ctx.tracker is not None:
         ctx.tracker.log_table("zeroshot/samples", SAMPLE_COLUMNS, rows)
     differing = sum(bool(r["differs"]) for r in rows)
     log.info("zero-shot samples: %d documents, %d with differing answers -> %s", len(rows), differing,
-             ctx.run_dir / SAMPLES_FILE)
+             ctx.path(SAMPLES_FILE))
     return {"file": SAMPLES_FILE, "documents": len(rows), "documents_differing": differing,
             "per_task": sample_table_summary(rows)}
 
@@ -275,10 +301,14 @@ def _export(ctx: RunContext, model, tokenizer, sparsifier, biases) -> None:
     from spon_exp.spon import export_checkpoint, save_sparse_state
 
     with ctx.timer.stage("export"):
-        save_sparse_state(ctx.run_dir / EXPORT_DIR, sparsifier, biases,
+        save_sparse_state(ctx.path(EXPORT_DIR), sparsifier, biases,
                           extra_meta={"model": ctx.cfg.model.path, "config_hash": ctx.identity.config_hash})
         if ctx.cfg.save_checkpoint:
-            ctx.results["checkpoint"] = str(export_checkpoint(model, tokenizer, ctx.run_dir / EXPORT_DIR / "checkpoint"))
+            written = export_checkpoint(model, tokenizer, ctx.path(EXPORT_DIR) / "checkpoint")
+            # recorded where it lies once the run ends ok: a first attempt's staged export folder is renamed then
+            first = ctx.attempt is None or not ctx.attempt.keeps_finished_run
+            final = ctx.run_dir / EXPORT_DIR / "checkpoint" if first else written
+            ctx.results["checkpoint"] = None if written is None else str(final)
 
 
 def _calibrate(ctx: RunContext, model, calib: torch.Tensor):
@@ -339,7 +369,7 @@ def _spon(ctx: RunContext, model, sparsifier, calib: torch.Tensor):
     cfg, results = ctx.cfg, ctx.results
     which = cfg.spon.projections  # a set name or a list of projection names
     which = which if isinstance(which, str) else [str(n) for n in which]
-    spon = Spon(sparsifier, cfg.spon.count, which)
+    spon = Spon(sparsifier, cfg.spon.count, which, apply=cfg.spon.apply)
     akey = ctx.identity.alpha_key
     alpha_dir = ctx.cache / "alpha" / akey
     checkpoint_dir = alpha_dir.with_name(f"{akey}.checkpoint")
@@ -363,9 +393,9 @@ def _spon(ctx: RunContext, model, sparsifier, calib: torch.Tensor):
             train_info = _train(ctx, model, sparsifier, spon, calib, checkpoint_dir)
             write_entry(alpha_dir, fill)
             remove_entry(checkpoint_dir)
-    results["spon"] = {"count": cfg.spon.count, "projections": which,
+    results["spon"] = {"count": cfg.spon.count, "projections": which, "apply": cfg.spon.apply,
                        "num_parameters": spon.num_parameters(), **train_info}
-    write_atomic(ctx.run_dir / ALPHA_FILE, lambda tmp: save_file(spon.alpha_state(), str(tmp)))
+    write_atomic(ctx.path(ALPHA_FILE), lambda tmp: save_file(spon.alpha_state(), str(tmp)))
     return spon
 
 

@@ -1,6 +1,6 @@
 """Adding a sparsifier is its module, its YAML file and its docs: every registered method
 keeps the contract the rest of the package relies on, and the worked example of
-docs/ARCHITECTURE.md ("Adding a sparsifier") runs as written, end to end, with no other
+docs/new-sparsifier.md ("A worked example") runs as written, end to end, with no other
 file edited: its Python block is executed as a module of its own, its YAML block is written
 into a config folder on Hydra's search path."""
 
@@ -25,7 +25,8 @@ from spon_exp.spon import Spon, TrainConfig, fold_alpha, load_sparse_state, save
 from tests.helpers import random_ids, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
-GUIDE = ROOT / "docs" / "ARCHITECTURE.md"
+GUIDE = ROOT / "docs" / "new-sparsifier.md"
+EXAMPLE_HEADING = "A worked example"
 PACKAGE_METHODS = sorted(REGISTRY)  # at collection: the package's own methods
 
 
@@ -123,10 +124,10 @@ def contract(name: str, tmp_path: Path) -> None:
 
 # ---------------------------------------------------- the guide's worked example
 def guide_blocks() -> tuple[str, str]:
-    """The Python and YAML blocks of the guide's "Adding a sparsifier" section."""
+    """The Python and YAML blocks of the guide's worked example section."""
     text = GUIDE.read_text()
-    heading = re.search(r"^#+ Adding a sparsifier\s*$", text, re.M)
-    assert heading, f"{GUIDE} has no 'Adding a sparsifier' section"
+    heading = re.search(rf"^#+ {EXAMPLE_HEADING}\s*$", text, re.M)
+    assert heading, f"{GUIDE} has no '{EXAMPLE_HEADING}' section"
     lines, fenced = [], False
     for line in text[heading.end():].splitlines(keepends=True):  # up to the next heading outside a code block
         fenced ^= line.startswith("```")

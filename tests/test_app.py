@@ -23,7 +23,7 @@ from spon_exp.tracking.wandb_logger import summary_from_results
 from tests.wandb_offline import read_offline_run
 
 CONF = Path(CONFIG_DIR)
-GROUPS = ["model", "sparsifier", "calib", "spon", "eval", "logger", "launcher", "experiment"]
+GROUPS = ["model", "sparsifier", "pruner", "calib", "spon", "eval", "logger", "launcher", "experiment"]
 SMALL = ["model=tiny_random", "calib.num_sequences=8", "calib.seq_len=64", "calib.threshold_sequences=4",
          "spon.steps=3", "spon.lr=0.01", "spon.batch_size=2", "eval.ppl.seq_len=64", "eval.ppl.max_sequences=4"]
 
@@ -297,3 +297,60 @@ def test_spon_tuned_shows_the_library_defaults():
     assert compose_cfg([]).spon == compose_cfg(["spon=tuned"]).spon  # the CLI's default is that recipe
     earlier = compose_cfg(["spon=default"]).spon
     assert (earlier.lr, earlier.init, earlier.average, earlier.warmup_steps) == (3e-4, "zero", "none", 0)
+
+
+#: The default α recipe (``spon=tuned``, the Optuna study's best: benchmarks/RESULTS.md, "SPON recipe
+#: search"). ``experiment=smoke`` pins ``spon=default``, so only this test runs the default recipe.
+TUNED_RECIPE = {"lr": 0.0006466422717414558, "schedule": "constant", "warmup_steps": 10, "weight_decay": 0.01,
+                "init": "mean_dropped", "average": "ema", "ema_decay": 0.98, "batch_size": 1}
+#: The tiny model and small sizes, and nothing of the recipe: 12 steps get past its 10 warm-up steps
+DEFAULT_RECIPE_SMALL = ["model=tiny_random", "calib.num_sequences=8", "calib.seq_len=64",
+                        "calib.threshold_sequences=4", "spon.steps=12", "eval.ppl.seq_len=64",
+                        "eval.ppl.max_sequences=4", "logger=none"]
+
+
+def test_the_default_recipe_end_to_end_trains_an_ema_of_the_iterates(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+
+    from spon_exp.spon import train as train_module
+
+    iterates = []  # α after every optimiser step, as training averages it
+    update = train_module.IterateAverage.update
+
+    def recording(self, step, alpha_state):
+        iterates.append({k: v.detach().clone() for k, v in alpha_state().items()})
+        return update(self, step, alpha_state)
+
+    monkeypatch.setattr(train_module.IterateAverage, "update", recording)
+    cfg = compose_cfg(DEFAULT_RECIPE_SMALL, tmp_path)
+    assert cfg.hydra.runtime.choices.spon == "tuned"  # the default config group, not a test override
+    results = run(strip_hydra(cfg), tmp_path / "run")
+    check_results_schema(results)
+    assert results["spon"]["trained"] and results["spon"]["steps"] == 12 and results["spon"]["init"] == "mean_dropped"
+    recorded = OmegaConf.load(tmp_path / "run" / "config.yaml").spon
+    assert {k: recorded[k] for k in TUNED_RECIPE} == TUNED_RECIPE
+    # constant schedule after 10 linear warm-up steps
+    lrs = [e["lr"] for e in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+           if e["event"] == "train"]
+    expected = [TUNED_RECIPE["lr"] * min(1.0, (step + 1) / 10) for step in range(12)]
+    assert lrs == pytest.approx(expected, rel=1e-9)
+    # mean-dropped init: the first iterate is far from zero, where one warm-up step from a zero init would leave it
+    assert len(iterates) == 12
+    assert max(v.abs().max().item() for v in iterates[0].values()) > 10 * TUNED_RECIPE["lr"]
+    # the α the run saved is the EMA (decay 0.98, from the first iterate on), not the last iterate
+    ema = {k: v.clone() for k, v in iterates[0].items()}
+    for alpha in iterates[1:]:
+        for k in ema:
+            ema[k] += (1 - TUNED_RECIPE["ema_decay"]) * (alpha[k] - ema[k])
+    saved = load_file(str(tmp_path / "run" / "alpha.safetensors"))
+    assert saved.keys() == ema.keys()
+    for k in saved:
+        assert torch_allclose(saved[k], ema[k])
+    assert any(not torch_allclose(saved[k], iterates[-1][k]) for k in saved)
+
+
+def torch_allclose(a, b) -> bool:
+    import torch
+
+    return torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-7)

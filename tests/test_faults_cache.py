@@ -229,10 +229,10 @@ def test_a_failed_attempt_never_replaces_a_finished_run(tmp_path, monkeypatch):
     assert (run_dir / "error.attempt-1.txt").exists() and not (run_dir / "error.txt").exists()
     monkeypatch.undo()
     again = run(small(tmp_path), run_dir)
-    on_disk = json.loads((run_dir / "results.json").read_text())
+    on_disk = json.loads((run_dir / "results.attempt-2.json").read_text())  # a successful attempt stays beside it
     assert on_disk == json.loads(json.dumps(again, default=str)) and on_disk["started_at"] != first["started_at"]
     same_figures(again, first)
-    assert not (run_dir / "results.attempt-2.json").exists()  # a successful attempt becomes results.json
+    assert {name: (run_dir / name).read_bytes() for name in kept} == kept  # the finished run is never written
     assert (run_dir / "results.attempt-1.json").exists()  # the failed one stays as its record
 
 

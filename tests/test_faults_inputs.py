@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -278,7 +277,7 @@ def test_ctrl_c_in_training_says_where_and_the_rerun_resumes(tmp_path):
     step, resume = int(step), int(resume)
     assert (step, resume) == (25, 20)
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["status"] == "failed" and results["error"] == last.removeprefix("spon-exp: ")
+    assert results["status"] == "interrupted" and results["error"] == last.removeprefix("spon-exp: ")
     rerun = cli(args, tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
@@ -304,7 +303,7 @@ def test_ctrl_c_outside_training_says_the_stage_and_the_rerun_continues(tmp_path
     assert proc.returncode == 130, err[-3000:]
     assert [line for line in err.splitlines() if line.strip()] == [f"spon-exp: {message}"]
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["status"] == "failed" and results["error"] == message
+    assert results["status"] == "interrupted" and results["error"] == message
     rerun = cli(args, tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert json.loads((run_dir / "results.json").read_text())["status"] == "ok"
@@ -334,6 +333,14 @@ NO_WRITE = """
 """
 
 
+def assert_no_stage_ran(folder: Path) -> None:
+    """The run under ``folder`` failed before its first stage (loading the model): its
+    results.json says failed and timed no stage. What "early" means, without a clock."""
+    results = [json.loads(p.read_text()) for p in folder.rglob("results.json")]
+    assert len(results) == 1 and results[0]["status"] == "failed", results
+    assert results[0]["timings"] == {}, f"stages ran before the error: {results[0]['timings']}"
+
+
 @pytest.mark.parametrize("which", ["outputs", "cache", "env_cache"])
 def test_an_unwritable_folder_is_one_line_before_anything_runs(which, tmp_path):
     locked = tmp_path / "locked"
@@ -351,10 +358,9 @@ def test_an_unwritable_folder_is_one_line_before_anything_runs(which, tmp_path):
         expected = f"spon-exp: error: $SPON_EXP_CACHE={env_cache} cannot be created: {locked} is not writable"
     patch = NO_WRITE.format(denied=str(locked)) + (f"    os.environ['SPON_EXP_CACHE'] = {str(env_cache)!r}\n"
                                                    if env_cache else "")
-    started = time.time()
     proc = in_subprocess(patch, args, tmp_path)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2 and time.time() - started < 30
+    assert proc.returncode == 2
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(expected), err[-2000:]
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("results.json"))
@@ -390,11 +396,10 @@ def test_a_damaged_model_folder_is_one_line_before_loading(damage, message, tmp_
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     else:
         weights.write_bytes(bytes(range(256)) * 64)
-    started = time.time()
     proc = cli([*SMOKE, f"model.path={folder}", f"paths.outputs={tmp_path / 'out'}"], tmp_path)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
-    assert time.time() - started < 30
+    assert_no_stage_ran(tmp_path / "out")
 
 
 @pytest.mark.parametrize("args,message", [
@@ -406,7 +411,7 @@ def test_a_damaged_model_folder_is_one_line_before_loading(damage, message, tmp_
 def test_compose_errors_hydra_would_not_explain_are_one_line(args, message, tmp_path):
     proc = cli([*args, f"paths.outputs={tmp_path}"], tmp_path)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 1 and lines == [lines[0]] and lines[0].startswith(message), proc.stderr[-2000:]
+    assert proc.returncode == 2 and lines == [lines[0]] and lines[0].startswith(message), proc.stderr[-2000:]
     assert "_schema" not in proc.stderr
 
 
@@ -447,10 +452,9 @@ OFFLINE = """
                         "packaged model (model=smollm2_135m)"),
 ])
 def test_hub_access_without_a_network_is_one_line_within_seconds(override, message, tmp_path):
-    started = time.time()
     proc = in_subprocess(OFFLINE, ["experiment=smoke", override, "model.device=cpu", "model.dtype=float32",
                                    f"paths.outputs={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     _, err = proc.communicate(timeout=120)
     lines = [line for line in err.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), err[-2000:]
-    assert time.time() - started < 30
+    assert_no_stage_ran(tmp_path / "run")

@@ -208,7 +208,11 @@ def test_comparison_errors_are_one_line(two_configurations, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "matches 2 configurations" in err and "seed_group=" in err and len(err.strip().splitlines()) == 1
     assert collect_main([*args, "--baseline", "sparsity=0.5", "--candidate", "sparsity=0.6"]) == 2
-    assert "matches no finished run" in capsys.readouterr().err
+    assert "matches no finished run; the finished runs have sparsity = 0.4, 0.6" in capsys.readouterr().err
+    # model= takes the name the tables print; a config group's name matches nothing, and the error says what does
+    assert collect_main([*args, "--baseline", "model=tiny_random", "sparsity=0.4", "--candidate", "sparsity=0.6"]) == 2
+    assert "the finished runs have model = m" in capsys.readouterr().err
+    assert collect_main([*args, "--baseline", "model=m", "sparsity=0.4", "--candidate", "sparsity=0.6"]) == 0
     assert collect_main([*args, "--baseline", "seed_group=aaaaaaaa", "--candidate", "seed_group=bbbbbbbb"]) == 0
 
 

@@ -22,15 +22,17 @@ pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600)]
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _wait(job, timeout: float = 120.0):
-    """Wait for a submitit job without trusting it to ever finish."""
-    deadline = time.monotonic() + timeout
+def _wait(job):
+    """Wait for a submitit job; a job that never finishes is caught by the module's
+    ``pytest.mark.timeout``, not by a clock in the test."""
     while not job.done():
-        if time.monotonic() > deadline:
-            job.cancel(check=False)
-            pytest.fail(f"job {job.job_id} not done after {timeout}s (state {job.state})")
         time.sleep(0.3)
     return job
+
+
+#: SLURM's final job states other than COMPLETED: accounting will not turn them into COMPLETED
+ENDED_OTHERWISE = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
+                   "DEADLINE"}
 
 
 def _executor(folder: Path):
@@ -71,8 +73,7 @@ def test_submitit_returns_value(slurm_cluster, tmp_path):
     assert job_id == str(job.job_id)
     # The result file appears before accounting catches up; sacct must get there
     # (submitit relies on it to notice cancelled/timed-out jobs).
-    deadline = time.monotonic() + 60
-    while job.state != "COMPLETED" and time.monotonic() < deadline:
+    while job.state != "COMPLETED" and job.state.split()[0] not in ENDED_OTHERWISE:
         time.sleep(1)
     assert job.state == "COMPLETED"
 
@@ -146,9 +147,7 @@ def test_preempted_training_job_is_requeued_and_resumes_to_the_same_alpha(slurm_
     interrupted = _spon_exp(*common, "sweep_name=resume", f"paths.outputs={tmp_path / 'interrupted'}", cwd=tmp_path,
                             background=True)
     ckpts = tmp_path / "interrupted" / "cache" / "alpha"
-    deadline = time.monotonic() + 300
     while not list(ckpts.glob("*/train.ckpt")):
-        assert time.monotonic() < deadline, "no training checkpoint appeared"
         assert interrupted.poll() is None, interrupted.stdout.read()[-3000:]
         time.sleep(0.5)
     submitit_dir = tmp_path / "interrupted" / "sweeps" / "resume" / ".submitit"
@@ -156,13 +155,12 @@ def test_preempted_training_job_is_requeued_and_resumes_to_the_same_alpha(slurm_
     # what SLURM does on preemption: signal the job; submitit checkpoints and requeues it
     signalled_at = time.time()
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-    deadline = time.monotonic() + 120
     while True:  # a requeued job waits for a begin time; start it now rather than in ~2 min
         state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"], capture_output=True, text=True).stdout
         if "PENDING" in state:
             subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], check=False)
             break
-        assert time.monotonic() < deadline, f"job {job_id} was not requeued (state {state!r})"
+        assert state.strip(), f"job {job_id} left the queue instead of being requeued"
         time.sleep(0.5)
     for proc in (reference, interrupted):
         out, _ = proc.communicate(timeout=600)

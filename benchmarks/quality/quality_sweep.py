@@ -3,9 +3,9 @@ per sparsifier and sparsity, on the evaluation split (disjoint from calibration)
 
 A thin driver around the project's own machinery: it launches the sweep
 ``sweeps/quality_cpu.yaml`` for the chosen methods (finished runs are skipped, so the
-methods can be run one invocation at a time; the last timings are in the README's
-"Benchmarks" section), then builds the tables and plots with ``spon-exp-collect`` and writes
-a JSON summary (``benchmarks/results/quality/``).
+methods can be run one invocation at a time; the last measured sweep is benchmarks/RESULTS.md,
+"Quality sweep: each sparsifier at 25–70 %"), then builds the tables and plots with
+``spon-exp-collect`` and writes a JSON summary (``benchmarks/results/quality/``).
 
     python benchmarks/quality/quality_sweep.py --methods teal --sparsities 0.25 0.5 0.6 0.7
     python benchmarks/quality/quality_sweep.py --methods teal wina rsparse larosa --jobs 2

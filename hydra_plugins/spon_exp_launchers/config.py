@@ -8,6 +8,7 @@ No ``from __future__ import annotations`` here: the scan executes the module bef
 
 from dataclasses import dataclass
 
+# Hydra has no public name for its basic launcher's config (nor for the launcher: see __init__.py)
 from hydra._internal.core_plugins.basic_launcher import BasicLauncherConf
 from hydra.core.config_store import ConfigStore
 from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf

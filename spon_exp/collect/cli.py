@@ -20,8 +20,10 @@ from spon_exp.collect.tables import write_tables
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spon-exp-collect", description=DESCRIPTION)
-    parser.add_argument("folders", nargs="*", default=["outputs"], help="folders to scan for results.json")
-    parser.add_argument("--wandb-project", action="append", default=[], help="also read runs of entity/project")
+    parser.add_argument("folders", nargs="*", default=["outputs"],
+                        help="folders to scan for results.json (default: outputs)")
+    parser.add_argument("--wandb-project", action="append", default=[],
+                        help="also read runs of entity/project (repeat for several projects)")
     parser.add_argument("--out", default=None, help="output folder (default: <first folder>/tables)")
     parser.add_argument("--baseline", nargs="+", metavar="KEY=VALUE",
                         help="compare: the runs of one configuration (its seeds), e.g. sparsity=0.4 or spon.count=0")
@@ -86,7 +88,7 @@ def _tables(rows: list[dict], folders: list[str], out: Path) -> int:
         counts[r["status"]] += 1
     print(f"{len(rows)} runs ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))})")
     for name, path in written.items():
-        if name.startswith(("ppl_", "seed_variance_")) or name == "zeroshot":
+        if name.startswith(("ppl_", "seed_variance_", "methods_")) or name == "zeroshot":
             print(f"\n## {name}\n\n{path.read_text()}")
     for study in studies:
         name = study["study"]
@@ -110,9 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(rows, int):
         return rows
     out = Path(args.out or Path(args.folders[0] if args.folders else ".") / "tables")
-    if args.baseline:
-        return _compare(rows, args, out)
-    return _tables(rows, args.folders, out)
+    try:
+        return _compare(rows, args, out) if args.baseline else _tables(rows, args.folders, out)
+    except Exception as e:
+        from spon_exp.tracking.disk import as_disk_full
+
+        full = as_disk_full(e, out / "tables.md")  # a full disk or quota: one line naming the folder
+        if full is None:
+            raise
+        print(f"spon-exp-collect: error: {full}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

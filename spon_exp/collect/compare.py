@@ -13,7 +13,6 @@ from spon_exp.collect.runs import run_config
 from spon_exp.evaluation.pairing import describe_left_out
 from spon_exp.tracking.intervals import interval
 
-
 #: ``key=value`` names a run's field in :func:`_row` under these spellings too
 FIELD_ALIASES = {"model": "model", "model.name": "model", "sparsifier": "sparsifier", "sparsity": "sparsity",
                  "sparsifier.sparsity": "sparsity", "spon.count": "spon_count", "spon_count": "spon_count",
@@ -47,12 +46,24 @@ def _matches(row: dict, condition: str) -> bool:
     return same_value(_config_value(row, key), wanted)
 
 
+def _values_hint(rows: list[dict], conditions: list[str]) -> str:
+    """For the first condition on a results field that no finished run meets: the values the
+    runs have (``model=`` takes the name the tables print, not the config group)."""
+    finished = [r for r in rows if r["status"] == "ok"]
+    for condition in conditions:
+        key = condition.partition("=")[0].strip()
+        if key in FIELD_ALIASES and not any(_matches(r, condition) for r in finished):
+            values = sorted({str(r.get(FIELD_ALIASES[key])) for r in finished})
+            return f"; the finished runs have {key} = {', '.join(values[:10])}"
+    return ""
+
+
 def select_group(rows: list[dict], conditions: list[str], side: str) -> list[dict]:
     """The finished runs matching every ``key=value`` condition; they must be the seeds of one
     configuration, else a one-line error says how to narrow the selection."""
     chosen = [r for r in rows if r["status"] == "ok" and all(_matches(r, c) for c in conditions)]
     if not chosen:
-        raise ValueError(f"--{side} {' '.join(conditions)} matches no finished run")
+        raise ValueError(f"--{side} {' '.join(conditions)} matches no finished run{_values_hint(rows, conditions)}")
     groups = sorted({str(r.get("seed_group")) for r in chosen})
     if len(groups) > 1:
         raise ValueError(f"--{side} {' '.join(conditions)} matches {len(groups)} configurations (seed groups "

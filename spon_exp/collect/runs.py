@@ -31,7 +31,10 @@ def _row(results: dict, source: str) -> dict:
         "config_hash": results.get("config_hash"),
         "seed_group": results.get("seed_group"),
         "model": model.get("name") if isinstance(model, dict) else model,
-        "sparsifier": results.get("sparsifier_label") or results.get("sparsifier"),  # a preset: its label
+        # a pruned run (pruner=wanda / sparsegpt, sparsifier=dense): its pruner's label; a preset: its label
+        "sparsifier": ((results.get("pruner") or {}).get("label") or results.get("sparsifier_label")
+                       or results.get("sparsifier")),
+        "pruner": (results.get("pruner") or {}).get("label"),
         "calib_corpus": results.get("calib_corpus"),
         "spon_count": results.get("spon_count"),
         "seed": _seed_label(results),
@@ -164,6 +167,8 @@ def _fields_from_dirname(sub: str) -> dict:
             fields["spon_count"] = int(value) if value.isdigit() else value
         elif key in ("calib", "calib.corpus"):
             fields["calib_corpus"] = value
+        elif key == "pruner" and value != "none":  # a missing pruned run: a row of its own, never TEAL's
+            fields.update(sparsifier=f"pruned: {value}", pruner=f"pruned: {value}", spon_count=0)
     return fields
 
 

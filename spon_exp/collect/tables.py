@@ -7,8 +7,19 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from spon_exp.collect.format import ROW_KEYS, ci_columns, exact, fmt, g, pct, pm, row_key, to_markdown
+from spon_exp.collect.format import (
+    ROW_KEYS,
+    ci_columns,
+    exact,
+    fmt,
+    g,
+    pct,
+    pm,
+    row_key,
+    to_markdown,
+)
 from spon_exp.collect.groups import Configuration, configurations, stat
+from spon_exp.collect.methods import method_tables
 from spon_exp.collect.variance import seed_variance_tables
 from spon_exp.evaluation.gap import VARIANTS
 
@@ -148,6 +159,7 @@ def write_tables(rows: list[dict], out: Path, configs: list[Configuration] | Non
     runs = runs_table(rows)
     ppl_md, ppl_csv = ppl_tables(rows, configs)
     tables, csv_tables = {"runs": runs, **ppl_md, **seed_variance_tables(configs)}, {"runs": runs, **ppl_csv}
+    tables.update(method_tables(rows, configs))  # methods_<corpus>: the pruning comparison, where runs pruned
     if any(r["zeroshot_avg"] for r in rows):
         tables["zeroshot"], csv_tables["zeroshot"] = zeroshot_tables(rows, configs)
     written = {}

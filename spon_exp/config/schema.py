@@ -121,6 +121,9 @@ class SponConfig(TrainOptions):  # the training settings (lr, steps, ...) are Tr
     projections: Any = "all"  # all / attention / mlp / down_proj, or a list of names ([q_proj,up_proj])
     init: str = "mean_dropped"  # zero / mean_dropped (the recipe conf/spon/tuned.yaml selects)
     train: bool = True  # false: keep the init (the training-free baseline)
+    # where α acts: all (every token) / sparsified (only the tokens the token policy sparsified,
+    # trained so; the same model under token_policy=all): spon_exp/spon/gating.py, docs/configuration.md
+    apply: str = "all"
     checkpoint_every: int = 20  # steps between resumable checkpoints; a run keeps them (train_alpha's default: 0 = never)
     seed: Optional[int] = None  # seeds α training's batch order alone; null follows the top-level seed
 
@@ -212,6 +215,7 @@ class SearchConfig:
 class Config:
     model: ModelConfig = MISSING
     sparsifier: Any = MISSING
+    pruner: Any = None  # one-shot weight pruning (conf/pruner/, spon_exp/pruning/); none = no pruning
     calib: CalibConfig = MISSING
     spon: SponConfig = MISSING
     eval: EvalConfig = MISSING
@@ -222,7 +226,9 @@ class Config:
     sweep_name: str = "single"  # names the group of runs (W&B group, sweep folder)
     save_export: bool = True  # write the folded sparse state (thresholds + biases) into the run folder
     save_checkpoint: bool = False  # also a from_pretrained-loadable checkpoint (a full weight copy)
-    skip_if_done: bool = False  # re-launched sweeps: skip a run whose results.json says ok
+    # a run whose folder's results.json says ok for this config is skipped (false: run it again beside it, as
+    # attempt N: spon_exp/tracking/run_folder.py); a finished run's files are never written again
+    skip_if_done: bool = True
     # glibc malloc tuning (spon_exp/hostmem.py), applied to CPU runs only (model.device=cpu without
     # model.device_map); false leaves the allocator alone. Not part of a run's identity (its hash)
     malloc_tuning: bool = True
@@ -245,8 +251,10 @@ SCHEMAS = {
 def store_schemas() -> None:
     """Every schema into Hydra's ConfigStore: ``config_schema`` and each group's; sparsifier
     schemas from the registry as it is now (a method registered after import has one too)."""
+    from spon_exp.pruning.registry import pruner_schemas
+
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
-    for group, schemas in {**SCHEMAS, "sparsifier": sparsifier_schemas()}.items():
+    for group, schemas in {**SCHEMAS, "sparsifier": sparsifier_schemas(), "pruner": pruner_schemas()}.items():
         for name, node in schemas.items():
             cs.store(group=group, name=name, node=node)

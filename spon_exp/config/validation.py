@@ -66,6 +66,7 @@ def validate(cfg) -> None:
     _check_zeroshot(cfg)
     _check_hub(cfg)
     _check_sparsifier(cfg)
+    _check_pruner(cfg)
     _check_lengths_and_corpora(cfg)
 
 
@@ -101,6 +102,8 @@ def _spon_checks(cfg) -> list[tuple[bool, str]]:
         (s.steps is None or s.steps >= 0, f"spon.steps must be >= 0, got {s.steps}"),
         (s.checkpoint_every >= 0, f"spon.checkpoint_every must be >= 0 (0 = never), got {s.checkpoint_every}"),
         (s.init in ("zero", "mean_dropped"), f"spon.init must be zero or mean_dropped, got {s.init!r}"),
+        (s.apply in ("all", "sparsified"),
+         f"spon.apply must be all (α on every token) or sparsified (only on the sparsified tokens), got {s.apply!r}"),
         (s.schedule in ("constant", "cosine", "linear"), f"spon.schedule must be constant, cosine or linear, got {s.schedule!r}"),
         (s.average in ("none", "ema", "polyak"), f"spon.average must be none, ema or polyak, got {s.average!r}"),
         (0 < s.ema_decay < 1, f"spon.ema_decay must be in (0, 1), e.g. 0.95, got {s.ema_decay}"),
@@ -157,6 +160,16 @@ def _check_sparsifier(cfg) -> None:
         raise ConfigError(f"this protocol (eval.ppl.forbid_dense_scored=true, experiment=paper) scores only tokens "
                           f"computed sparse, but {dense_scored}; use eval.ppl.score=sparsified or "
                           f"sparsifier.token_policy=all")
+
+
+def _check_pruner(cfg) -> None:
+    """A pruner's options, its N:M against the sparsity, and that it runs alone (spon_exp/pruning/)."""
+    from spon_exp.pruning import check_pruner, pruner_name
+
+    try:
+        check_pruner(cfg)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"pruner={pruner_name(cfg)}: {e}") from None
 
 
 OFFLINE_ADVICE = {

@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=None,
                         help="longest sequence, in tokens (default: 2048, or the model's context if shorter)")
     parser.add_argument("--sequences", type=int, default=4, help="evaluation sequences of that length (default 4)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="device for the forward passes (default cpu)")
     parser.add_argument("--no-wandb", action="store_true", help="do not log to the run's W&B run")
     parser.add_argument("--verbose", action="store_true", help="tracebacks for errors")
     args = parser.parse_args(argv)
@@ -25,14 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     from spon_exp.data.corpora import CorpusError
     from spon_exp.diagnostics import DiagnoseError, diagnose
     from spon_exp.models.loading import ModelNotFoundError
+    from spon_exp.tracking.disk import one_line_errors
 
-    try:
-        d = diagnose(args.run_dir, args.max_length, args.sequences, args.device, log_to_wandb=not args.no_wandb)
-    except (DiagnoseError, ModelNotFoundError, CorpusError) as e:
-        if args.verbose:
-            raise
-        print(f"spon-exp-diagnose: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    code, d = one_line_errors("spon-exp-diagnose", (DiagnoseError, ModelNotFoundError, CorpusError), args.run_dir,
+                              args.verbose, lambda: diagnose(args.run_dir, args.max_length, args.sequences, args.device,
+                                                             log_to_wandb=not args.no_wandb))
+    if code:
+        return code
     print(summary(d))
     return 0
 

@@ -80,6 +80,27 @@ def _read_run(run_dir: Path) -> tuple[dict, dict]:
         raise DiagnoseError(str(e)) from None
 
 
+def _check_files(run_dir: Path, results: dict) -> None:
+    """The files diagnose reads (the export's sparse state, α), checked whole before any model
+    loads: one clear error naming a missing or damaged one."""
+    from spon_exp.export.run_folder import ExportError, check_run_files
+    from spon_exp.models.loading import safetensors_problem
+
+    if results.get("sparsifier") != "dense":
+        if not (run_dir / "export" / "sparse_state.safetensors").is_file():
+            raise DiagnoseError(f"{run_dir} has no export/sparse_state.safetensors (run with save_export=false?); "
+                                f"run its command again with save_export=true into a new folder (hydra.run.dir=...)")
+        try:
+            check_run_files(run_dir)
+        except ExportError as e:
+            raise DiagnoseError(str(e)) from None
+    alpha = run_dir / "alpha.safetensors"
+    problem = safetensors_problem(alpha) if alpha.is_file() else None
+    if problem:
+        raise DiagnoseError(f"{alpha} is damaged ({problem}); run the run's command again into a new folder "
+                            f"(hydra.run.dir=...) to write it again")
+
+
 def diagnose(run_dir: str | Path, max_length: int | None = None, sequences: int = DEFAULT_SEQUENCES,
              device: str = "cpu", log_to_wandb: bool = True) -> dict:
     """Compute, plot and write the diagnostics of the run in ``run_dir`` (see the module
@@ -87,10 +108,11 @@ def diagnose(run_dir: str | Path, max_length: int | None = None, sequences: int 
     from spon_exp.data.corpora import token_blocks
     from spon_exp.models.adapters import find_decoder_blocks
     from spon_exp.models.loading import load_model
-    from spon_exp.spon.fold import load_sparse_state, read_sparse_state
 
     run_dir = Path(run_dir)
     results, config = _read_run(run_dir)
+    _refuse_pruned(run_dir, results)
+    _check_files(run_dir, results)
     if sequences < 1:
         raise DiagnoseError(f"--sequences must be >= 1, got {sequences}")
     model_cfg = config["model"]
@@ -103,20 +125,7 @@ def diagnose(run_dir: str | Path, max_length: int | None = None, sequences: int 
     corpus = (config.get("eval", {}).get("ppl", {}).get("corpora") or [config.get("calib", {}).get("corpus")])[0]
     ids = token_blocks(loaded.tokenizer, corpus, "evaluation", length, sequences)
     blocks = find_decoder_blocks(model)
-    sparsifier, folded, original, sites = None, {}, {}, {}
-    state_dir = run_dir / "export"
-    if results.get("sparsifier") != "dense":
-        if not (state_dir / "sparse_state.safetensors").is_file():
-            raise DiagnoseError(f"{run_dir} has no export/sparse_state.safetensors (run with save_export=false?); "
-                                f"re-run it with save_export=true")
-        modules = {p.key: p.module for b in blocks for p in b.projections.values()}
-        _, _, saved_biases = read_sparse_state(state_dir)
-        original = {modules[k]: (None if modules[k].bias is None else modules[k].bias.detach().clone())
-                    for k in saved_biases}
-        sparsifier = load_sparse_state(model, state_dir)
-        folded = {modules[k]: modules[k].bias.detach().clone() for k in saved_biases}
-        sites = _site_maskers(sparsifier, saved_biases, run_dir)
-    variants = Variants(model, sparsifier, original, folded)
+    sparsifier, variants, sites = _variants(model, blocks, run_dir, results)
     log.info("Diagnosing %s: %s on %d x %d tokens of %s", run_dir, "/".join(variants.names), ids.shape[0],
              length, corpus)
     stats = forward_statistics(model, blocks, variants, sites, ids, sparsifier)
@@ -151,6 +160,32 @@ def diagnose(run_dir: str | Path, max_length: int | None = None, sequences: int 
         out["wandb"] = log_diagnostics(run_dir, config, out, target)
     log.info("Diagnostics written to %s", target)
     return out
+
+
+def _refuse_pruned(run_dir: Path, results: dict) -> None:
+    if results.get("pruner"):  # pruner=wanda / sparsegpt
+        raise DiagnoseError(f"The run in {run_dir} pruned its weights ({results['pruner'].get('label')}); these "
+                            f"diagnostics measure activation masks and α, which a pruned run has none of (its dense and "
+                            f"pruned perplexities are in results.json; benchmarks/quality/pruning_error.py measures "
+                            f"per-layer reconstruction error)")
+
+
+def _variants(model, blocks, run_dir: Path, results: dict):
+    """The run's sparse state loaded into ``model`` (none for a dense run): the sparsifier, the
+    dense / sparse / +SPON variants (the biases before and after the fold) and the mask sites."""
+    from spon_exp.spon.fold import load_sparse_state, read_sparse_state
+
+    sparsifier, folded, original, sites = None, {}, {}, {}
+    if results.get("sparsifier") != "dense":
+        state_dir = run_dir / "export"
+        modules = {p.key: p.module for b in blocks for p in b.projections.values()}
+        _, _, saved_biases = read_sparse_state(state_dir)
+        original = {modules[k]: (None if modules[k].bias is None else modules[k].bias.detach().clone())
+                    for k in saved_biases}
+        sparsifier = load_sparse_state(model, state_dir)
+        folded = {modules[k]: modules[k].bias.detach().clone() for k in saved_biases}
+        sites = _site_maskers(sparsifier, saved_biases, run_dir)
+    return sparsifier, Variants(model, sparsifier, original, folded), sites
 
 
 def _site_maskers(sparsifier, biases: dict, run_dir: Path) -> dict:

@@ -1,7 +1,7 @@
 """Confidence intervals by paired bootstrap.
 
 A thresholded model is chaotic (a relative 1e-6 change of its thresholds visibly moves
-perplexity: README, "Trustworthy numbers", and ``eval.sensitivity=true`` measures it per run),
+perplexity: docs/evaluation.md, "Numerical sensitivity", and ``eval.sensitivity=true`` measures it per run),
 so one evaluation is one draw from a noisy process. Every figure therefore carries a
 percentile interval from resampling its evaluation units with replacement: blocks for
 perplexity, documents for zero-shot scores. Dense, sparse and sparse+SPON are scored on

@@ -84,7 +84,23 @@ def model_card(results: dict, config: dict, spec: dict, repo_id: str | None = No
         biases=len(spec.get("biases") or []),
         token_policy=spec["token_policy"],
         runtime_notes=_runtime_notes(spec),
+        bias_policy=_bias_policy(spec),
     )
+
+
+def _bias_policy(spec: dict) -> str:
+    """Which bias runs when (``spon.apply`` of the run)."""
+    if not spec.get("biases"):
+        return "This run trained no SPON: the projections keep their own biases."
+    if spec.get("spon_apply", "all") != "sparsified":
+        return ("**Which bias runs when:** the folded bias `b'` on every token, prefill and decode alike "
+                "(the run's `spon.apply=all`), also on tokens the token policy keeps dense.")
+    return ("**Which bias runs when** (the run's `spon.apply=sparsified`): α acts only on the tokens whose inputs "
+            "were sparsified. A forward whose tokens are all sparsified (every decode token) computes with the "
+            "folded bias `b'`; a forward whose leading tokens the token policy keeps dense (a prefill) computes with "
+            "the projection's original bias (`dense_bias.<module name>`, none where the layer had none), so those "
+            "tokens are the dense model's, and adds `b' − b` to its sparsified trailing tokens. Switched off "
+            "(`model.sparse_runtime.disabled()`), every token gets the original bias: the dense model.")
 
 
 def _without_remote_code(spec: dict) -> str:

@@ -28,15 +28,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from spon_exp.export import ExportError, export_run
     from spon_exp.models.loading import ModelNotFoundError
+    from spon_exp.tracking.disk import one_line_errors
 
-    try:
-        out = export_run(args.run_dir, args.out, device=args.device, push_to_hub=args.push_to_hub,
-                         private=not args.public, check=not args.no_check)
-    except (ExportError, ModelNotFoundError) as e:
-        if args.verbose:
-            raise
-        print(f"spon-exp-export: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    code, out = one_line_errors("spon-exp-export", (ExportError, ModelNotFoundError), args.run_dir, args.verbose,
+                                lambda: export_run(args.run_dir, args.out, device=args.device,
+                                                   push_to_hub=args.push_to_hub, private=not args.public,
+                                                   check=not args.no_check))
+    if code:
+        return code
     print(f"export: {out}")
     if args.push_to_hub:
         print(f"pushed: https://huggingface.co/{args.push_to_hub}")

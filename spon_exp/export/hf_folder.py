@@ -60,6 +60,25 @@ def check_out_dir(out: Path, config_hash: str) -> None:
                           f"choose another --out (or remove that folder)")
 
 
+def _exportable_run(run_dir: Path) -> tuple[dict, dict, Path]:
+    """The run's results, config and sparse-state folder, or an :class:`ExportError` saying in
+    one line why there is nothing to export."""
+    results, config = read_run(run_dir)
+    if results.get("pruner"):  # pruner=wanda / sparsegpt: the weights themselves are the result
+        raise ExportError(f"The run in {run_dir} pruned its weights ({results['pruner'].get('label')}), it has no "
+                          f"activation sparsity to export; its pruned model is a plain checkpoint: re-run the run's "
+                          f"command with save_checkpoint=true (written to export/checkpoint, loads with from_pretrained)")
+    if results.get("sparsifier") == "dense":
+        raise ExportError(f"The run in {run_dir} is dense (sparsifier=dense): there is nothing sparse to export; "
+                          f"the model itself is {config['model']['path']}")
+    state_dir = run_dir / "export"
+    if not (state_dir / "sparse_state.safetensors").is_file():
+        raise ExportError(f"{run_dir} has no export/sparse_state.safetensors (was it run with save_export=false?); "
+                          f"re-run it with save_export=true")
+    check_run_files(run_dir)
+    return results, config, state_dir
+
+
 def export_run(run_dir: str | Path, out: str | Path | None = None, device: str = "cpu",
                push_to_hub: str | None = None, private: bool = True, check: bool = True) -> Path:
     """Write the Hugging Face export of the run in ``run_dir`` to ``out`` (default
@@ -72,16 +91,8 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, device: str =
     from spon_exp.spon.fold import read_sparse_state
 
     run_dir = Path(run_dir)
-    results, config = read_run(run_dir)
+    results, config, state_dir = _exportable_run(run_dir)
     chash = results["config_hash"]
-    if results.get("sparsifier") == "dense":
-        raise ExportError(f"The run in {run_dir} is dense (sparsifier=dense): there is nothing sparse to export; "
-                          f"the model itself is {config['model']['path']}")
-    state_dir = run_dir / "export"
-    if not (state_dir / "sparse_state.safetensors").is_file():
-        raise ExportError(f"{run_dir} has no export/sparse_state.safetensors (was it run with save_export=false?); "
-                          f"re-run it with save_export=true")
-    check_run_files(run_dir)
     out = Path(out) if out is not None else run_dir / DEFAULT_OUT
     check_out_dir(out, chash)
 

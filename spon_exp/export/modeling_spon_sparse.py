@@ -15,6 +15,11 @@ exported weights and then :func:`attach_sparse_runtime` puts the masking on it:
   its folded SPON bias ``b' = b + W·Σα`` (from ``sparse_runtime.safetensors``); a layer
   whose architecture declares no bias (Gemma3, Qwen3, Llama without ``attention_bias`` /
   ``mlp_bias``) gets a bias parameter created for it, so ``config.json`` needs no bias flag;
+- a run with ``spon.apply=sparsified`` (``"spon_apply": "sparsified"``) keeps two biases per
+  projection and picks per token: a forward whose tokens are all sparsified (every decode
+  token) computes with ``b'``; a forward whose leading tokens the token policy keeps dense (a
+  prefill) computes with the original bias (``dense_bias.*``, none where the layer had none)
+  and adds ``b' − b`` to its sparsified trailing rows, exactly as the run computed them;
 - a forward pre-hook on each projection masks its input: a magnitude threshold
   (``hardshrink``), a score threshold or per-token top-k, on ``|x|`` or ``|x|·‖W[:, i]‖₂``;
   where the state holds a rotation ``Q`` for the projection's input site, the input is
@@ -167,6 +172,8 @@ class SparseRuntime:
         for site, _ in self.sites:
             key = (site.site, site.share)
             self._consumers[key] = self._consumers.get(key, 0) + 1
+        self.spon_apply = spec.get("spon_apply", "all")
+        self._rows: dict[str, tuple[int, int]] = {}
         self._set_biases(modules, tensors)
         for folded in spec.get("folded_rotations", []):  # always on: the weights are W·Q
             container = modules[folded["module"]]
@@ -178,16 +185,58 @@ class SparseRuntime:
             self._handles.append(module.register_forward_pre_hook(self._mask_hook(site)))
             if site.low_rank is not None:
                 self._handles.append(module.register_forward_hook(self._low_rank_hook(site)))
+        for name, (dense, sparse) in self._gated.items():  # after the masks and low-rank paths, as in the run
+            module = modules[name]
+            self._handles.append(module.register_forward_pre_hook(self._bias_choice_hook(name, dense, sparse)))
+            self._handles.append(module.register_forward_hook(self._sparsified_rows_hook(name, dense, sparse)))
 
     @torch.no_grad()
     def _set_biases(self, modules: dict, tensors: dict) -> None:
+        """apply=all: each folded bias becomes its projection's bias. apply=sparsified: the
+        projection holds its original bias (or none) and :attr:`_gated` keeps both."""
+        self._gated: dict[str, tuple] = {}
         for name in self.spec.get("biases", []):
             lin = modules[name]
             b = tensors[f"bias.{name}"].to(device=lin.weight.device, dtype=lin.weight.dtype)
-            if lin.bias is None:
+            if self.spon_apply == "sparsified":
+                dense = tensors.get(f"dense_bias.{name}")
+                dense = None if dense is None else dense.to(device=lin.weight.device, dtype=lin.weight.dtype)
+                lin.bias = None if dense is None else nn.Parameter(dense.clone(), requires_grad=False)
+                self._gated[name] = (lin.bias, nn.Parameter(b.clone(), requires_grad=False))
+            elif lin.bias is None:
                 lin.bias = nn.Parameter(b.clone(), requires_grad=False)
             else:
                 lin.bias.copy_(b)
+
+    def _bias_choice_hook(self, name: str, dense, sparse):
+        """apply=sparsified: a forward whose rows are all sparsified computes with ``b'``."""
+        def hook(module, args):
+            if not args:
+                return None
+            x = args[0]
+            tokens = x.shape[-2] if x.dim() >= 2 else 1
+            n = min(sparsified_tokens(self.policy, tokens), tokens) if self.enabled else 0
+            self._rows[name] = (tokens, n)
+            if n == tokens:
+                module.bias = sparse
+            return None
+        return hook
+
+    def _sparsified_rows_hook(self, name: str, dense, sparse):
+        """apply=sparsified: the original bias back; a mixed forward's sparsified rows get ``b' − b``."""
+        delta = sparse.detach() if dense is None else sparse.detach() - dense.detach()
+
+        def hook(module, args, output):
+            module.bias = dense
+            tokens, n = self._rows.pop(name, (1, 0))
+            if not 0 < n < tokens:
+                return None
+            if output.requires_grad and torch.is_grad_enabled():
+                head, tail = output[..., : tokens - n, :], output[..., tokens - n:, :]
+                return torch.cat([head, tail + delta], dim=-2)
+            output[..., tokens - n:, :] += delta
+            return output
+        return hook
 
     @contextlib.contextmanager
     def disabled(self):

@@ -30,8 +30,8 @@ def read_run(run_dir: Path) -> tuple[dict, dict]:
     try:
         config = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
     except Exception as e:  # noqa: BLE001 - a damaged YAML: one line, not a parser traceback
-        raise ExportError(f"{run_dir / 'config.yaml'} is damaged ({type(e).__name__}); re-run the run's command "
-                          f"to write it again") from None
+        raise ExportError(f"{run_dir / 'config.yaml'} is damaged ({type(e).__name__}); run the run's command again into a "
+                          f"new folder (hydra.run.dir=...) to write it again") from None
     return results, config
 
 
@@ -42,17 +42,19 @@ EXPORT_INPUTS = ("export/sparse_state.safetensors", "export/sparse_state.json")
 
 def check_run_files(run_dir: Path) -> None:
     """Every file the export reads, checked whole before the model loads: one clear error
-    naming a truncated or damaged one (re-run the run's command to write it again)."""
+    naming a truncated or damaged one (a finished run is never written again: its command, run into a new
+    folder, writes them anew)."""
     from spon_exp.models.loading import safetensors_problem
 
     for name in EXPORT_INPUTS:
         path = run_dir / name
         if not path.is_file():
-            raise ExportError(f"{path} is missing; re-run the run's command (with save_export=true) to write it")
+            raise ExportError(f"{path} is missing; run the run's command again with save_export=true into a new folder "
+                              f"(hydra.run.dir=...) to write it")
         problem = safetensors_problem(path) if path.suffix == ".safetensors" else _json_problem(path)
         if problem:
-            raise ExportError(f"{path} is damaged ({problem}); delete the run's export/ folder and re-run the run's "
-                              f"command to write it again")
+            raise ExportError(f"{path} is damaged ({problem}); run the run's command again into a new folder "
+                              f"(hydra.run.dir=...) to write it again")
 
 
 def _json_problem(path: Path) -> str | None:

@@ -14,7 +14,9 @@ error). Everything else is generic:
   saves) and the runtime rotates the site container's input once (``folded_rotations``), as
   :mod:`spon_exp.sparsifiers.rotation` does; the consumers mask the rotated input;
 - the token policy, the sharing of one masked input per site (``share_key``) and the folded
-  biases come from the base class.
+  biases come from the base class; a folded ``spon.apply=sparsified`` model (the sparsifier's
+  ``bias_gate``) adds ``"spon_apply": "sparsified"`` and each projection's original bias
+  (``dense_bias.<module>``, listed in ``dense_biases``; none where the layer had none).
 """
 
 from __future__ import annotations
@@ -121,4 +123,12 @@ def runtime_spec(sparsifier: Sparsifier, biases: dict[str, torch.Tensor]) -> tup
         bias_modules.append(paths[key])
     spec = {"format": FORMAT, "sparsifier": description, "token_policy": asdict(sparsifier.tokens),
             "rotate_back": back, "folded_rotations": folded, "projections": entries, "biases": bias_modules}
+    gate = sparsifier.bias_gate if biases else None
+    if gate is not None:  # spon.apply=sparsified: the original biases for the tokens kept dense
+        spec["spon_apply"] = "sparsified"
+        spec["dense_biases"] = []
+        for key, b in sorted(gate.dense.items()):
+            if b is not None:
+                _put(tensors, f"dense_bias.{paths[key]}", b)
+                spec["dense_biases"].append(paths[key])
     return spec, tensors

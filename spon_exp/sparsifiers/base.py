@@ -137,6 +137,9 @@ class Sparsifier(Switchable):
         self._dropped: dict[str, float] = defaultdict(float)
         self._seen: dict[str, float] = defaultdict(float)  # entries of the sparsified tokens
         self._evaluated: dict[str, float] = defaultdict(float)  # entries of every token, dense-policy ones included
+        # a folded spon.apply=sparsified model's two biases per projection (spon_exp.spon.gating.GatedBiases),
+        # whose hooks are among this sparsifier's
+        self.bias_gate = None
         self._init_state()
 
     def _init_state(self) -> None:
@@ -169,6 +172,7 @@ class Sparsifier(Switchable):
 
     def detach(self) -> None:
         self.hooks.remove()
+        self.bias_gate = None  # its hooks were among these; the projections keep their original biases
         self._shared.clear()
         self._attached = False
 
@@ -229,11 +233,18 @@ class Sparsifier(Switchable):
         """How many trailing tokens of a forward are sparsified (a decode token always is)."""
         return self.tokens.sparsified(num_tokens)
 
-    def _apply(self, proj: Projection, x: torch.Tensor) -> torch.Tensor:
+    def sparsified_rows(self, x: torch.Tensor) -> tuple[int, int]:
+        """``(tokens, n)`` for a projection input ``x``: its token count and how many of its
+        trailing tokens this forward sparsifies (0 while the sparsifier is switched off)."""
         tokens = x.shape[-2] if x.dim() >= 2 else 1
+        if not self.enabled:
+            return tokens, 0
         # an input cut to the trailing tokens of a longer forward (the greedy search's replays)
         # follows the policy of that forward: its sparsified tokens are the trailing ones
-        n_sparse = min(self.sparsified_tokens(self._sliced_from or tokens), tokens)
+        return tokens, min(self.sparsified_tokens(self._sliced_from or tokens), tokens)
+
+    def _apply(self, proj: Projection, x: torch.Tensor) -> torch.Tensor:
+        tokens, n_sparse = self.sparsified_rows(x)
         if n_sparse == tokens:
             out, dropped = self.sparsify(proj, x, self._measuring)
             part = x

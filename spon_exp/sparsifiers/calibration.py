@@ -32,7 +32,8 @@ CALIBRATION_CONTEXTS = ("dense", "sparse")
 HISTOGRAM_BINS = 10_000  # TEAL's reference: 1st-99th percentile split linearly + 2 tail bins
 # Values kept per site and pass. A quantile of a uniform sample of 2**20 values lands within
 # ±0.1 % (two standard deviations, sqrt(s(1-s)/n)) of the target sparsity, and kthvalue over
-# it costs a quarter of what 2**22 did (README "Running at scale" has the measured effect).
+# it costs a quarter of what 2**22 did (benchmarks/RESULTS.md, "The default run, one seed", has
+# runs calibrated on 2**22 values per site).
 MAX_CALIBRATION_VALUES = 2**20
 
 

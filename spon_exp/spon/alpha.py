@@ -10,6 +10,9 @@ folding later stores. Adding ``W·Σα`` to the output instead rounds differentl
 with that bias, and a thresholded model turns such last-bit differences into flipped
 threshold decisions that cascade (benchmarks/perf/fold_exactness.py measures it). So the
 trained, evaluated and folded models compute bit-identical logits in every dtype.
+
+``apply="sparsified"`` (``spon.apply``) gates that bias by the sparsifier's token policy:
+α acts only on the tokens whose inputs were sparsified (:mod:`spon_exp.spon.gating`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torch.nn.utils import parametrize
 from spon_exp.models.adapters import Projection, select_projections
 from spon_exp.sparsifiers.base import Sparsifier, run_batches
 from spon_exp.sparsifiers.hooks import HookSet, Switchable
+from spon_exp.spon.gating import RowSplit, add_to_trailing_rows, bias_delta, check_apply
 
 INITS = ("zero", "mean_dropped")
 
@@ -47,14 +51,19 @@ class _SponBias(nn.Module):
     def forward(self, original: torch.Tensor) -> torch.Tensor | None:
         spon, proj = self._owner
         bias = original if self.had_bias else None
-        return spon.bias(proj, bias) if spon.enabled else bias
+        if not spon.enabled or (spon.rows is not None and not spon.rows.every_row_sparsified(proj.key)):
+            return bias  # apply=sparsified: a forward with dense rows keeps the original (gating's post-hook)
+        return spon.bias(proj, bias)
 
 
 class Spon(nn.Module, Switchable):
-    """Holds the α parameters; while attached, each projection's bias is ``b + W·Σα``."""
+    """Holds the α parameters; while attached, each projection's bias is ``b + W·Σα`` (with
+    ``apply="sparsified"``, on the tokens the sparsifier's token policy sparsified only)."""
 
-    def __init__(self, sparsifier: Sparsifier, count: int = 1, projections: str | list[str] = "all"):
+    def __init__(self, sparsifier: Sparsifier, count: int = 1, projections: str | list[str] = "all",
+                 apply: str = "all"):
         super().__init__()
+        self.apply = check_apply(apply)
         if count < 1:
             raise ValueError(f"SPON count must be >= 1 to build alphas (0 means SPON off), got {count}")
         if not sparsifier.attached:
@@ -71,6 +80,10 @@ class Spon(nn.Module, Switchable):
             _param_name(p.key): nn.Parameter(torch.zeros(count, p.module.in_features, device=p.module.weight.device))
             for p in self.projections
         })
+        self.sparsifier = sparsifier
+        # apply=sparsified: each projection's current split into dense and sparsified rows
+        self.rows = RowSplit(sparsifier) if apply == "sparsified" else None
+        self.hooks = HookSet()
         self.enabled = True
         self.folded = False
         self.attached = False
@@ -110,11 +123,31 @@ class Spon(nn.Module, Switchable):
             if not had_bias:
                 lin.bias = nn.Parameter(lin.weight.new_empty(0), requires_grad=False)
             parametrize.register_parametrization(lin, "bias", _SponBias(self, p, had_bias), unsafe=True)
+            if self.rows is not None:
+                self.hooks.pre(lin, self._record_rows(p))
+                self.hooks.post(lin, self._add_to_sparsified_rows(p))
         self.attached = True
         return self
 
+    def _record_rows(self, proj: Projection):
+        def hook(module, args):
+            if args:
+                self.rows.record(proj.key, args[0])
+        return hook
+
+    def _add_to_sparsified_rows(self, proj: Projection):
+        """A mixed forward computed with the original bias: its sparsified rows get ``b' − b``."""
+        def hook(module, args, output):
+            rows = self.rows.mixed(proj.key)
+            if not self.enabled or not rows:
+                return None
+            original = self.original_bias(proj)
+            return add_to_trailing_rows(output, bias_delta(self.bias(proj, original), original), rows)
+        return hook
+
     def detach(self) -> None:
         """Give every projection back its original bias (or none)."""
+        self.hooks.remove()
         for p in self.projections:
             lin = p.module
             if not parametrize.is_parametrized(lin, "bias"):

@@ -1,10 +1,13 @@
 """Fold trained alphas into biases and export / re-attach the sparse model.
 
 Folding: ``b' = b + W·Σα`` (a bias is created where the layer had none) and the α path
-is removed, so inference costs exactly what the plain sparse model costs.
+is removed, so inference costs exactly what the plain sparse model costs. With
+``spon.apply=sparsified`` each projection keeps two biases, its original one for the tokens
+the token policy keeps dense and ``b'`` for the sparsified ones (:mod:`spon_exp.spon.gating`).
 
 Export (``save_sparse_state``): ``sparse_state.safetensors`` (sparsifier state + every
-folded bias) and ``sparse_state.json`` (which sparsifier, its settings, which projections);
+folded bias, and under ``apply=sparsified`` the original biases as ``dense_bias.*``) and
+``sparse_state.json`` (which sparsifier, its settings, which projections, ``spon_apply``);
 ``load_sparse_state`` re-attaches both to a freshly loaded model. Where the architecture's
 config can declare biases (Llama-style ``attention_bias`` / ``mlp_bias``),
 ``export_checkpoint`` also writes a complete checkpoint that plain
@@ -25,6 +28,7 @@ from spon_exp.models.adapters import ATTENTION, MLP, find_decoder_blocks
 from spon_exp.models.head import chunked_logits, final_hidden
 from spon_exp.sparsifiers import Sparsifier, build_sparsifier
 from spon_exp.spon.alpha import Spon
+from spon_exp.spon.gating import GatedBiases
 from spon_exp.tracking.store import write_atomic, write_entry
 
 STATE_FILE = "sparse_state.safetensors"
@@ -36,13 +40,20 @@ def fold_alpha(spon: Spon) -> dict[str, torch.Tensor]:
     """Store each projection's SPON bias ``b + W·Σα`` as its plain bias and detach the α
     path. The stored tensor is the one the attached SPON computed with, so the folded model's
     logits equal the unfolded model's bit for bit (:func:`fold_alpha_checked` proves it).
-    Returns the biases."""
+    Under ``apply="sparsified"`` the projections keep their original biases and the
+    sparsifier's :class:`GatedBiases` puts ``b'`` on the sparsified tokens (``sparsifier.bias_gate``).
+    Returns the folded biases ``b'``."""
     if spon.folded:
         raise RuntimeError("These alphas are already folded")
     biases = {p.key: spon.bias(p, spon.original_bias(p)).detach().clone() for p in spon.projections}
+    dense = {p.key: spon.original_bias(p) for p in spon.projections}
+    dense = {k: None if b is None else b.detach().clone() for k, b in dense.items()}
     spon.detach()
-    for p in spon.projections:
-        p.module.bias = nn.Parameter(biases[p.key], requires_grad=False)
+    if spon.apply == "sparsified":
+        GatedBiases(spon.sparsifier, dense, biases).attach()
+    else:
+        for p in spon.projections:
+            p.module.bias = nn.Parameter(biases[p.key], requires_grad=False)
     spon.folded = True
     return biases
 
@@ -83,15 +94,22 @@ def fold_alpha_checked(model: nn.Module, spon: Spon, ids: torch.Tensor, checked_
 
 def save_sparse_state(directory: str | Path, sparsifier: Sparsifier, biases: dict[str, torch.Tensor] | None = None,
                       extra_meta: dict | None = None) -> Path:
-    """Write the sparsifier state and folded biases (safetensors + JSON)."""
+    """Write the sparsifier state and folded biases (safetensors + JSON); a folded
+    ``apply=sparsified`` model's original biases too (``sparsifier.bias_gate``)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"sparsifier.{k}": v.detach().cpu().contiguous() for k, v in sparsifier.state_dict().items()}
     for key, b in (biases or {}).items():
         tensors[f"bias.{key}"] = b.detach().cpu().contiguous()
+    gate = sparsifier.bias_gate if biases else None
+    for key, b in (gate.dense.items() if gate is not None else ()):
+        if b is not None:  # a projection without a bias of its own keeps none for its dense tokens
+            tensors[f"dense_bias.{key}"] = b.detach().cpu().contiguous()
     meta = {"sparsifier": sparsifier.describe(),
             "projections": {p.key: p.module_path for p in sparsifier.projections},
             "folded_biases": sorted((biases or {}).keys()), **(extra_meta or {})}
+    if gate is not None:
+        meta["spon_apply"] = "sparsified"
     write_atomic(directory / STATE_FILE, lambda t: save_file(tensors, str(t)))
     write_atomic(directory / META_FILE, lambda t: t.write_text(json.dumps(meta, indent=2)))
     return directory
@@ -103,7 +121,8 @@ def sparsifier_kwargs(description: dict) -> dict:
 
 
 def read_sparse_state(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """``(meta, sparsifier_state, folded_biases)`` as written by :func:`save_sparse_state`."""
+    """``(meta, sparsifier_state, folded_biases)`` as written by :func:`save_sparse_state`
+    (an ``apply=sparsified`` state's original biases: :func:`read_dense_biases`)."""
     directory = Path(directory)
     if not (directory / STATE_FILE).exists():
         raise FileNotFoundError(f"No {STATE_FILE} in {directory}; export one with save_sparse_state()")
@@ -114,13 +133,34 @@ def read_sparse_state(directory: str | Path) -> tuple[dict, dict[str, torch.Tens
     return meta, state, biases
 
 
+def read_dense_biases(directory: str | Path) -> dict[str, torch.Tensor | None] | None:
+    """An ``apply=sparsified`` state's original bias per folded projection (None where the
+    layer had none), or None for an ``apply=all`` state."""
+    meta, _, biases = read_sparse_state(directory)
+    if meta.get("spon_apply", "all") != "sparsified":
+        return None
+    tensors = load_file(str(Path(directory) / STATE_FILE))
+    return {key: tensors.get(f"dense_bias.{key}") for key in biases}
+
+
 @torch.no_grad()
 def load_sparse_state(model: nn.Module, directory: str | Path) -> Sparsifier:
-    """Attach a saved sparsifier (with its thresholds) and folded biases to ``model``."""
+    """Attach a saved sparsifier (with its thresholds) and folded biases to ``model`` (an
+    ``apply=sparsified`` state's two biases per projection, picked per token)."""
     meta, state, biases = read_sparse_state(directory)
     sparsifier = build_sparsifier(meta["sparsifier"]["name"], **sparsifier_kwargs(meta["sparsifier"]))
     sparsifier.attach(model)
     sparsifier.load_state_dict(state)
+    dense = read_dense_biases(directory)
+    if dense is not None:
+        weights = {p.key: p.module.weight for p in sparsifier.projections}
+
+        def cast(key: str, b: torch.Tensor | None) -> torch.Tensor | None:
+            return None if b is None else b.to(device=weights[key].device, dtype=weights[key].dtype)
+
+        GatedBiases(sparsifier, {k: cast(k, b) for k, b in dense.items()},
+                    {k: cast(k, b) for k, b in biases.items()}).attach()
+        return sparsifier
     modules = {p.key: p.module for b in sparsifier.blocks for p in b.projections.values()}
     for key, b in biases.items():
         lin = modules[key]

@@ -8,11 +8,8 @@ computed chunk by chunk in the forward pass (one chunk of logits alive at a time
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -23,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spon_exp.interrupts import signals_deferred
 from spon_exp.models.head import final_hidden, head_and_softcap
 from spon_exp.sparsifiers.base import Sparsifier
 from spon_exp.spon.alpha import Spon, dense_mode
@@ -245,6 +243,11 @@ class IterateAverage:
     def state(self) -> dict:
         return {"values": self.values, "count": self.count}
 
+    def load_into(self, spon) -> None:
+        """Give ``spon`` the averaged α (nothing without averaging)."""
+        if self.values is not None:
+            spon.load_alpha_state({k: v.clone() for k, v in self.values.items()})
+
     def load(self, state: dict | None) -> None:
         if state:
             self.values, self.count = state["values"], state["count"]
@@ -262,24 +265,6 @@ def _read_checkpoint(folder: Path, spon: Spon, optimizer: torch.optim.Optimizer)
     optimizer.load_state_dict(state["optimizer"])  # checks the groups before changing anything
     spon.load_alpha_state(state["alpha"])
     return state
-
-
-@contextlib.contextmanager
-def _ctrl_c_deferred():
-    """Hold a Ctrl-C (SIGINT) that arrives inside the block until it ends (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received and callable(previous):  # Python's own handler raises KeyboardInterrupt
-        previous(signal.SIGINT, None)
-    elif received and previous != signal.SIG_IGN:
-        raise KeyboardInterrupt
 
 
 def _set_checkpointing(model: nn.Module, on: bool) -> None:
@@ -332,9 +317,32 @@ def _save_checkpoint(ckpt: Path, spon: Spon, optimizer: torch.optim.Optimizer, n
     iterate average)."""
     state = {"alpha": spon.alpha_state(), "optimizer": optimizer.state_dict(), "step": next_step,
              "losses": result.losses, "lrs": result.lrs, "average": average.state()}
-    with _ctrl_c_deferred():  # the step a Ctrl-C message names is the one on disk
-        write_entry(ckpt, lambda d: torch.save(state, d / CHECKPOINT_FILE), replace=True)
+    write_entry(ckpt, lambda d: torch.save(state, d / CHECKPOINT_FILE), replace=True)
     return next_step
+
+
+def _resumed(ckpt: Path | None, spon: Spon, optimizer, average: IterateAverage) -> TrainResult:
+    """A fresh result, or the one a checkpoint in ``ckpt`` holds (α, optimiser state and the
+    iterate average loaded from it as well)."""
+    result = TrainResult()
+    state = None if ckpt is None else read_entry(ckpt, lambda d: _read_checkpoint(d, spon, optimizer),
+                                                 "SPON training checkpoint")
+    if state is not None:
+        result.losses, result.lrs = state["losses"], state["lrs"]
+        result.resumed_from = state["step"]
+        average.load(state.get("average"))
+        log.info("Resuming SPON training from step %d (%s)", result.resumed_from, ckpt)
+    return result
+
+
+def _check_sequences(sequences: torch.Tensor) -> None:
+    if sequences.dim() != 2 or sequences.shape[0] == 0:
+        raise ValueError(f"Training sequences must be a non-empty [N, L] token tensor, got shape {tuple(sequences.shape)}")
+
+
+def _checkpoint_due(ckpt: Path | None, cfg: TrainConfig, step: int, steps: int) -> bool:
+    """Whether a resumable checkpoint is written after ``step`` (not after the last one)."""
+    return ckpt is not None and bool(cfg.checkpoint_every) and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps
 
 
 def train_alpha(model: nn.Module, sparsifier: Sparsifier, spon: Spon, sequences: torch.Tensor,
@@ -350,22 +358,14 @@ def train_alpha(model: nn.Module, sparsifier: Sparsifier, spon: Spon, sequences:
     """
     from tqdm.auto import tqdm
 
-    if sequences.dim() != 2 or sequences.shape[0] == 0:
-        raise ValueError(f"Training sequences must be a non-empty [N, L] token tensor, got shape {tuple(sequences.shape)}")
+    _check_sequences(sequences)
     device = next(model.parameters()).device
     params = _only_alpha_trainable(model, spon)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     steps = total_steps(cfg, sequences.shape[0])
     average = IterateAverage(cfg.average, cfg.ema_decay, int(cfg.average_from * steps))
-    result = TrainResult()
     ckpt = Path(checkpoint_path) if checkpoint_path else None
-    state = None if ckpt is None else read_entry(ckpt, lambda d: _read_checkpoint(d, spon, optimizer),
-                                                 "SPON training checkpoint")
-    if state is not None:
-        result.losses, result.lrs = state["losses"], state["lrs"]
-        result.resumed_from = state["step"]
-        average.load(state.get("average"))
-        log.info("Resuming SPON training from step %d (%s)", result.resumed_from, ckpt)
+    result = _resumed(ckpt, spon, optimizer, average)
     start_step = result.resumed_from
     if on_start is not None:  # the step training (re)starts from: 0, or the checkpoint's
         on_start(start_step)
@@ -390,8 +390,9 @@ def train_alpha(model: nn.Module, sparsifier: Sparsifier, spon: Spon, sequences:
             bar.set_postfix(kl=f"{value:.4f}")
             if on_step is not None and (step % cfg.log_every == 0 or step == steps - 1):
                 on_step(step, value, lr)
-            if ckpt is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
-                checkpointed = _save_checkpoint(ckpt, spon, optimizer, step + 1, result, average)
+            if _checkpoint_due(ckpt, cfg, step, steps):
+                with signals_deferred():  # a Ctrl-C or SIGTERM meanwhile: the step its message names is on disk
+                    checkpointed = _save_checkpoint(ckpt, spon, optimizer, step + 1, result, average)
     except KeyboardInterrupt:
         raise TrainingInterrupted(reached, checkpointed) from None
     finally:
@@ -400,8 +401,7 @@ def train_alpha(model: nn.Module, sparsifier: Sparsifier, spon: Spon, sequences:
         model.train(was_training)
         for p in params:
             p.requires_grad_(False)
-    if average.values is not None:  # training returns the averaged α
-        spon.load_alpha_state({k: v.clone() for k, v in average.values.items()})
+    average.load_into(spon)  # training returns the averaged α
     result.steps = steps
     result.seconds = time.perf_counter() - t0
     return result

@@ -10,13 +10,12 @@ from pathlib import Path
 from omegaconf import DictConfig, open_dict
 
 from spon_exp.runner import run
+from spon_exp.sweeping.study import TRIAL_FILE
 from spon_exp.tracking.files import RESULTS, read_json, write_json_atomic
 from spon_exp.tracking.identity import RunIdentity
 from spon_exp.tracking.run_folder import is_done
 
 log = logging.getLogger(__name__)
-
-TRIAL_FILE = "trial.json"
 
 
 class TrialFailed(RuntimeError):
@@ -52,14 +51,18 @@ def run_trial(cfg: DictConfig, trial_dir: str | Path, overrides: list[str] | Non
                 raise
             except Exception as e:  # noqa: BLE001 - any failure of a seed fails the trial
                 runs[str(seed)] = {"error": f"{type(e).__name__}: {e}"}
-                write_json_atomic(trial_dir / TRIAL_FILE, {"status": "failed", "seeds": runs, "overrides": overrides})
-                raise TrialFailed(f"seed {seed} failed: {type(e).__name__}: {e}") from e
+                error = f"seed {seed} failed: {' '.join(str(e).split())}"
+                write_json_atomic(trial_dir / TRIAL_FILE, {"status": "failed", "error": error, "seeds": runs,
+                                                           "overrides": overrides})
+                raise TrialFailed(error) from e
         gap = (results.get("gap_closure") or {}).get(corpus)
         runs[str(seed)] = {"gap_closure": gap, "ppl": (results.get("ppl") or {}).get(corpus),
                            "config_hash": results.get("config_hash")}
         if gap is None or not math.isfinite(gap):
-            write_json_atomic(trial_dir / TRIAL_FILE, {"status": "failed", "seeds": runs, "overrides": overrides})
-            raise TrialFailed(f"seed {seed}: no finite gap closure on {corpus} ({gap}); the trial failed")
+            error = f"seed {seed}: no finite gap closure on {corpus} ({gap}); the trial failed"
+            write_json_atomic(trial_dir / TRIAL_FILE, {"status": "failed", "error": error, "seeds": runs,
+                                                       "overrides": overrides})
+            raise TrialFailed(error)
         values.append(gap)
     objective = sum(values) / len(values)
     write_json_atomic(trial_dir / TRIAL_FILE, {"status": "ok", "objective": objective, "metric": f"gap_closure/{corpus}",

@@ -50,7 +50,7 @@ def sparsifier_label(node) -> str:
 #: every hash while at that value, so existing runs and caches keep their names
 NEW_OPTION_DEFAULTS = {"ppl": {"score": "all", "forbid_dense_scored": False, "split": "evaluation"},
                        "calib": {"bos": "none", "seed": None},
-                       "spon": {"average": "none", "ema_decay": 0.95, "average_from": 0.5, "seed": None}}
+                       "spon": {"average": "none", "ema_decay": 0.95, "average_from": 0.5, "apply": "all", "seed": None}}
 
 
 def calibration_seed(cfg) -> int:
@@ -101,6 +101,8 @@ def _identity_config(cfg: DictConfig) -> dict:
     for group in ("calib", "spon"):
         if group in c:
             c[group] = _without_new_defaults(group, c[group])
+    if (c.get("pruner") or {}).get("name", "none") == "none":  # no pruning: runs keep the names they had
+        c.pop("pruner", None)
     return c
 
 
@@ -159,6 +161,26 @@ def alpha_key(cfg: DictConfig, calib_bos: str | None = None) -> str:
         spon["seed"] = training_seed(c)
     return _digest({"sparsifier": sparsifier_key(cfg, calib_bos), "spon": spon,
                     "calib": _calib(c, ("corpus", "seq_len", "num_sequences"), calib_bos)})
+
+
+def pruner_key(cfg: DictConfig, calib_bos: str | None = None) -> str | None:
+    """What pruned weights depend on: weights, method and its options, sparsity, the
+    calibration windows (corpus, their length, BOS policy, seed) and the forward batch; None
+    without a pruner (``pruner=none``)."""
+    c = plain(cfg)
+    pruner = c.get("pruner") or {}
+    if pruner.get("name", "none") == "none":
+        return None
+    calib = _calib(c, ("corpus", "batch_size"), calib_bos)
+    calib["seq_len"] = pruner.get("seq_len") or c["calib"]["seq_len"]
+    return _digest({
+        "model": {k: c["model"][k] for k in ("path", "dtype")},
+        "pruner": {k: v for k, v in pruner.items() if k != "seq_len"},
+        "sparsity": c["sparsity"],
+        "seed": c["seed"],
+        "calib": calib,
+        **_text_versions([c["calib"]["corpus"]]),
+    })
 
 
 #: ``sparsifier.*`` options that say which tokens of a forward are sparsified
@@ -239,14 +261,16 @@ class RunIdentity:
     dense_key: str
     wandb_run_id: str
     seed_group: str
+    pruner_key: str | None = None  # the pruned weights' cache entry (None: no pruner)
 
     @classmethod
     def of(cls, cfg: DictConfig) -> RunIdentity:
         chash = config_hash(cfg)
         return cls(chash, sparsifier_key(cfg), alpha_key(cfg), dense_key(cfg), wandb_run_id(cfg.sweep_name, chash),
-                   seed_group(cfg))
+                   seed_group(cfg), pruner_key(cfg))
 
     def with_calib_bos(self, cfg: DictConfig, bos: str) -> RunIdentity:
         """The same run, its calibration artefacts named by the BOS policy ``calib.bos=auto``
         resolved to (the run's own hash keeps ``auto``)."""
-        return replace(self, sparsifier_key=sparsifier_key(cfg, bos), alpha_key=alpha_key(cfg, bos))
+        return replace(self, sparsifier_key=sparsifier_key(cfg, bos), alpha_key=alpha_key(cfg, bos),
+                       pruner_key=pruner_key(cfg, bos))

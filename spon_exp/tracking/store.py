@@ -39,6 +39,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypeVar
 
+from spon_exp.tracking.disk import FULL, DiskFullError, as_os_error, disk_full_error
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -67,13 +69,17 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _write_error(target: Path, e: OSError) -> OSError:
-    hint = "free some disk space there" if e.errno in (errno.ENOSPC, errno.EDQUOT) else \
-        "check the disk and that the folder is writable"
-    return OSError(e.errno, f"Could not write {target} ({e.strerror or e}); {hint} and run again")
+    """One sentence naming ``target``; a full disk also says how much is free there (the
+    partial write is already removed when this is called)."""
+    if e.errno in FULL:
+        return disk_full_error(target, e)
+    return OSError(e.errno, f"Could not write {target} ({e.strerror or e}); check the disk and that the folder "
+                            f"is writable and run again")
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
-    """Write ``path`` through ``write(tmp)`` + fsync + rename: never a torn file."""
+    """Write ``path`` through ``write(tmp)`` + fsync + rename: never a torn file. A write that
+    fails on the disk (safetensors' ``SafetensorError`` included) raises one clear ``OSError``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(path, "tmp")
@@ -82,13 +88,11 @@ def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if e.errno in _DISK_ERRORS:
-            raise _write_error(path, e) from e
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        os_error = as_os_error(e)
+        if os_error is not None and os_error.errno in _DISK_ERRORS and not isinstance(e, DiskFullError):
+            raise _write_error(path, os_error) from e
         raise
     _fsync_dir(path.parent)
     return path
@@ -226,12 +230,13 @@ def write_entry(folder: str | Path, fill: Callable[[Path], object], replace: boo
         fill(tmp)
         _seal(tmp)
         _install(tmp, folder, replace)
-    except OSError as e:
-        if e.errno in _DISK_ERRORS:
-            raise _write_error(folder, e) from e
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # first: the free space reported is then a retry's
+        os_error = as_os_error(e)
+        if os_error is not None and os_error.errno in _DISK_ERRORS and not isinstance(e, DiskFullError):
+            raise _write_error(folder, os_error) from e
         raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already once installed
+    shutil.rmtree(tmp, ignore_errors=True)  # gone already once installed
     return folder
 
 

@@ -9,8 +9,9 @@ from spon_exp.tracking.intervals import format_with_interval
 def summary_table(results: dict) -> str:
     """The short table printed at the end of a run (± half the 95 % interval)."""
     measured, effective = results["sparsity"].get("measured"), results["sparsity"].get("effective")
+    method = (results.get("pruner") or {}).get("label") or results.get("sparsifier_label") or results["sparsifier"]
     lines = [f"spon-exp run {results['config_hash']}  [{results['status']}]",
-             f"model {results['model']['name']}  sparsifier {results.get('sparsifier_label') or results['sparsifier']}  "
+             f"model {results['model']['name']}  sparsifier {method}  "
              f"target sparsity {results['sparsity']['target']}  measured "
              + (f"{measured:.3f}" if measured is not None else "n/a")
              + (f"  effective {effective:.3f}" if effective is not None else ""),
