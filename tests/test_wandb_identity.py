@@ -89,7 +89,7 @@ def test_a_lost_wandb_service_does_not_end_the_run(tmp_path, monkeypatch, caplog
     monkeypatch.setattr("spon_exp.runner._run_stages", lambda ctx: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):  # the run's own exception, not the tracker's
         run(cfg, tmp_path / "run2")
-    assert json.loads((tmp_path / "run2" / "results.json").read_text())["status"] == "failed"
+    assert json.loads((tmp_path / "run2" / "results.json").read_text())["status"] == "interrupted"  # Ctrl-C
     # the runs this test left unfinished would take over the next wandb.init in this process
     monkeypatch.undo()
     import wandb

@@ -416,12 +416,11 @@ def test_smoke_run_with_auto_batch_chat_template_and_samples(tmp_path):
     """The acceptance command: batch_size=auto, apply_chat_template, log_samples on the smoke
     experiment (with a task, a few documents), W&B offline."""
     import csv
-    import glob
     import json
 
     from spon_exp.runner import run
     from tests.test_app import compose_cfg, strip_hydra
-    from tests.wandb_offline import read_offline_run
+    from tests.wandb_offline import offline_run_file, read_offline_run
 
     cfg = strip_hydra(compose_cfg(["experiment=smoke", "logger=wandb_offline", "sweep_name=zeroshot_samples",  # own W&B id
                                    "eval.zeroshot.tasks=[arc_easy]",
@@ -441,6 +440,6 @@ def test_smoke_run_with_auto_batch_chat_template_and_samples(tmp_path):
         for v in ("dense", "sparse", "spon"):
             assert (int(r[f"{v}_answer"]) == int(r["target"])) == (float(r[f"{v}_correct"]) == 1.0)
     assert sum(bool(r["differs"]) for r in rows) == zs["samples"]["documents_differing"]
-    logged = read_offline_run(glob.glob(str(tmp_path / "run" / "wandb" / "offline-run-*" / "*.wandb"))[0])
+    logged = read_offline_run(offline_run_file(tmp_path / "run"))
     history = logged["history"]  # a table is logged as nested keys
     assert history["zeroshot/samples/_type"] == ["table-file"] and history["zeroshot/samples/nrows"] == [6]

@@ -83,3 +83,16 @@ def read_offline_run(run_file) -> dict:
                 summary[item.key] = json.loads(item.value_json)
     config = {k: (v.get("value") if isinstance(v, dict) and "value" in v else v) for k, v in config.items()}
     return {"summary": summary, "config": config, "history": history}
+
+
+def offline_run_file(run_dir) -> str:
+    """The ``.wandb`` file of the run's offline W&B run; wandb's service may create it a moment
+    after ``run()`` returned, so this waits for it (a hang is pytest-timeout's to end)."""
+    import glob
+    import time
+
+    while True:
+        found = glob.glob(str(Path(run_dir) / "wandb" / "offline-run-*" / "*.wandb"))
+        if found:
+            return found[0]
+        time.sleep(0.2)

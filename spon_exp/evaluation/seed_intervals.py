@@ -67,9 +67,10 @@ def interval_df(parts: Sequence[Part]) -> float:
     ``s² k / χ²_k(0.25)``: ×9.8 for 2 seeds, ×3.5 for 3, ×1.5 for 10. Satterthwaite's formula on
     the estimates alone gives many degrees of freedom exactly when the between-seed variance came
     out small by chance, which is when the interval is too narrow: with 2 seeds its coverage
-    falls to 88 % when the seeds dominate. With the bound it stays within 94–98 % for 2 to 10
-    seeds whatever the share of seeds and blocks (normal parts; the simulated runs of
-    ``benchmarks/quality/coverage.py``). The variance itself is not changed."""
+    falls to 88 % when the seeds dominate. With the bound the simulated runs of
+    ``benchmarks/quality/coverage.py`` are covered 93–98 % of the time for 2 to 10 seeds,
+    whatever the share of seeds and blocks (benchmarks/RESULTS.md). The variance itself is not
+    changed."""
     from scipy.stats import chi2
 
     seeds = [p for p in parts if p.seeds and p.variance > 0]

@@ -243,6 +243,11 @@ class IterateAverage:
     def state(self) -> dict:
         return {"values": self.values, "count": self.count}
 
+    def load_into(self, spon) -> None:
+        """Give ``spon`` the averaged α (nothing without averaging)."""
+        if self.values is not None:
+            spon.load_alpha_state({k: v.clone() for k, v in self.values.items()})
+
     def load(self, state: dict | None) -> None:
         if state:
             self.values, self.count = state["values"], state["count"]
@@ -330,14 +335,14 @@ def _resumed(ckpt: Path | None, spon: Spon, optimizer, average: IterateAverage) 
     return result
 
 
-def _checkpoint(ckpt: Path | None, cfg: TrainConfig, step: int, steps: int, spon: Spon, optimizer, result,
-                average) -> int | None:
-    """Save a resumable checkpoint after ``step`` when one is due; returns the step it resumes
-    from, or None when none was written."""
-    if ckpt is None or not cfg.checkpoint_every or (step + 1) % cfg.checkpoint_every or step + 1 >= steps:
-        return None
-    with signals_deferred():  # a Ctrl-C or SIGTERM meanwhile: the step its message names is on disk
-        return _save_checkpoint(ckpt, spon, optimizer, step + 1, result, average)
+def _check_sequences(sequences: torch.Tensor) -> None:
+    if sequences.dim() != 2 or sequences.shape[0] == 0:
+        raise ValueError(f"Training sequences must be a non-empty [N, L] token tensor, got shape {tuple(sequences.shape)}")
+
+
+def _checkpoint_due(ckpt: Path | None, cfg: TrainConfig, step: int, steps: int) -> bool:
+    """Whether a resumable checkpoint is written after ``step`` (not after the last one)."""
+    return ckpt is not None and bool(cfg.checkpoint_every) and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps
 
 
 def train_alpha(model: nn.Module, sparsifier: Sparsifier, spon: Spon, sequences: torch.Tensor,
@@ -353,8 +358,7 @@ def train_alpha(model: nn.Module, sparsifier: Sparsifier, spon: Spon, sequences:
     """
     from tqdm.auto import tqdm
 
-    if sequences.dim() != 2 or sequences.shape[0] == 0:
-        raise ValueError(f"Training sequences must be a non-empty [N, L] token tensor, got shape {tuple(sequences.shape)}")
+    _check_sequences(sequences)
     device = next(model.parameters()).device
     params = _only_alpha_trainable(model, spon)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
@@ -386,7 +390,9 @@ def train_alpha(model: nn.Module, sparsifier: Sparsifier, spon: Spon, sequences:
             bar.set_postfix(kl=f"{value:.4f}")
             if on_step is not None and (step % cfg.log_every == 0 or step == steps - 1):
                 on_step(step, value, lr)
-            checkpointed = _checkpoint(ckpt, cfg, step, steps, spon, optimizer, result, average) or checkpointed
+            if _checkpoint_due(ckpt, cfg, step, steps):
+                with signals_deferred():  # a Ctrl-C or SIGTERM meanwhile: the step its message names is on disk
+                    checkpointed = _save_checkpoint(ckpt, spon, optimizer, step + 1, result, average)
     except KeyboardInterrupt:
         raise TrainingInterrupted(reached, checkpointed) from None
     finally:
@@ -395,8 +401,7 @@ def train_alpha(model: nn.Module, sparsifier: Sparsifier, spon: Spon, sequences:
         model.train(was_training)
         for p in params:
             p.requires_grad_(False)
-    if average.values is not None:  # training returns the averaged α
-        spon.load_alpha_state({k: v.clone() for k, v in average.values.items()})
+    average.load_into(spon)  # training returns the averaged α
     result.steps = steps
     result.seconds = time.perf_counter() - t0
     return result
